@@ -1,0 +1,95 @@
+"""The `lowlm` command line: parse, load the config, call the stage. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lowlm.config import LowlmConfig, config_to_yaml, load_config
+from lowlm.errors import LowlmError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="lowlm: a language model for a low-resource language on a modest budget.",
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="The run's YAML config.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun a stage that is already done.")]
+
+
+def _load(config: Path, overrides: list[str] | None) -> LowlmConfig:
+    return load_config(config, overrides or [])
+
+
+def _fail(exc: LowlmError) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a config without running anything; print it resolved."""
+    try:
+        resolved = _load(config, set_)
+    except LowlmError as exc:
+        _fail(exc)
+    sys.stdout.write(config_to_yaml(resolved))
+    typer.echo(f"{config}: valid.", err=True)
+
+
+@app.command()
+def tokenize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Train a target-language tokenizer and merge it into the base vocabulary."""
+    from lowlm.stages import tokenize as stage
+
+    try:
+        stage.run(_load(config, set_), force=force)
+    except LowlmError as exc:
+        _fail(exc)
+
+
+@app.command("run")
+def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Run every configured stage in order (today: tokenize); done stages are skipped."""
+    from lowlm.stages import tokenize as tokenize_stage
+
+    try:
+        resolved = _load(config, set_)
+        tokenize_stage.run(resolved, force=force)
+    except LowlmError as exc:
+        _fail(exc)
+
+
+@app.command()
+def status(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the run's manifest as a table."""
+    from lowlm.rundir import RunDir
+
+    try:
+        run_dir = RunDir(_load(config, set_))
+        manifest = run_dir.read_manifest()
+    except LowlmError as exc:
+        _fail(exc)
+    if not manifest["stages"]:
+        typer.echo(f"{run_dir.path}: no stage has run yet.")
+        return
+    typer.echo(f"{'stage':<12}{'status':<9}{'started':<26}{'finished':<26}metrics")
+    for name, record in manifest["stages"].items():
+        metrics = record.get("metrics") or ({"error": record["error"]} if "error" in record else {})
+        typer.echo(
+            f"{name:<12}{record.get('status', '?'):<9}{record.get('started', ''):<26}"
+            f"{record.get('finished', ''):<26}{json.dumps(metrics, ensure_ascii=False)}"
+        )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,234 @@
+"""`lowlm tokenize`: train a target-language tokenizer and merge it into the base vocabulary.
+
+Reads `tokenize`, `data` and `model` from the config; writes `<run>/tokenizer/` (an HF
+tokenizer folder; `tokenizer.model` too for SentencePiece bases), `report.json` and
+`report.png` in it, and the stage's record in `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lowlm.config import LowlmConfig
+from lowlm.data.corpus import iter_documents, read_lines, resolve_sources, source_hashes
+from lowlm.errors import LowlmError
+from lowlm.rundir import RunDir, atomic_dir, atomic_write_json, fingerprint, sha256_file
+from lowlm.tokenization.base import BaseTokenizer, copy_config_files, resolve_base_tokenizer
+from lowlm.tokenization.byte_bpe_merge import extend_byte_level_bpe
+from lowlm.tokenization.report import compare, format_table, write_chart
+from lowlm.tokenization.sentencepiece_merge import (
+    load_proto,
+    merge_into_sentencepiece,
+    sentencepiece_processor,
+    train_sentencepiece,
+)
+
+STAGE = "tokenize"
+HOLDOUT_EVERY = 20  # about one line in 20 is held out, up to tokenize.holdout_lines
+
+
+def _corpus_lines(config: LowlmConfig, sources) -> Iterator[str]:
+    """Documents split into non-empty lines (SentencePiece trains on lines)."""
+    for document in iter_documents(sources, config.data):
+        for line in document.splitlines():
+            if line.strip():
+                yield line
+
+
+def _is_held_out(line: str, seed: int) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{line}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % HOLDOUT_EVERY == 0
+
+
+def _split_corpus(config: LowlmConfig, sources, train_file: Path) -> list[str]:
+    """Stream the corpus into a training file on disk; return the held-out lines."""
+    held_out: list[str] = []
+    with open(train_file, "w", encoding="utf-8") as out:
+        for line in _corpus_lines(config, sources):
+            if len(held_out) < config.tokenize.holdout_lines and _is_held_out(line, config.run.seed):
+                held_out.append(line)
+            else:
+                out.write(line + "\n")
+    if train_file.stat().st_size == 0:
+        raise LowlmError("every corpus line was held out; add text or lower tokenize.holdout_lines.")
+    return held_out
+
+
+def _train_lines(train_file: Path) -> Iterator[str]:
+    with open(train_file, encoding="utf-8") as handle:
+        for line in handle:
+            yield line.rstrip("\n")
+
+
+def _check_added_tokens(base_tokenizer, first_new_id: int) -> None:
+    """New pieces take ids from first_new_id on; a base token already there would be shadowed."""
+    clashing = [t for t, i in base_tokenizer.get_added_vocab().items() if i >= first_new_id]
+    if clashing:
+        raise LowlmError(
+            f"the base tokenizer has added tokens beyond its SentencePiece vocabulary "
+            f"({', '.join(clashing[:5])}); new pieces would take their ids. Use a base "
+            "tokenizer without them, or add them back after the merge."
+        )
+
+
+def _build_sentencepiece(base: BaseTokenizer, trained_model: Path, config, out: Path, base_hf):
+    proto = load_proto(base.sp_model)
+    _check_added_tokens(base_hf, len(proto.pieces))
+    result = merge_into_sentencepiece(proto, load_proto(trained_model), config.tokenize.scripts)
+    (out / "tokenizer.model").write_bytes(result.proto.SerializeToString())
+    copy_config_files(base.folder, out)
+    tokenizer_class = type(base_hf)
+    tokenizer_class.from_pretrained(str(out)).save_pretrained(out)
+    return result.proto, result.new_pieces, result.skipped
+
+
+def _build_byte_bpe(base: BaseTokenizer, train_file: Path, config, out: Path):
+    tokenizer_json = json.loads((base.folder / "tokenizer.json").read_text(encoding="utf-8"))
+    result = extend_byte_level_bpe(
+        tokenizer_json,
+        _train_lines(train_file),
+        n_merges=config.tokenize.vocab_size,
+        scripts=config.tokenize.scripts,
+        min_frequency=config.tokenize.min_frequency,
+    )
+    copy_config_files(base.folder, out)
+    (out / "tokenizer.json").write_text(json.dumps(result.tokenizer_json, ensure_ascii=False))
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(out).save_pretrained(out)
+    return result.new_tokens, result.skipped
+
+
+def _reachable(tokenizer, new_tokens: list[str]) -> int:
+    """How many new tokens the tokenizer produces when encoding their own text (the others are
+    rows no input can reach). SentencePiece bases prefix "▁", so the token need not stand alone."""
+    count = 0
+    for token in new_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        text = tokenizer.convert_tokens_to_string([token])
+        count += token_id in tokenizer.encode(text, add_special_tokens=False)
+    return count
+
+
+def run(config: LowlmConfig, force: bool = False) -> dict:
+    """Train, merge, verify and report; returns the report."""
+    cfg = config.tokenize
+    run_dir = RunDir(config)
+    sources = resolve_sources(cfg.corpus)
+    for label, path in cfg.eval_texts.items():
+        if not Path(path).is_file():
+            raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
+    base = resolve_base_tokenizer(config.model) if cfg.merge else None
+
+    inputs = source_hashes(sources)
+    inputs.update({f"eval_texts.{k}": sha256_file(Path(v)) for k, v in cfg.eval_texts.items()})
+    if base is not None:
+        base_file = base.sp_model if base.kind == "sentencepiece" else base.folder / "tokenizer.json"
+        inputs["base_tokenizer"] = sha256_file(base_file)
+    key = fingerprint(
+        cfg.model_dump(), config.data.model_dump(), config.run.seed, inputs, STAGE
+    )
+    if not force and run_dir.is_done(STAGE, key):
+        print(f"tokenize: already done with these inputs in {run_dir.path}; --force reruns it.")
+        return json.loads((run_dir.path / "tokenizer" / "report.json").read_text())
+
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir.start(STAGE, inputs, key)
+    started = time.time()
+    work = Path(tempfile.mkdtemp(dir=run_dir.path, prefix=".tokenize-work-"))
+    try:
+        with atomic_dir(run_dir.path / "tokenizer") as out:
+            report = _build(config, base, sources, work, out)
+            report["seconds"] = round(time.time() - started, 2)
+            atomic_write_json(out / "report.json", report)
+            write_chart(report["texts"], out / "report.png")
+        tokenizer_hash = sha256_file(run_dir.path / "tokenizer" / "tokenizer.json")
+    except LowlmError as exc:
+        run_dir.fail(STAGE, str(exc))
+        raise
+    except BaseException as exc:
+        run_dir.fail(STAGE, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    metrics = {k: report[k] for k in ("vocab_size", "new_tokens", "reachable_new_tokens")}
+    for label, entry in report["texts"].items():
+        metrics[f"{label}.chars_per_token"] = round(entry["after"]["chars_per_token"], 4)
+        if "lines_changed" in entry:
+            metrics[f"{label}.lines_changed"] = entry["lines_changed"]
+    run_dir.finish(
+        STAGE,
+        outputs={"tokenizer": tokenizer_hash},
+        metrics=metrics,
+        tokenizer_hash=tokenizer_hash,
+        vocab_size=report["vocab_size"],
+        seconds=report["seconds"],
+    )
+    print(format_table(report["texts"]))
+    print(
+        f"tokenize: {report['new_tokens']} new tokens ({report['reachable_new_tokens']} reachable), "
+        f"vocabulary {report['vocab_size']}; wrote {run_dir.path / 'tokenizer'}"
+    )
+    return report
+
+
+def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    cfg = config.tokenize
+    train_file = work / "train.txt"
+    held_out = _split_corpus(config, sources, train_file)
+    base_hf = base.load_hf(config.model.trust_remote_code) if base is not None else None
+    report: dict = {"kind": base.kind if base else "sentencepiece", "base": base.source if base else None}
+
+    sp_proto = None
+    if base is not None and base.kind == "byte_bpe":
+        new_tokens, skipped = _build_byte_bpe(base, train_file, config, out)
+    else:
+        started = time.time()
+        trained_model = train_sentencepiece(train_file, work / "target", cfg)
+        report["train_seconds"] = round(time.time() - started, 2)
+        report["train_mb_per_s"] = round(
+            train_file.stat().st_size / 1e6 / max(report["train_seconds"], 1e-6), 2
+        )
+        shutil.copyfile(trained_model, out / "target.model")
+        if base is not None:
+            sp_proto, new_tokens, skipped = _build_sentencepiece(
+                base, trained_model, config, out, base_hf
+            )
+        else:
+            sp_proto = load_proto(trained_model)
+            (out / "tokenizer.model").write_bytes(sp_proto.SerializeToString())
+            LlamaTokenizer.from_pretrained(str(out)).save_pretrained(out)
+            new_tokens, skipped = [], {}
+
+    merged = AutoTokenizer.from_pretrained(out)
+    report.update(
+        vocab_size=len(merged),
+        base_vocab_size=len(base_hf) if base_hf is not None else None,
+        new_tokens=len(new_tokens),
+        reachable_new_tokens=_reachable(merged, new_tokens),
+        skipped_pieces=skipped,
+    )
+    texts = {"heldout": held_out} if held_out else {}
+    for label, path in cfg.eval_texts.items():
+        texts[label] = read_lines(path, config.data)
+    report["texts"] = {label: compare(base_hf, merged, lines) for label, lines in texts.items()}
+    report["roundtrip_failures"] = sum(
+        merged.decode(ids) != line
+        for line, ids in zip(held_out, merged(held_out, add_special_tokens=False)["input_ids"], strict=True)
+    ) if held_out else 0
+    if sp_proto is not None and held_out:
+        processor = sentencepiece_processor(sp_proto)
+        fast_ids = merged(held_out, add_special_tokens=False)["input_ids"]
+        report["fast_vs_sentencepiece_mismatches"] = sum(
+            processor.encode(line) != ids for line, ids in zip(held_out, fast_ids, strict=True)
+        )
+    return report
