@@ -105,15 +105,29 @@ def _build_byte_bpe(base: BaseTokenizer, train_file: Path, config, out: Path):
     return result.new_tokens, result.skipped
 
 
-def _reachable(tokenizer, new_tokens: list[str]) -> int:
-    """How many new tokens the tokenizer produces when encoding their own text (the others are
-    rows no input can reach). SentencePiece bases prefix "▁", so the token need not stand alone."""
-    count = 0
+def _reachability(tokenizer, new_tokens: list[str], sp_proto=None) -> tuple[int, int]:
+    """(reachable, partial): how many new tokens the tokenizer produces for their own text (the
+    others are rows no input reaches), and how many new byte-level tokens are fragments of a
+    character (steps towards whole characters, not checkable on their own). SentencePiece
+    pieces are checked without the dummy "▁" prefix, which would change the text."""
+    reachable = partial = 0
+    if sp_proto is not None:
+        no_prefix = type(sp_proto)()
+        no_prefix.CopyFrom(sp_proto)
+        no_prefix.normalizer_spec.add_dummy_prefix = False
+        processor = sentencepiece_processor(no_prefix)
+        for token in new_tokens:
+            reachable += processor.encode(token.replace("▁", " ")) == [processor.piece_to_id(token)]
+        return reachable, partial
     for token in new_tokens:
-        token_id = tokenizer.convert_tokens_to_ids(token)
         text = tokenizer.convert_tokens_to_string([token])
-        count += token_id in tokenizer.encode(text, add_special_tokens=False)
-    return count
+        if "\ufffd" in text:
+            partial += 1
+            continue
+        reachable += tokenizer.encode(text, add_special_tokens=False) == [
+            tokenizer.convert_tokens_to_ids(token)
+        ]
+    return reachable, partial
 
 
 def run(config: LowlmConfig, force: bool = False) -> dict:
@@ -210,11 +224,13 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
             new_tokens, skipped = [], {}
 
     merged = AutoTokenizer.from_pretrained(out)
+    reachable, partial = _reachability(merged, new_tokens, sp_proto)
     report.update(
         vocab_size=len(merged),
         base_vocab_size=len(base_hf) if base_hf is not None else None,
         new_tokens=len(new_tokens),
-        reachable_new_tokens=_reachable(merged, new_tokens),
+        reachable_new_tokens=reachable,
+        partial_character_tokens=partial,
         skipped_pieces=skipped,
     )
     texts = {"heldout": held_out} if held_out else {}

@@ -8,6 +8,7 @@ every real base piece so that base-language text tokenizes exactly as before.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,18 +65,22 @@ def train_sentencepiece(lines_file: Path, output_prefix: Path, cfg: TokenizeConf
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
-            train_extremely_large_corpus=False,
             minloglevel=2,
-            logstream=open(os.devnull, "w"),  # noqa: SIM115 - sentencepiece needs a real file
         )
     except RuntimeError as exc:
-        message = str(exc)
-        if "Vocabulary size too high" in message or "vocab_size" in message:
+        message = str(exc).strip()
+        if "Vocabulary size too high" in message:
             raise LowlmError(
-                f"the corpus cannot support tokenize.vocab_size={cfg.vocab_size} ({message.strip()}); "
-                "lower vocab_size or add text."
+                f"the corpus cannot support tokenize.vocab_size={cfg.vocab_size} (SentencePiece: "
+                f"{message.split('] ')[-1]}); lower vocab_size or add text."
             ) from None
-        raise LowlmError(f"SentencePiece training failed: {message.strip()}") from None
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+        if needed:
+            raise LowlmError(
+                f"tokenize.vocab_size={cfg.vocab_size} is smaller than the {needed.group(1)} "
+                "characters the corpus needs; raise vocab_size or lower character_coverage."
+            ) from None
+        raise LowlmError(f"SentencePiece training failed: {message}") from None
     return output_prefix.with_suffix(".model")
 
 

@@ -1,0 +1,83 @@
+"""Tiny tokenizers built inside the test session from the bundled demo text (seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+ASSETS = Path.home() / ".cache" / "lowlm-assets"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+)
+
+
+@pytest.fixture(scope="session")
+def en_lines() -> list[str]:
+    return (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture(scope="session")
+def zh_lines() -> list[str]:
+    return (DEMO / "zh-tw.txt").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture(scope="session")
+def sp_base(tmp_path_factory) -> Path:
+    """A Llama-style English SentencePiece BPE (byte fallback, split digits, identity norm)."""
+    from lowlm.config import TokenizeConfig
+    from lowlm.tokenization.sentencepiece_merge import train_sentencepiece
+
+    folder = tmp_path_factory.mktemp("sp-base")
+    cfg = TokenizeConfig(vocab_size=800, num_threads=1)
+    return train_sentencepiece(DEMO / "en.txt", folder / "tokenizer", cfg)
+
+
+@pytest.fixture(scope="session")
+def byte_base(tmp_path_factory) -> Path:
+    """A GPT-2-style byte-level BPE on English, saved as an HF folder with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(DEMO / "en.txt")], trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    folder = tmp_path_factory.mktemp("byte-base")
+    hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a config whose run directory lives under tmp_path; returns its path."""
+
+    def write(**sections) -> Path:
+        sections.setdefault("run", {})
+        sections["run"].setdefault("root", str(tmp_path / "runs"))
+        sections["run"].setdefault("name", "t")
+        tokenize = sections.setdefault("tokenize", {})
+        tokenize.setdefault("num_threads", 1)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(sections, allow_unicode=True), encoding="utf-8")
+        return path
+
+    return write

@@ -1,0 +1,57 @@
+"""End-to-end: every `lowlm` command through the real Typer app on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from lowlm.cli import app
+
+from .conftest import DEMO
+
+runner = CliRunner()
+
+
+def test_validate_prints_the_resolved_config(write_config):
+    path = write_config(tokenize={"corpus": [str(DEMO / "zh-tw.txt")]})
+    result = runner.invoke(app, ["validate", str(path), "--set", "tokenize.vocab_size=777"])
+    assert result.exit_code == 0, result.output
+    assert "vocab_size: 777" in result.stdout
+
+
+def test_validate_rejects_a_typo_with_one_sentence(write_config):
+    result = runner.invoke(app, ["validate", str(write_config(tokenize={"vocab": 1}))])
+    assert result.exit_code == 1
+    assert "error: unknown key 'tokenize.vocab'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_tokenize_run_and_status_commands(write_config, sp_base, tmp_path):
+    path = write_config(
+        model={"tokenizer": str(sp_base)},
+        tokenize={"corpus": [str(DEMO / "zh-tw.txt")], "eval_texts": {"en": str(DEMO / "en.txt")}},
+    )
+    result = runner.invoke(app, ["tokenize", str(path), "--set", "tokenize.vocab_size=1500"])
+    assert result.exit_code == 0, result.output
+    assert "new tokens" in result.stdout and "heldout" in result.stdout
+    run_dir = tmp_path / "runs" / "t"
+    assert (run_dir / "tokenizer" / "report.json").exists()
+    assert "vocab_size: 1500" in (run_dir / "config.yaml").read_text()
+
+    result = runner.invoke(app, ["run", str(path), "--set", "tokenize.vocab_size=1500"])
+    assert result.exit_code == 0 and "already done" in result.stdout
+
+    result = runner.invoke(app, ["status", str(path)])
+    assert result.exit_code == 0
+    assert "tokenize" in result.stdout and "done" in result.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["tokenize"]["metrics"]["en.lines_changed"] == 0
+
+
+def test_bad_input_exits_with_one_readable_line(write_config, tmp_path):
+    path = write_config(tokenize={"corpus": [str(tmp_path / "missing.txt")], "merge": False})
+    result = runner.invoke(app, ["tokenize", str(path)])
+    assert result.exit_code == 1
+    assert "missing.txt' does not exist" in result.output
+    assert "Traceback" not in result.output
