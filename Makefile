@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/lowlm run configs/demo-base.yaml
 	$(BIN)/lowlm run configs/demo.yaml
 
 test: $(STAMP)
