@@ -17,7 +17,9 @@ from lowlm.rundir import atomic_dir, atomic_write_text
 
 def test_unknown_key_is_named_with_the_closest_valid_key(write_config):
     path = write_config(tokenize={"vocab_szie": 100})
-    with pytest.raises(LowlmError, match=r"unknown key 'tokenize.vocab_szie'.*did you mean 'vocab_size'"):
+    with pytest.raises(
+        LowlmError, match=r"unknown key 'tokenize.vocab_szie'.*did you mean 'vocab_size'"
+    ):
         load_config(path)
 
 
@@ -76,7 +78,10 @@ def docs(patterns, **options):
 def test_reads_text_jsonl_gzip_parquet_folders_and_globs(tmp_path):
     (tmp_path / "a.txt").write_text("第一行\n第二行\n", encoding="utf-8")
     (tmp_path / "b.jsonl").write_text(
-        json.dumps({"content": "甲"}, ensure_ascii=False) + "\n\n" + json.dumps({"content": "乙"}) + "\n",
+        json.dumps({"content": "甲"}, ensure_ascii=False)
+        + "\n\n"
+        + json.dumps({"content": "乙"})
+        + "\n",
         encoding="utf-8",
     )
     with gzip.open(tmp_path / "c.txt.gz", "wt", encoding="utf-8") as handle:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -71,7 +70,7 @@ def test_fast_tokenizer_matches_sentencepiece_on_every_target_line(sp_merged, zh
     processor = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     merged = AutoTokenizer.from_pretrained(out)
     fast_ids = merged(zh_lines, add_special_tokens=False)["input_ids"]
-    mismatched = [line for line, ids in zip(zh_lines, fast_ids) if processor.encode(line) != ids]
+    mismatched = [line for line, ids in zip(zh_lines, fast_ids, strict=True) if processor.encode(line) != ids]
     assert mismatched == []
     assert report["fast_vs_sentencepiece_mismatches"] == 0
 
@@ -120,7 +119,9 @@ def test_byte_level_merge_adds_reachable_bpe_tokens_not_added_tokens(byte_merged
     base = AutoTokenizer.from_pretrained(byte_base)
     assert merged.get_added_vocab() == base.get_added_vocab()  # new tokens live in the BPE model
     data = json.loads((out / "tokenizer.json").read_text())
-    assert len(data["model"]["merges"]) > len(json.loads((byte_base / "tokenizer.json").read_text())["model"]["merges"])
+    assert len(data["model"]["merges"]) > len(
+        json.loads((byte_base / "tokenizer.json").read_text())["model"]["merges"]
+    )
     assert report["new_tokens"] > 100
     whole = report["new_tokens"] - report["partial_character_tokens"]
     assert report["reachable_new_tokens"] > 0.9 * whole
@@ -172,7 +173,9 @@ def assert_fails_cleanly(config, match: str):
 
 
 def test_missing_corpus_is_a_clear_error(write_config, tmp_path):
-    config = load_config(write_config(tokenize={"corpus": [str(tmp_path / "nope.txt")], "merge": False}))
+    config = load_config(
+        write_config(tokenize={"corpus": [str(tmp_path / "nope.txt")], "merge": False})
+    )
     assert_fails_cleanly(config, "nope.txt' does not exist")
 
 
@@ -201,7 +204,14 @@ def test_vocab_size_the_corpus_cannot_support_is_a_clear_error(write_config, tmp
     small = tmp_path / "small.txt"
     small.write_text("一二三四五六七八九十\n" * 20, encoding="utf-8")
     config = load_config(
-        write_config(tokenize={"corpus": [str(small)], "merge": False, "vocab_size": 5000, "holdout_lines": 0})
+        write_config(
+            tokenize={
+                "corpus": [str(small)],
+                "merge": False,
+                "vocab_size": 5000,
+                "holdout_lines": 0,
+            }
+        )
     )
     assert_fails_cleanly(config, "cannot support tokenize.vocab_size=5000")
 

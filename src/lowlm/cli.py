@@ -57,14 +57,88 @@ def tokenize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) ->
         _fail(exc)
 
 
+@app.command()
+def resize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Append embedding rows for the merged tokenizer's new tokens to the base model."""
+    from lowlm.stages import resize as stage
+
+    try:
+        stage.run(_load(config, set_), force=force)
+    except LowlmError as exc:
+        _fail(exc)
+
+
+@app.command()
+def init(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Create a Llama model from scratch (init.size) for the run's tokenizer."""
+    from lowlm.stages import init as stage
+
+    try:
+        stage.run(_load(config, set_), force=force)
+    except LowlmError as exc:
+        _fail(exc)
+
+
+@app.command()
+def pretrain(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="1, 2 or full (default: every stage with steps).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
+    ] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Pre-train: stage 1 (embeddings), stage 2 (LoRA + embeddings) or full; accelerate-aware."""
+    from lowlm.stages import pretrain as pretrain_stage
+
+    try:
+        pretrain_stage.run(_load(config, set_), stage=stage, force=force, resume=resume)
+    except LowlmError as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    source: Annotated[
+        str | None, typer.Option("--source", help="Model folder to export (default: the newest).")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Merge LoRA into the weights and write a standalone HF model with its tokenizer."""
+    from lowlm.stages import export as stage
+
+    try:
+        stage.run(_load(config, set_), source=source, force=force)
+    except LowlmError as exc:
+        _fail(exc)
+
+
 @app.command("run")
 def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Run every configured stage in order (today: tokenize); done stages are skipped."""
+    """Run every configured stage in order: tokenize, init or resize, pretrain, export.
+
+    Stages already done with the same inputs are skipped; a killed stage resumes."""
+    from lowlm.stages import export as export_stage
+    from lowlm.stages import init as init_stage
+    from lowlm.stages import pretrain as pretrain_stage
+    from lowlm.stages import resize as resize_stage
     from lowlm.stages import tokenize as tokenize_stage
 
     try:
         resolved = _load(config, set_)
         tokenize_stage.run(resolved, force=force)
+        if resolved.init.size:
+            init_stage.run(resolved, force=force)
+        elif resolved.model.base and resolved.tokenize.merge:
+            resize_stage.run(resolved, force=force)
+        if pretrain_stage.configured_stages(resolved):
+            pretrain_stage.run(resolved, force=force)
+            export_stage.run(resolved, force=force)
     except LowlmError as exc:
         _fail(exc)
 

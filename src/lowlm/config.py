@@ -43,7 +43,9 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/HF rows.")
+    text_field: str = Field(
+        "text", description="Field holding the text in .jsonl/.parquet/HF rows."
+    )
     hf_split: str = Field("train", description="Split used for Hugging Face dataset names.")
     nfkc: bool = Field(False, description="Apply Unicode NFKC normalisation to every line.")
     dedup: bool = Field(False, description="Drop exact duplicate lines (after normalisation).")
@@ -92,11 +94,112 @@ class TokenizeConfig(Section):
     )
 
 
+class ResizeConfig(Section):
+    init: Literal["subword_mean", "mean", "random"] = Field(
+        "subword_mean",
+        description="New rows: mean of the base rows of the token's base sub-tokens, mean of "
+        "all rows, or random with the rows' std.",
+    )
+    pad_to_multiple_of: int | None = Field(
+        64, ge=1, description="Round the row count up to a multiple of this (null: exact)."
+    )
+    eval_lines: int = Field(
+        200, ge=0, description="Held-out lines for the before/after loss per character."
+    )
+
+
+class InitConfig(Section):
+    size: Literal["tiny", "ttl-160m", "ttl-460m", "custom"] | None = Field(
+        None, description="A named Llama size, or custom (fields below); null: no init stage."
+    )
+    hidden_size: int | None = Field(None, ge=8, description="Overrides the size's hidden size.")
+    intermediate_size: int | None = Field(None, ge=8, description="MLP width.")
+    num_hidden_layers: int | None = Field(None, ge=1, description="Transformer layers.")
+    num_attention_heads: int | None = Field(None, ge=1, description="Attention heads.")
+    num_key_value_heads: int | None = Field(None, ge=1, description="Key/value heads (GQA).")
+    max_position_embeddings: int | None = Field(None, ge=16, description="Context length.")
+    tie_word_embeddings: bool | None = Field(None, description="Share input and output rows.")
+
+
+class LoraSection(Section):
+    r: int = Field(64, ge=1, description="LoRA rank.")
+    alpha: float = Field(128, gt=0, description="LoRA alpha (scale alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get LoRA.",
+    )
+
+
+class Stage1Config(Section):
+    steps: int = Field(0, ge=0, description="Optimizer steps; 0 skips stage 1.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    new_rows_only: bool = Field(False, description="Train only the new tokens' rows.")
+
+
+class Stage2Config(Section):
+    steps: int = Field(0, ge=0, description="Optimizer steps; 0 skips stage 2.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train_embeddings: Literal["all", "new", "none"] = Field(
+        "all", description="Embedding and LM-head rows trained beside LoRA."
+    )
+
+
+class FullConfig(Section):
+    steps: int = Field(0, ge=0, description="Optimizer steps; 0 skips full training.")
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+
+
+class EnergyConfig(Section):
+    enabled: bool = Field(True, description="Record kWh and CO2 with codecarbon (offline).")
+    country_iso_code: str = Field("USA", description="Grid of the machine, for kg CO2 per kWh.")
+
+
+class PretrainConfig(Section):
+    corpus: list[str] = Field(
+        default_factory=list, description="Training text (default: tokenize.corpus)."
+    )
+    block_size: int = Field(512, ge=8, description="Tokens per packed training block.")
+    batch_size: int = Field(8, ge=1, description="Blocks per device per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    full: FullConfig = Field(default_factory=FullConfig)
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps before the cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on embeddings).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    save_every: int = Field(500, ge=1, description="Checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per stage.")
+    eval_every: int = Field(200, ge=1, description="Validation loss every N steps.")
+    log_every: int = Field(10, ge=1, description="Log loss, lr, grad norm, tokens/s every N steps.")
+    eval_fraction: float = Field(0.01, ge=0, lt=1, description="Share of documents held out.")
+    max_eval_blocks: int = Field(64, ge=1, description="Most held-out blocks evaluated.")
+    num_proc: int = Field(1, ge=1, description="Worker processes that tokenise the corpus.")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Device peak for the MFU estimate (default: a table guess)."
+    )
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+
+
+class ExportConfig(Section):
+    tolerance: float = Field(
+        1e-3, gt=0, description="Largest merged-vs-adapter logit difference accepted."
+    )
+    check_sequences: int = Field(4, ge=1, description="Held-out blocks compared.")
+
+
 class LowlmConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    resize: ResizeConfig = Field(default_factory=ResizeConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -182,7 +285,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LowlmCo
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise LowlmError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise LowlmError(f"config file {path} must be a mapping of sections, not {type(raw).__name__}.")
+        raise LowlmError(
+            f"config file {path} must be a mapping of sections, not {type(raw).__name__}."
+        )
     raw = apply_overrides(raw, overrides or [])
     try:
         return LowlmConfig.model_validate(raw)

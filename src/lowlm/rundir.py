@@ -123,6 +123,18 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+# Where each stage writes its main artifact inside the run directory.
+STAGE_FOLDERS = {
+    "tokenize": "tokenizer",
+    "resize": "model-resized",
+    "init": "model-init",
+    "pretrain-stage1": "pretrain-stage1",
+    "pretrain-stage2": "pretrain-stage2",
+    "pretrain-full": "pretrain-full",
+    "export": "export",
+}
+
+
 class RunDir:
     """A run's folder and its manifest; every change to the manifest is written atomically."""
 
@@ -130,6 +142,17 @@ class RunDir:
         self.config = config
         self.path = config.run_dir
         self.manifest_path = self.path / "manifest.json"
+
+    def folder(self, stage: str) -> Path:
+        return self.path / STAGE_FOLDERS[stage]
+
+    def newest(self, stages: list[str]) -> Path | None:
+        """The folder of the first of `stages` that is done, in the order given."""
+        manifest = self.read_manifest()["stages"]
+        for stage in stages:
+            if manifest.get(stage, {}).get("status") == "done" and self.folder(stage).exists():
+                return self.folder(stage)
+        return None
 
     def read_manifest(self) -> dict:
         if not self.manifest_path.exists():
@@ -182,6 +205,20 @@ class RunDir:
         record = manifest["stages"].setdefault(stage, {})
         record.update(status="done", finished=_now(), outputs=outputs, metrics=metrics, **extra)
         self._write_manifest(manifest)
+
+    @contextlib.contextmanager
+    def recording(self, stage: str, inputs: dict[str, str], fingerprint: str) -> Iterator[None]:
+        """Mark the stage running; if the block raises, mark it failed with the message."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.start(stage, inputs, fingerprint)
+        try:
+            yield
+        except LowlmError as exc:
+            self.fail(stage, str(exc))
+            raise
+        except BaseException as exc:
+            self.fail(stage, f"{type(exc).__name__}: {exc}")
+            raise
 
     def fail(self, stage: str, error: str) -> None:
         manifest = self.read_manifest()

@@ -109,7 +109,9 @@ def _jsonl_documents(lines: Iterator[tuple[int, str]], name: str, field: str) ->
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise LowlmError(f"{name}:{number}: not valid JSON ({exc.msg}); fix the line.") from None
+            raise LowlmError(
+                f"{name}:{number}: not valid JSON ({exc.msg}); fix the line."
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise LowlmError(
                 f"{name}:{number}: no text field '{field}'; set data.text_field to the field "

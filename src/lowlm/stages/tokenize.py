@@ -20,6 +20,7 @@ from lowlm.data.corpus import iter_documents, read_lines, resolve_sources, sourc
 from lowlm.errors import LowlmError
 from lowlm.rundir import RunDir, atomic_dir, atomic_write_json, fingerprint, sha256_file
 from lowlm.tokenization.base import BaseTokenizer, copy_config_files, resolve_base_tokenizer
+from lowlm.tokenization.base import tokenizer_hash as hash_tokenizer
 from lowlm.tokenization.byte_bpe_merge import extend_byte_level_bpe
 from lowlm.tokenization.report import compare, format_table, write_chart
 from lowlm.tokenization.sentencepiece_merge import (
@@ -51,12 +52,16 @@ def _split_corpus(config: LowlmConfig, sources, train_file: Path) -> list[str]:
     held_out: list[str] = []
     with open(train_file, "w", encoding="utf-8") as out:
         for line in _corpus_lines(config, sources):
-            if len(held_out) < config.tokenize.holdout_lines and _is_held_out(line, config.run.seed):
+            if len(held_out) < config.tokenize.holdout_lines and _is_held_out(
+                line, config.run.seed
+            ):
                 held_out.append(line)
             else:
                 out.write(line + "\n")
     if train_file.stat().st_size == 0:
-        raise LowlmError("every corpus line was held out; add text or lower tokenize.holdout_lines.")
+        raise LowlmError(
+            "every corpus line was held out; add text or lower tokenize.holdout_lines."
+        )
     return held_out
 
 
@@ -143,34 +148,27 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
     inputs = source_hashes(sources)
     inputs.update({f"eval_texts.{k}": sha256_file(Path(v)) for k, v in cfg.eval_texts.items()})
     if base is not None:
-        base_file = base.sp_model if base.kind == "sentencepiece" else base.folder / "tokenizer.json"
+        base_file = (
+            base.sp_model if base.kind == "sentencepiece" else base.folder / "tokenizer.json"
+        )
         inputs["base_tokenizer"] = sha256_file(base_file)
-    key = fingerprint(
-        cfg.model_dump(), config.data.model_dump(), config.run.seed, inputs, STAGE
-    )
+    key = fingerprint(cfg.model_dump(), config.data.model_dump(), config.run.seed, inputs, STAGE)
     if not force and run_dir.is_done(STAGE, key):
         print(f"tokenize: already done with these inputs in {run_dir.path}; --force reruns it.")
         return json.loads((run_dir.path / "tokenizer" / "report.json").read_text())
 
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    run_dir.start(STAGE, inputs, key)
     started = time.time()
-    work = Path(tempfile.mkdtemp(dir=run_dir.path, prefix=".tokenize-work-"))
-    try:
-        with atomic_dir(run_dir.path / "tokenizer") as out:
-            report = _build(config, base, sources, work, out)
-            report["seconds"] = round(time.time() - started, 2)
-            atomic_write_json(out / "report.json", report)
-            write_chart(report["texts"], out / "report.png")
-        tokenizer_hash = sha256_file(run_dir.path / "tokenizer" / "tokenizer.json")
-    except LowlmError as exc:
-        run_dir.fail(STAGE, str(exc))
-        raise
-    except BaseException as exc:
-        run_dir.fail(STAGE, f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with run_dir.recording(STAGE, inputs, key):
+        work = Path(tempfile.mkdtemp(dir=run_dir.path, prefix=".tokenize-work-"))
+        try:
+            with atomic_dir(run_dir.path / "tokenizer") as out:
+                report = _build(config, base, sources, work, out)
+                report["seconds"] = round(time.time() - started, 2)
+                atomic_write_json(out / "report.json", report)
+                write_chart(report["texts"], out / "report.png")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    tokenizer_hash = hash_tokenizer(run_dir.path / "tokenizer")
 
     metrics = {k: report[k] for k in ("vocab_size", "new_tokens", "reachable_new_tokens")}
     for label, entry in report["texts"].items():
@@ -187,8 +185,8 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
     )
     print(format_table(report["texts"]))
     print(
-        f"tokenize: {report['new_tokens']} new tokens ({report['reachable_new_tokens']} reachable), "
-        f"vocabulary {report['vocab_size']}; wrote {run_dir.path / 'tokenizer'}"
+        f"tokenize: {report['new_tokens']} new tokens "
+        f"({report['reachable_new_tokens']} reachable), vocabulary {report['vocab_size']}; wrote {run_dir.path / 'tokenizer'}"
     )
     return report
 
@@ -199,8 +197,13 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
     cfg = config.tokenize
     train_file = work / "train.txt"
     held_out = _split_corpus(config, sources, train_file)
+    # Later stages report loss per character on the same held-out text.
+    (out / "heldout.txt").write_text("".join(line + "\n" for line in held_out), encoding="utf-8")
     base_hf = base.load_hf(config.model.trust_remote_code) if base is not None else None
-    report: dict = {"kind": base.kind if base else "sentencepiece", "base": base.source if base else None}
+    report: dict = {
+        "kind": base.kind if base else "sentencepiece",
+        "base": base.source if base else None,
+    }
 
     sp_proto = None
     if base is not None and base.kind == "byte_bpe":
@@ -237,10 +240,16 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
     for label, path in cfg.eval_texts.items():
         texts[label] = read_lines(path, config.data)
     report["texts"] = {label: compare(base_hf, merged, lines) for label, lines in texts.items()}
-    report["roundtrip_failures"] = sum(
-        merged.decode(ids) != line
-        for line, ids in zip(held_out, merged(held_out, add_special_tokens=False)["input_ids"], strict=True)
-    ) if held_out else 0
+    report["roundtrip_failures"] = (
+        sum(
+            merged.decode(ids) != line
+            for line, ids in zip(
+                held_out, merged(held_out, add_special_tokens=False)["input_ids"], strict=True
+            )
+        )
+        if held_out
+        else 0
+    )
     if sp_proto is not None and held_out:
         processor = sentencepiece_processor(sp_proto)
         fast_ids = merged(held_out, add_special_tokens=False)["input_ids"]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from lowlm.config import ModelConfig
 from lowlm.errors import LowlmError
-from lowlm.rundir import atomic_dir, sha256_file
+from lowlm.rundir import atomic_dir, sha256_file, sha256_text
 
 # Files of an HF tokenizer folder that describe behaviour (special tokens, BOS/EOS, chat
 # template) and stay valid when the vocabulary grows. vocab.json / merges.txt do not.
@@ -104,6 +104,18 @@ def resolve_base_tokenizer(model: ModelConfig) -> BaseTokenizer:
         f"'{spec}' holds neither tokenizer.model nor tokenizer.json; point model.tokenizer at "
         "a SentencePiece model or an HF tokenizer folder."
     )
+
+
+def tokenizer_hash(folder: Path) -> str:
+    """sha256 of what decides token ids: tokenizer.json without its runtime truncation and
+    padding settings (which transformers writes back after a call with truncation=True)."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.exists():
+        raise LowlmError(f"{folder} has no tokenizer.json; run `lowlm tokenize` first.")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("truncation", None)
+    data.pop("padding", None)
+    return sha256_text(json.dumps(data, sort_keys=True, ensure_ascii=False))
 
 
 def copy_config_files(source: Path | None, target: Path) -> None:

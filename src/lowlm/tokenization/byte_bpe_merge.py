@@ -146,9 +146,7 @@ def extend_byte_level_bpe(
     def as_base_string(mapped: str) -> str:
         return "".join(id_to_token[ord(ch) - PRIVATE_BASE] for ch in mapped)
 
-    next_id = 1 + max(
-        [*vocab.values(), *(t["id"] for t in tokenizer_json.get("added_tokens", []))]
-    )
+    next_id = 1 + max([*vocab.values(), *(t["id"] for t in tokenizer_json.get("added_tokens", []))])
     base_merge_format_is_str = bool(tokenizer_json["model"].get("merges")) and isinstance(
         tokenizer_json["model"]["merges"][0], str
     )

@@ -1,0 +1,209 @@
+"""Loading and saving models the way every stage needs them.
+
+Each model lowlm writes is a folder with its tokenizer and a `lowlm_model.json` card
+recording the tokenizer's hash and vocabulary size (PRODUCT.md: vocabulary/checkpoint
+mismatch is the most common user issue), what kind of artifact it is, and its parent:
+
+- `model`: a full HF model folder (safetensors);
+- `embeddings`: only the embedding matrices (`embeddings.safetensors`) over a parent model;
+- `adapter`: a peft adapter over a parent (a model, or embeddings over a model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowlm.errors import LowlmError
+from lowlm.rundir import atomic_write_json
+from lowlm.tokenization.base import tokenizer_hash
+
+MODEL_CARD = "lowlm_model.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LowlmError(f"cannot load the tokenizer in {folder}: {exc}") from None
+
+
+def read_card(folder: Path) -> dict | None:
+    path = Path(folder) / MODEL_CARD
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LowlmError(f"{path} is corrupt ({exc}); rerun the stage that wrote it.") from None
+
+
+def write_card(folder: Path, kind: str, parent: str | Path | None, **extra: Any) -> dict:
+    """Record kind, parent (relative when beside it in the run), tokenizer hash and vocab size."""
+    folder = Path(folder)
+    if parent is not None and Path(parent).exists():
+        parent = os.path.relpath(Path(parent).resolve(), folder.resolve())
+    card = {
+        "kind": kind,
+        "parent": str(parent) if parent is not None else None,
+        "tokenizer_hash": tokenizer_hash(folder),
+        "vocab_size": len(load_tokenizer(folder)),
+        **extra,
+    }
+    atomic_write_json(folder / MODEL_CARD, card)
+    return card
+
+
+def parent_path(folder: Path, card: dict) -> str:
+    """The parent as written (relative to the folder when it lives there, else an id or path)."""
+    parent = card.get("parent")
+    if not parent:
+        raise LowlmError(f"{folder / MODEL_CARD} names no parent; rerun the stage that wrote it.")
+    beside = (Path(folder) / parent).resolve()
+    return str(beside) if beside.exists() else parent
+
+
+def resolve_load_dtype(name: str) -> torch.dtype:
+    """Weights dtype: auto is bf16 on a GPU that has it, else fp32 (always safe on CPU)."""
+    if name == "auto":
+        return (
+            torch.bfloat16
+            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            else torch.float32
+        )
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_pretrained(
+    source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+):
+    """A causal LM from an HF id, a local HF folder or a local .gguf file (dequantised)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype
+            )
+            if getattr(model, "hf_quantizer", None) is not None:
+                # GGUF weights are dequantised already; the quantizer only blocks saving.
+                model.hf_quantizer.remove_quantization_config(model)
+            return model
+        return AutoModelForCausalLM.from_pretrained(
+            source, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise LowlmError(
+                f"model '{source}' ships its own code; set model.trust_remote_code: true if you "
+                "trust it."
+            ) from None
+        raise LowlmError(f"cannot load model '{source}': {exc}") from None
+    except OSError as exc:
+        raise LowlmError(
+            f"cannot load model '{source}' (not a local folder or .gguf file, and not available "
+            f"from the Hugging Face Hub): {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def embedding_rows(model) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def check_vocab(model, tokenizer, where: str) -> None:
+    rows = embedding_rows(model)
+    if rows < len(tokenizer):
+        raise LowlmError(
+            f"{where}: the model has {rows} embedding rows but its tokenizer has {len(tokenizer)} "
+            "tokens; run `lowlm resize` so that the model matches the tokenizer."
+        )
+
+
+def load_model(
+    source: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+):
+    """Any model lowlm wrote (following parents), or any HF id / folder / .gguf file.
+
+    Adapters come back as a peft model (not merged); everything else as a plain model.
+    """
+    folder = Path(source)
+    card = read_card(folder) if folder.is_dir() else None
+    if card is None or card["kind"] == "model":
+        return load_pretrained(str(source), trust_remote_code, dtype)
+    parent = parent_path(folder, card)
+    model = load_model(parent, trust_remote_code, dtype)
+    if card["kind"] == "embeddings":
+        apply_embeddings(model, folder / EMBEDDINGS_FILE)
+        return model
+    if card["kind"] == "adapter":
+        from peft import PeftModel
+
+        parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
+        check_same_tokenizer(card, parent_card, folder, parent)
+        return PeftModel.from_pretrained(model, folder)
+    raise LowlmError(f"{folder / MODEL_CARD} has unknown kind '{card['kind']}'.")
+
+
+def check_same_tokenizer(card: dict, other: dict | None, folder, other_folder) -> None:
+    """Refuse to combine artifacts built for different tokenizers, saying which two differ."""
+    if other is None:
+        return
+    if (
+        card["vocab_size"] != other["vocab_size"]
+        or card["tokenizer_hash"] != other["tokenizer_hash"]
+    ):
+        raise LowlmError(
+            f"{folder} was trained with a tokenizer of {card['vocab_size']} tokens "
+            f"(hash {card['tokenizer_hash'][:12]}) but {other_folder} has {other['vocab_size']} "
+            f"tokens (hash {other['tokenizer_hash'][:12]}); combine artifacts of the same run."
+        )
+
+
+def save_embeddings(model, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"input": model.get_input_embeddings().weight.detach().float().contiguous().cpu()}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        tensors["output"] = output.weight.detach().float().contiguous().cpu()
+    save_file(tensors, str(Path(folder) / EMBEDDINGS_FILE))
+
+
+def apply_embeddings(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    embedding = model.get_input_embeddings().weight
+    if tensors["input"].shape != embedding.shape:
+        raise LowlmError(
+            f"{path} holds {tensors['input'].shape[0]} embedding rows but the parent model has "
+            f"{embedding.shape[0]}; the stage-1 output belongs to another model."
+        )
+    with torch.no_grad():
+        embedding.copy_(tensors["input"].to(embedding.dtype))
+        if "output" in tensors:
+            model.get_output_embeddings().weight.copy_(tensors["output"].to(embedding.dtype))
+
+
+def save_model_folder(model, tokenizer, folder: Path, kind: str, parent, **extra: Any) -> dict:
+    """Write model (or adapter / embeddings), tokenizer and card into an existing folder."""
+    if kind == "embeddings":
+        save_embeddings(model, folder)
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # transformers 5 does not write tokenizer.model; SentencePiece-based runs need it (merges,
+    # llama.cpp conversion), so it travels with every model.
+    sp_model = getattr(tokenizer, "vocab_file", None)
+    if sp_model and Path(sp_model).is_file() and not (Path(folder) / "tokenizer.model").exists():
+        shutil.copyfile(sp_model, Path(folder) / "tokenizer.model")
+    return write_card(folder, kind, parent, **extra)

@@ -1,0 +1,40 @@
+"""Loss per character: comparable across tokenizers, unlike loss per token."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def loss_per_char(model, tokenizer, lines: list[str], max_tokens: int = 512) -> float:
+    """Summed next-token NLL (nats) of every text token, divided by the characters scored.
+
+    Each line is scored alone after one start token (BOS, or EOS as a document separator
+    when the tokenizer has no BOS), so every token of the text is predicted. A line longer
+    than `max_tokens` counts only the characters its first `max_tokens` tokens cover.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    total_nll, total_chars = 0.0, 0
+    for line in lines:
+        encoded = tokenizer(
+            line,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_tokens,
+            return_offsets_mapping=True,
+        )
+        if not encoded["input_ids"]:
+            continue
+        ids = torch.tensor([[start, *encoded["input_ids"]]], device=device)
+        logits = model(input_ids=ids).logits.float()
+        total_nll += torch.nn.functional.cross_entropy(
+            logits[0, :-1], ids[0, 1:], reduction="sum"
+        ).item()
+        total_chars += (
+            len(line)
+            if len(encoded["input_ids"]) < max_tokens
+            else encoded["offset_mapping"][-1][1]
+        )
+    return total_nll / total_chars if total_chars else float("nan")

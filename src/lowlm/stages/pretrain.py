@@ -1,0 +1,378 @@
+"""`lowlm pretrain`: continued pre-training in two stages, or full training from scratch.
+
+- stage 1: only the embedding matrices train (input and output rows; optionally only
+  the new tokens' rows). Writes `pretrain-stage1/` with `embeddings.safetensors`.
+- stage 2: LoRA on the target modules plus trainable embedding rows (all, new or none);
+  continues from stage 1 when it ran. Writes a peft adapter in `pretrain-stage2/`.
+- full: every weight trains. Writes an HF model in `pretrain-full/`.
+
+Each reads the packed-block cache of the corpus (built once, keyed by content), trains
+with the shared loop (checkpoints in `<stage>/checkpoints/`, `log.jsonl`), and records
+metrics and energy in the manifest. Run under `accelerate launch` for several processes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lowlm.config import LowlmConfig
+from lowlm.data.blocks import BlockDataset, build_cache, cache_key
+from lowlm.data.corpus import resolve_sources, source_hashes
+from lowlm.errors import LowlmError
+from lowlm.models.load import (
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    read_card,
+    resolve_load_dtype,
+    save_model_folder,
+    tokenizer_hash,
+)
+from lowlm.rundir import RunDir, atomic_dir, fingerprint
+from lowlm.training.energy import track_energy
+from lowlm.training.loop import TrainPlan, seed_everything, train
+
+STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
+# Where each stage starts from, newest first.
+PARENTS = {
+    "1": ["resize", "init"],
+    "2": ["pretrain-stage1", "resize", "init"],
+    "full": ["pretrain-stage2", "pretrain-stage1", "resize", "init"],
+}
+
+
+class Blocks:
+    """Packed blocks as training examples: labels are the inputs (the model shifts them)."""
+
+    def __init__(self, blocks: BlockDataset):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict:
+        ids = self.blocks[index]
+        return {"input_ids": ids, "labels": ids}
+
+
+def configured_stages(config: LowlmConfig) -> list[str]:
+    cfg = config.pretrain
+    return [
+        name
+        for name, steps in (
+            ("1", cfg.stage1.steps),
+            ("2", cfg.stage2.steps),
+            ("full", cfg.full.steps),
+        )
+        if steps > 0
+    ]
+
+
+def _mixed_precision(dtype: str) -> str:
+    if dtype == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[dtype]
+
+
+def _parent(config: LowlmConfig, run_dir: RunDir, stage: str) -> str:
+    folder = run_dir.newest(PARENTS[stage])
+    if folder is not None:
+        return str(folder)
+    if config.model.base and stage in ("2", "full"):
+        return config.model.base
+    raise LowlmError(
+        f"pretrain stage {stage} has no model to start from; run `lowlm resize` (or `lowlm init` "
+        "for a model from scratch) first."
+    )
+
+
+def _tokenizer_folder(run_dir: RunDir, parent: str) -> Path:
+    if (run_dir.folder("tokenize") / "tokenizer.json").exists():
+        return run_dir.folder("tokenize")
+    if (Path(parent) / "tokenizer.json").exists():
+        return Path(parent)
+    raise LowlmError(
+        "no tokenizer found; run `lowlm tokenize` first (merge: false keeps a base's)."
+    )
+
+
+def _embedding_module_names(model) -> tuple[str, str | None]:
+    names = {id(m): n.split(".")[-1] for n, m in model.named_modules()}
+    output = model.get_output_embeddings()
+    return names[id(model.get_input_embeddings())], names.get(
+        id(output)
+    ) if output is not None else None
+
+
+def _tied(model) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+def _new_token_ids(parent: str, tokenizer) -> list[int]:
+    card = read_card(Path(parent)) if Path(parent).is_dir() else None
+    start, end = (card or {}).get("new_token_ids", [len(tokenizer), len(tokenizer)])
+    return list(range(start, end))
+
+
+def _prepare_stage1(model, new_ids: list[int], new_rows_only: bool):
+    """Freeze everything but the embedding matrices; optionally mask the old rows' gradients."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    matrices = [model.get_input_embeddings().weight]
+    if not _tied(model) and model.get_output_embeddings() is not None:
+        matrices.append(model.get_output_embeddings().weight)
+    for weight in matrices:
+        weight.requires_grad_(True)
+    if not new_rows_only:
+        return model, None
+    if not new_ids:
+        raise LowlmError("pretrain.stage1.new_rows_only is set but the model has no new rows.")
+    first_new = new_ids[0]
+
+    def mask_old_rows() -> None:
+        for weight in matrices:
+            if weight.grad is not None:
+                weight.grad[:first_new] = 0
+
+    return model, mask_old_rows
+
+
+def _prepare_stage2(model, config: LowlmConfig, new_ids: list[int]):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = config.pretrain.stage2
+    input_name, output_name = _embedding_module_names(model)
+    extra: dict = {}
+    if cfg.train_embeddings == "new":
+        if not new_ids:
+            raise LowlmError(
+                "pretrain.stage2.train_embeddings is 'new' but the model has no new rows."
+            )
+        extra["trainable_token_indices"] = (
+            {input_name: new_ids} if _tied(model) else {input_name: new_ids, output_name: new_ids}
+        )
+    elif cfg.train_embeddings == "all":
+        if _tied(model):
+            # modules_to_save would untie them (STACK-NOTES); trainable tokens keep the tie.
+            rows = list(range(model.get_input_embeddings().weight.shape[0]))
+            extra["trainable_token_indices"] = {input_name: rows}
+        else:
+            extra["modules_to_save"] = [input_name, output_name]
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise LowlmError(f"cannot apply LoRA to this model: {exc}") from None
+
+
+def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool = True) -> dict:
+    """Run one pre-training stage ('1', '2' or 'full') under the current accelerate setup."""
+    from accelerate import Accelerator
+
+    if stage not in STAGES:
+        raise LowlmError(f"unknown pretrain stage '{stage}'; use 1, 2 or full.")
+    name = STAGES[stage]
+    cfg = config.pretrain
+    steps = {"1": cfg.stage1.steps, "2": cfg.stage2.steps, "full": cfg.full.steps}[stage]
+    lr = {"1": cfg.stage1.lr, "2": cfg.stage2.lr, "full": cfg.full.lr}[stage]
+    if steps == 0:
+        raise LowlmError(
+            f"pretrain stage {stage} has 0 steps; set pretrain.{_section(stage)}.steps."
+        )
+    run_dir = RunDir(config)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.model.dtype))
+    parent = _parent(config, run_dir, stage)
+    tokenizer_folder = _tokenizer_folder(run_dir, parent)
+    corpus = cfg.corpus or config.tokenize.corpus
+    sources = resolve_sources(corpus)
+    inputs = source_hashes(sources)
+    inputs["tokenizer"] = tokenizer_hash(tokenizer_folder)
+    inputs["parent"] = parent
+    parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
+    if parent_card is not None and parent_card["tokenizer_hash"] != inputs["tokenizer"]:
+        raise LowlmError(
+            f"{parent} was built for another tokenizer (hash {parent_card['tokenizer_hash'][:12]}) "
+            f"than the run's {tokenizer_folder} (hash {inputs['tokenizer'][:12]}); rerun "
+            "`lowlm resize` or `lowlm init` after `lowlm tokenize`."
+        )
+    section = cfg.model_dump(
+        exclude={
+            "stage1",
+            "stage2",
+            "full",
+            "energy",
+            "log_every",
+            "save_every",
+            "eval_every",
+            "keep_checkpoints",
+            "num_proc",
+            "peak_tflops",
+        }
+    )
+    key = fingerprint(
+        section,
+        getattr(cfg, _section(stage)).model_dump(),
+        config.model.model_dump(),
+        config.data.model_dump(),
+        config.run.seed,
+        inputs,
+        accelerator.num_processes,
+    )
+    if not force and run_dir.is_done(name, key):
+        accelerator.print(
+            f"{name}: already done with these inputs in {run_dir.folder(name)}; --force reruns it."
+        )
+        return run_dir.stage_record(name)["metrics"]
+
+    record = run_dir.stage_record(name) or {}
+    resume = resume and not force and record.get("fingerprint") == key
+    started = time.time()
+    # Only the main process writes the manifest.
+    context = run_dir.recording(name, inputs, key) if accelerator.is_main_process else nullcontext()
+    with context:
+        corpus_key = cache_key(
+            inputs["tokenizer"],
+            cfg.block_size,
+            source_hashes(sources),
+            config.data,
+            cfg.eval_fraction,
+            config.run.seed,
+        )
+        cache = run_dir.path / "cache" / f"blocks-{corpus_key}"
+        if accelerator.is_main_process:
+            meta = build_cache(
+                cache,
+                tokenizer_folder,
+                sources,
+                config.data,
+                cfg.block_size,
+                cfg.eval_fraction,
+                config.run.seed,
+                cfg.num_proc,
+            )
+            accelerator.print(
+                f"{name}: {meta['train_blocks']} training and {meta['eval_blocks']} "
+                f"held-out blocks of {cfg.block_size} tokens in {cache}"
+            )
+        accelerator.wait_for_everyone()
+        train_data = Blocks(BlockDataset(cache, "train"))
+        eval_blocks = BlockDataset(cache, "eval")
+        eval_data = Blocks(eval_blocks) if len(eval_blocks) else None
+
+        tokenizer = load_tokenizer(tokenizer_folder)
+        seed_everything(config.run.seed)
+        dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
+        model = load_model(parent, config.model.trust_remote_code, dtype)
+        if hasattr(model, "merge_and_unload"):  # a peft adapter as parent: fold it in first
+            model = model.merge_and_unload()
+        check_vocab(model, tokenizer, parent)
+        new_ids = _new_token_ids(parent, tokenizer)
+        after_backward = None
+        if stage == "1":
+            model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
+        elif stage == "2":
+            model = _prepare_stage2(model, config, new_ids)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            model.config.use_cache = False
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        plan = TrainPlan(
+            steps=steps,
+            lr=lr,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            warmup_steps=cfg.warmup_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            log_every=cfg.log_every,
+            eval_every=cfg.eval_every,
+            save_every=cfg.save_every,
+            keep_checkpoints=cfg.keep_checkpoints,
+            max_eval_blocks=cfg.max_eval_blocks,
+            seed=config.run.seed,
+            peak_tflops=cfg.peak_tflops,
+            frozen_base=stage != "full",
+        )
+        folder = run_dir.folder(name)
+        work = folder.with_name(f".{name}.train")  # checkpoints and log while training
+        with track_energy(
+            cfg.energy.enabled and accelerator.is_main_process, cfg.energy.country_iso_code, work
+        ) as energy:
+            metrics = train(
+                accelerator,
+                model,
+                train_data,
+                eval_data,
+                plan,
+                work,
+                resume=resume,
+                after_backward=after_backward,
+            )
+        metrics["trainable_parameters"] = trainable
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
+            with atomic_dir(folder) as out:
+                card = save_model_folder(
+                    unwrapped,
+                    tokenizer,
+                    out,
+                    kind,
+                    parent if kind != "model" else None,
+                    new_token_ids=[new_ids[0], new_ids[-1] + 1] if new_ids else None,
+                    trained_from=parent,
+                )
+                for item in ("log.jsonl", "checkpoints"):
+                    if (work / item).exists():
+                        (work / item).rename(out / item)
+            shutil.rmtree(work, ignore_errors=True)
+    if accelerator.is_main_process:
+        run_dir.finish(
+            name,
+            outputs={name: card["tokenizer_hash"]},
+            metrics=metrics,
+            energy=energy,
+            tokenizer_hash=card["tokenizer_hash"],
+            vocab_size=card["vocab_size"],
+            seconds=round(time.time() - started, 2),
+        )
+        accelerator.print(
+            f"{name}: {steps} steps, loss {metrics.get('loss', float('nan')):.4f}"
+            + (f", held-out loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
+            + f"; wrote {folder}"
+        )
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _section(stage: str) -> str:
+    return {"1": "stage1", "2": "stage2", "full": "full"}[stage]
+
+
+def run(
+    config: LowlmConfig, stage: str | None = None, force: bool = False, resume: bool = True
+) -> dict:
+    """Run one stage, or every stage with steps > 0 in order (1, 2, full)."""
+    stages = [stage] if stage else configured_stages(config)
+    if not stages:
+        raise LowlmError("no pretrain stage has steps; set pretrain.stage1/stage2/full.steps.")
+    results = {}
+    for name in stages:
+        results[name] = run_stage(config, name, force=force, resume=resume)
+    return results

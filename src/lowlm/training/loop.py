@@ -1,0 +1,403 @@
+"""The training loop shared by every pre-training stage (and instruction tuning).
+
+On accelerate: one process, or several through `accelerate launch` / `torchrun`.
+Gradient accumulation, AdamW, warmup + cosine, clipping, bf16/fp16 autocast with the
+trainable weights in fp32, optional gradient checkpointing. The data order is a pure
+function of (seed, step), so a checkpoint needs only the step to resume exactly, and N
+ranks see the same global batch as one process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowlm.errors import LowlmError
+from lowlm.rundir import atomic_write_json
+
+# Peak dense bf16 throughput of common accelerators, for the MFU estimate.
+GPU_PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "4090": 165.0,
+    "3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
+
+
+@dataclass
+class TrainPlan:
+    steps: int
+    lr: float
+    batch_size: int
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_eval_blocks: int = 64
+    seed: int = 1234
+    peak_tflops: float | None = None
+    frozen_base: bool = False  # LoRA / embedding stages: no weight gradients for most of the model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Order:
+    """The example at a global position: a fresh seeded permutation of the data every epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.perm = n, seed, -1, None
+
+    def __call__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self.epoch:
+            self.epoch, self.perm = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(self.n),
+            )
+        return int(self.perm[offset])
+
+
+def cosine_lr(step: int, plan: TrainPlan) -> float:
+    """Multiplier of the peak lr at a step: linear warmup, then cosine down to min_lr_ratio."""
+    if plan.warmup_steps and step < plan.warmup_steps:
+        return (step + 1) / plan.warmup_steps
+    span = max(1, plan.steps - plan.warmup_steps)
+    progress = min(1.0, (step - plan.warmup_steps) / span)
+    return plan.min_lr_ratio + (1 - plan.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """No decay on embeddings, norms and biases: zero-gradient rows must not shrink."""
+    embedding_ids = {id(model.get_input_embeddings().weight)}
+    output = model.get_output_embeddings()
+    if output is not None:
+        embedding_ids.add(id(output.weight))
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or id(param) in embedding_ids or "embed" in name or "lm_head" in name
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _peak_flops(device: torch.device, configured: float | None) -> float:
+    if configured:
+        return configured * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    # Measure: a few fp32 matmuls (CPU, or a GPU the table does not know).
+    size = 1024
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(4):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 4 * 2 * size**3 / (time.perf_counter() - started)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (state.json is written last)."""
+    done = [p for p in (folder / "checkpoints").glob("step-*") if (p / "state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _save_checkpoint(
+    accelerator, model, optimizer, scheduler, step: int, folder: Path, keep: int, extra: dict
+) -> None:
+    """All ranks write their RNG state, rank 0 the rest, then rank 0 renames it into place."""
+    from safetensors.torch import save_file
+
+    checkpoints = folder / "checkpoints"
+    tmp = checkpoints / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_file(
+            {k: v.contiguous() for k, v in trainable_state(unwrapped).items()},
+            str(tmp / "trainable.safetensors"),
+        )
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(
+            tmp / "state.json", {"step": step, "world_size": accelerator.num_processes, **extra}
+        )
+        final = checkpoints / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(
+            (p for p in checkpoints.glob("step-*") if (p / "state.json").exists()),
+            key=lambda p: int(p.name.split("-")[1]),
+        )
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((checkpoint / "state.json").read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise LowlmError(
+            f"{checkpoint} was written by {state['world_size']} processes, this run has "
+            f"{accelerator.num_processes}; resume with the same number of processes."
+        )
+    unwrapped = accelerator.unwrap_model(model)
+    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    params = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    rng = torch.load(checkpoint / f"rng-{accelerator.process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def _collate(examples: Sequence[dict], device) -> dict[str, torch.Tensor]:
+    return {
+        key: torch.as_tensor(np.stack([e[key] for e in examples]), device=device)
+        for key in examples[0]
+    }
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, eval_data, plan: TrainPlan) -> float | None:
+    """Mean token loss over up to max_eval_blocks held-out examples, split across ranks."""
+    n = min(len(eval_data), plan.max_eval_blocks) if eval_data is not None else 0
+    if n == 0:
+        return None
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for start in range(
+        accelerator.process_index * plan.batch_size, n, plan.batch_size * accelerator.num_processes
+    ):
+        batch = _collate(
+            [eval_data[i] for i in range(start, min(n, start + plan.batch_size))],
+            accelerator.device,
+        )
+        with accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total += torch.stack([losses, (labels != -100).sum().float()])
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def train(
+    accelerator,
+    model,
+    train_data,
+    eval_data,
+    plan: TrainPlan,
+    folder: Path,
+    resume: bool = False,
+    after_backward: Callable[[], None] | None = None,
+) -> dict:
+    """Train `model` (its trainable parameters) for plan.steps optimizer steps.
+
+    `train_data[i]` returns {"input_ids", "labels"} arrays of equal length. Writes
+    checkpoints and log.jsonl into `folder`; returns the final metrics.
+    """
+    from tqdm.auto import tqdm
+
+    if len(train_data) == 0:
+        raise LowlmError("there is no training example; add text or lower the block size.")
+    folder.mkdir(parents=True, exist_ok=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise LowlmError("the stage has no trainable parameter; check its configuration.")
+    for param in trainable:  # trainable weights stay fp32 whatever the model's dtype
+        param.data = param.data.float()
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, plan.weight_decay), lr=plan.lr, betas=(0.9, 0.95), eps=1e-8
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, plan))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    start_step = 0
+    checkpoint = latest_checkpoint(folder) if resume else None
+    if resume and checkpoint is None:
+        accelerator.print(f"no checkpoint in {folder / 'checkpoints'}; starting from step 0.")
+    if checkpoint is not None:
+        start_step = _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint)["step"]
+        accelerator.print(f"resuming from {checkpoint} at step {start_step}.")
+    elif accelerator.is_main_process:
+        (folder / "log.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+
+    world = accelerator.num_processes
+    global_batch = plan.batch_size * plan.grad_accum * world
+    order = _Order(len(train_data), plan.seed)
+    block = len(train_data[0]["input_ids"])
+    unwrapped = accelerator.unwrap_model(model)
+    n_params = sum(p.numel() for p in unwrapped.parameters())
+    flops_per_token = (4 if plan.frozen_base else 6) * n_params
+    peak = _peak_flops(accelerator.device, plan.peak_tflops) * world
+    log_path = folder / "log.jsonl"
+
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    last = {}
+    progress = tqdm(
+        total=plan.steps,
+        initial=start_step,
+        disable=not accelerator.is_main_process,
+        desc=folder.name.strip(".").removesuffix(".train"),
+        dynamic_ncols=True,
+    )
+    for step in range(start_step, plan.steps):
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(plan.grad_accum):
+            first = (
+                step * global_batch + (micro * world + accelerator.process_index) * plan.batch_size
+            )
+            batch = _collate(
+                [train_data[order(first + b)] for b in range(plan.batch_size)], accelerator.device
+            )
+            # Gradients are all-reduced only on the last micro-step of an optimizer step.
+            last_micro = micro == plan.grad_accum - 1
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                _stop_if_not_finite(accelerator, loss, step, folder)
+                accelerator.backward(loss / plan.grad_accum)
+            step_loss += loss.detach() / plan.grad_accum
+        if after_backward is not None:
+            after_backward()
+        grad_norm = accelerator.clip_grad_norm_(trainable, plan.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        window_loss += accelerator.reduce(step_loss, "mean").item()
+        window_tokens += global_batch * block
+        progress.update(1)
+
+        if done % plan.log_every == 0 or done == plan.steps:
+            seconds = time.perf_counter() - window_start
+            steps_in_window = done - (last.get("step", start_step))
+            tokens_per_s = window_tokens / seconds
+            last = {
+                "step": done,
+                "loss": window_loss / steps_in_window,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens_per_s,
+                "mfu": flops_per_token * tokens_per_s / peak,
+            }
+            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            if done % plan.eval_every == 0 or done == plan.steps:
+                eval_loss = evaluate(accelerator, model, eval_data, plan)
+                if eval_loss is not None:
+                    last.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+            if accelerator.is_main_process:
+                with log_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(last) + "\n")
+                progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                progress.write(
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in last.items()
+                    )
+                )
+        elif done % plan.eval_every == 0:
+            eval_loss = evaluate(accelerator, model, eval_data, plan)
+            if eval_loss is not None and accelerator.is_main_process:
+                with log_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": done, "eval_loss": eval_loss}) + "\n")
+        if done % plan.save_every == 0 and done < plan.steps:
+            _save_checkpoint(
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                done,
+                folder,
+                plan.keep_checkpoints,
+                {"loss": last.get("loss")},
+            )
+    progress.close()
+    if start_step >= plan.steps and accelerator.is_main_process:
+        accelerator.print(f"{folder.name}: already at step {plan.steps}.")
+    final = {k: v for k, v in last.items() if k != "step"}
+    final["steps"] = plan.steps
+    final["tokens"] = plan.steps * global_batch * block
+    final["world_size"] = world
+    return final
+
+
+def _stop_if_not_finite(accelerator, loss: torch.Tensor, step: int, folder: Path) -> None:
+    """Every rank stops together, naming the step and the checkpoint that is still good."""
+    finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")
+    if finite.item() < 1:
+        saved = latest_checkpoint(folder)
+        kept = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
+        raise LowlmError(
+            f"the loss became non-finite at step {step + 1}; {kept}. Lower the learning rate, "
+            "use bf16 or fp32 instead of fp16, or check the data."
+        )
