@@ -80,3 +80,72 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+def _save_tiny_llama(folder: Path, sp_model: Path, tied: bool) -> Path:
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    tokenizer = LlamaTokenizer.from_pretrained(str(sp_model))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    shutil.copyfile(sp_model, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, sp_base) -> Path:
+    """A tiny tied Llama over the English SentencePiece base: the 'base model' of the tests."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-base"), sp_base, tied=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_untied(tmp_path_factory, sp_base) -> Path:
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-base-untied"), sp_base, tied=False)
+
+
+def pipeline_config(base: Path | None, **sections) -> dict:
+    """A fast pipeline config: a small zh-TW merge and tiny training settings."""
+    config = {
+        "model": {"base": str(base)} if base else {},
+        "tokenize": {
+            "corpus": [str(DEMO / "zh-tw.txt")],
+            "vocab_size": 1500,
+            "holdout_lines": 20,
+            "merge": base is not None,
+        },
+        "pretrain": {
+            "block_size": 32,
+            "batch_size": 2,
+            "warmup_steps": 2,
+            "log_every": 2,
+            "eval_every": 4,
+            "save_every": 4,
+            "eval_fraction": 0.02,
+            "max_eval_blocks": 4,
+            "energy": {"enabled": False},
+        },
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(config[section].get(key), dict):
+                config[section][key].update(value)
+            else:
+                config[section][key] = value
+    return config

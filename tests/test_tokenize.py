@@ -70,7 +70,9 @@ def test_fast_tokenizer_matches_sentencepiece_on_every_target_line(sp_merged, zh
     processor = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     merged = AutoTokenizer.from_pretrained(out)
     fast_ids = merged(zh_lines, add_special_tokens=False)["input_ids"]
-    mismatched = [line for line, ids in zip(zh_lines, fast_ids, strict=True) if processor.encode(line) != ids]
+    mismatched = [
+        line for line, ids in zip(zh_lines, fast_ids, strict=True) if processor.encode(line) != ids
+    ]
     assert mismatched == []
     assert report["fast_vs_sentencepiece_mismatches"] == 0
 

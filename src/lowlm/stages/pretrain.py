@@ -193,7 +193,10 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
             f"pretrain stage {stage} has 0 steps; set pretrain.{_section(stage)}.steps."
         )
     run_dir = RunDir(config)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.model.dtype))
+    # cpu=True on a machine without CUDA: otherwise accelerate ignores torchrun's ranks there.
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(config.model.dtype), cpu=not torch.cuda.is_available()
+    )
     parent = _parent(config, run_dir, stage)
     tokenizer_folder = _tokenizer_folder(run_dir, parent)
     corpus = cfg.corpus or config.tokenize.corpus

@@ -1,0 +1,346 @@
+"""resize, init, pretrain (stage 1, stage 2, full) and export on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowlm.config import InitConfig, load_config
+from lowlm.data.blocks import BlockDataset, build_cache, cache_key
+from lowlm.data.corpus import resolve_sources, source_hashes
+from lowlm.errors import LowlmError
+from lowlm.models.load import load_model, load_pretrained, load_tokenizer
+from lowlm.models.presets import llama_config
+from lowlm.stages import export, init, pretrain, resize, tokenize
+
+from .conftest import DEMO, pipeline_config
+
+
+def prepared(write_config, base, **sections):
+    """Config of a run whose tokenizer is merged and whose model is resized (or initialised)."""
+    config = load_config(write_config(**pipeline_config(base, **sections)))
+    tokenize.run(config)
+    if base is None:
+        init.run(config)
+    else:
+        resize.run(config)
+    return config
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# resize
+
+
+def test_resize_keeps_base_rows_bit_identical_and_stays_tied(write_config, tiny_base):
+    config = prepared(write_config, tiny_base)
+    base = load_pretrained(str(tiny_base))
+    resized = load_model(config.run_dir / "model-resized")
+    tokenizer = load_tokenizer(config.run_dir / "tokenizer")
+    old = base.get_input_embeddings().weight
+    new = resized.get_input_embeddings().weight
+    assert new.shape[0] % 64 == 0 and new.shape[0] >= len(tokenizer) > old.shape[0]
+    assert torch.equal(new[: old.shape[0]], old)
+    assert resized.get_output_embeddings().weight.data_ptr() == new.data_ptr()
+    for name, tensor in weights(base).items():
+        if "embed" not in name and "lm_head" not in name:
+            assert torch.equal(tensor, weights(resized)[name]), name
+    card = json.loads((config.run_dir / "model-resized" / "lowlm_model.json").read_text())
+    assert card["vocab_size"] == len(tokenizer)
+    assert card["new_token_ids"] == [old.shape[0], len(tokenizer)]
+    metrics = json.loads((config.run_dir / "manifest.json").read_text())["stages"]["resize"]
+    assert metrics["metrics"]["heldout_loss_per_char_resized"] > 0
+
+
+def test_subword_mean_row_is_the_mean_of_its_base_subtokens(write_config, tiny_base_untied):
+    config = prepared(write_config, tiny_base_untied)
+    base = load_pretrained(str(tiny_base_untied))
+    resized = load_model(config.run_dir / "model-resized")
+    base_tok = load_tokenizer(tiny_base_untied)
+    tokenizer = load_tokenizer(config.run_dir / "tokenizer")
+    assert resized.get_output_embeddings().weight.data_ptr() != (
+        resized.get_input_embeddings().weight.data_ptr()
+    )
+    for token_id in (len(base_tok), len(base_tok) + 7, len(tokenizer) - 1):
+        text = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
+        pieces = base_tok.encode(text, add_special_tokens=False)
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            expected = getattr(base, get)().weight[pieces].mean(dim=0)
+            torch.testing.assert_close(getattr(resized, get)().weight[token_id], expected)
+    old_rows = base.get_output_embeddings().weight.shape[0]
+    assert torch.equal(
+        resized.get_output_embeddings().weight[:old_rows], base.get_output_embeddings().weight
+    )
+
+
+@pytest.mark.parametrize("method", ["mean", "random"])
+def test_mean_and_random_initialisation(write_config, tiny_base, method):
+    config = prepared(write_config, tiny_base, resize={"init": method, "pad_to_multiple_of": None})
+    base = load_pretrained(str(tiny_base)).get_input_embeddings().weight
+    new = load_model(config.run_dir / "model-resized").get_input_embeddings().weight
+    rows = new[base.shape[0] :]
+    assert rows.shape[0] == len(load_tokenizer(config.run_dir / "tokenizer")) - base.shape[0]
+    if method == "mean":
+        torch.testing.assert_close(rows, base.mean(dim=0).expand_as(rows))
+    else:
+        assert abs(rows.std().item() - base.std().item()) < 0.2 * base.std().item()
+        assert not torch.allclose(rows[0], rows[1])
+
+
+# init
+
+
+def test_named_sizes_match_teeny_tiny_llama(sp_base):
+    from transformers import LlamaTokenizer
+
+    tokenizer = LlamaTokenizer.from_pretrained(str(sp_base))
+    small = llama_config(InitConfig(size="ttl-160m"), tokenizer)
+    large = llama_config(InitConfig(size="ttl-460m"), tokenizer)
+    assert (small.hidden_size, small.intermediate_size, small.num_hidden_layers) == (768, 3072, 12)
+    assert small.num_attention_heads == 12 and small.vocab_size == len(tokenizer)
+    assert (large.hidden_size, large.intermediate_size, large.num_hidden_layers) == (1024, 4096, 24)
+    assert large.num_attention_heads == 16
+    custom = llama_config(InitConfig(size="tiny", num_hidden_layers=3), tokenizer)
+    assert custom.num_hidden_layers == 3 and custom.hidden_size == 64
+    with pytest.raises(LowlmError, match="custom needs init.hidden_size"):
+        llama_config(InitConfig(size="custom"), tokenizer)
+
+
+def test_init_writes_a_model_for_the_runs_tokenizer(write_config):
+    config = prepared(write_config, None, init={"size": "tiny"})
+    model = load_model(config.run_dir / "model-init")
+    assert model.config.vocab_size == len(load_tokenizer(config.run_dir / "tokenizer"))
+    assert model.config.hidden_size == 64
+
+
+# the block cache
+
+
+def test_cache_key_changes_with_block_size_and_content(write_config, tmp_path):
+    config = load_config(write_config(**pipeline_config(None)))
+    tokenize.run(config)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text((DEMO / "zh-tw.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    sources = resolve_sources([str(corpus)])
+
+    def key(block_size):
+        return cache_key("tok", block_size, source_hashes(sources), config.data, 0.02, 1)
+
+    first = key(32)
+    assert key(64) != first
+    with corpus.open("a", encoding="utf-8") as handle:
+        handle.write("再加一行。\n")
+    assert key(32) != first
+    meta32 = build_cache(
+        tmp_path / "c32", config.run_dir / "tokenizer", sources, config.data, 32, 0.02, 1
+    )
+    meta64 = build_cache(
+        tmp_path / "c64", config.run_dir / "tokenizer", sources, config.data, 64, 0.02, 1
+    )
+    assert BlockDataset(tmp_path / "c32", "train")[0].shape == (32,)
+    assert meta32["train_blocks"] > meta64["train_blocks"] > 0
+
+
+def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_path, monkeypatch):
+    import lowlm.data.blocks as blocks
+
+    config = load_config(write_config(**pipeline_config(None)))
+    tokenize.run(config)
+    sources = resolve_sources([str(DEMO / "zh-tw.txt")])
+    monkeypatch.setattr(blocks, "SHARD_BLOCKS", 64)
+    tokenizer = config.run_dir / "tokenizer"
+    build_cache(tmp_path / "whole", tokenizer, sources, config.data, 32, 0.02, 1)
+
+    real_save = blocks._save_progress
+    calls = {"n": 0}
+
+    def crash_after_two(*args):
+        real_save(*args)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(blocks, "_save_progress", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 0.02, 1)
+    assert (tmp_path / "resumed" / "progress.json").exists()
+    assert not (tmp_path / "resumed" / "meta.json").exists()
+    monkeypatch.setattr(blocks, "_save_progress", real_save)
+    build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 0.02, 1)
+    for split in ("train", "eval"):
+        whole, resumed = (
+            BlockDataset(tmp_path / "whole", split),
+            BlockDataset(tmp_path / "resumed", split),
+        )
+        assert len(whole) == len(resumed) > 0
+        assert all((whole[i] == resumed[i]).all() for i in range(len(whole)))
+
+
+# pretrain
+
+
+def test_stage1_trains_only_the_new_embedding_rows_when_asked(write_config, tiny_base_untied):
+    config = prepared(
+        write_config,
+        tiny_base_untied,
+        pretrain={"stage1": {"steps": 4, "lr": 1e-2, "new_rows_only": True}},
+    )
+    pretrain.run(config, stage="1")
+    before = load_model(config.run_dir / "model-resized")
+    after = load_model(config.run_dir / "pretrain-stage1")
+    first_new = len(load_tokenizer(tiny_base_untied))
+    changed = {k for k, v in weights(after).items() if not torch.equal(v, weights(before)[k])}
+    assert changed == {"model.embed_tokens.weight", "lm_head.weight"}
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        old, new = getattr(before, get)().weight, getattr(after, get)().weight
+        assert torch.equal(old[:first_new], new[:first_new])
+        assert not torch.equal(old[first_new:], new[first_new:])
+    assert (config.run_dir / "pretrain-stage1" / "embeddings.safetensors").exists()
+
+
+def test_stage1_trains_all_rows_by_default(write_config, tiny_base):
+    config = prepared(write_config, tiny_base, pretrain={"stage1": {"steps": 3, "lr": 1e-2}})
+    pretrain.run(config, stage="1")
+    before = load_model(config.run_dir / "model-resized").get_input_embeddings().weight
+    after = load_model(config.run_dir / "pretrain-stage1").get_input_embeddings().weight
+    assert not torch.equal(before[:100], after[:100])
+
+
+def test_stage2_trains_only_lora_and_new_rows_and_exports_faithfully(write_config, tiny_base):
+    config = prepared(
+        write_config,
+        tiny_base,
+        pretrain={
+            "stage1": {"steps": 2},
+            "stage2": {
+                "steps": 4,
+                "lr": 1e-2,
+                "train_embeddings": "new",
+                "lora": {"r": 4, "alpha": 8},
+            },
+        },
+    )
+    pretrain.run(config)
+    adapter = config.run_dir / "pretrain-stage2"
+    assert (adapter / "adapter_model.safetensors").exists()
+    card = json.loads((adapter / "lowlm_model.json").read_text())
+    assert card["kind"] == "adapter" and card["parent"] == "../pretrain-stage1"
+    names = set(load_file(str(adapter / "adapter_model.safetensors")))
+    assert names and all("lora_" in n or "trainable_tokens" in n for n in names)
+
+    metrics = export.run(config)
+    assert metrics["max_logit_diff"] < 1e-4
+    stage1 = load_model(config.run_dir / "pretrain-stage1")
+    merged = load_model(config.run_dir / "export")
+    first_new = len(load_tokenizer(tiny_base))
+    before, after = weights(stage1), weights(merged)
+    assert torch.equal(
+        before["model.embed_tokens.weight"][:first_new],
+        after["model.embed_tokens.weight"][:first_new],
+    )
+    assert not torch.equal(
+        before["model.embed_tokens.weight"][first_new:],
+        after["model.embed_tokens.weight"][first_new:],
+    )
+    for name in before:
+        untouched = "mlp" in name or "norm" in name
+        assert torch.equal(before[name], after[name]) == untouched or "embed" in name, name
+    assert (config.run_dir / "export" / "model.safetensors").exists()
+    assert (config.run_dir / "export" / "tokenizer.json").exists()
+
+
+def test_full_training_from_scratch_lowers_the_loss(write_config):
+    config = prepared(
+        write_config, None, init={"size": "tiny"}, pretrain={"full": {"steps": 12, "lr": 3e-3}}
+    )
+    metrics = pretrain.run(config)["full"]
+    log = [json.loads(line) for line in (config.run_dir / "pretrain-full" / "log.jsonl").open()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu"} <= set(log[0])
+    assert "eval_loss" in metrics and metrics["tokens"] == 12 * 2 * 32
+    record = json.loads((config.run_dir / "manifest.json").read_text())["stages"]["pretrain-full"]
+    assert record["status"] == "done" and record["energy"]["measured"] is False
+
+
+def test_energy_is_recorded_with_its_method(write_config):
+    config = prepared(
+        write_config,
+        None,
+        init={"size": "tiny"},
+        pretrain={"full": {"steps": 2}, "energy": {"enabled": True}},
+    )
+    pretrain.run(config)
+    energy = json.loads((config.run_dir / "manifest.json").read_text())["stages"]["pretrain-full"][
+        "energy"
+    ]
+    if energy["measured"]:
+        assert energy["kwh"] > 0 and energy["kg_co2"] > 0 and "cpu" in energy["method"]
+    else:
+        assert energy["reason"]
+
+
+def test_non_finite_loss_stops_naming_the_step(write_config):
+    config = prepared(write_config, None, init={"size": "tiny"}, pretrain={"full": {"steps": 4}})
+    path = config.run_dir / "model-init" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(LowlmError, match="non-finite at step 1; no checkpoint"):
+        pretrain.run(config)
+    record = json.loads((config.run_dir / "manifest.json").read_text())["stages"]["pretrain-full"]
+    assert record["status"] == "failed" and not (config.run_dir / "pretrain-full").exists()
+
+
+# bad input
+
+
+def test_resize_before_tokenize_is_a_clear_error(write_config, tiny_base):
+    config = load_config(write_config(**pipeline_config(tiny_base)))
+    with pytest.raises(LowlmError, match="run `lowlm tokenize` first"):
+        resize.run(config)
+
+
+def test_pretrain_before_resize_is_a_clear_error(write_config, tiny_base):
+    config = load_config(
+        write_config(**pipeline_config(tiny_base, pretrain={"stage1": {"steps": 1}}))
+    )
+    tokenize.run(config)
+    with pytest.raises(LowlmError, match="run `lowlm resize`"):
+        pretrain.run(config)
+
+
+def test_missing_base_model_is_a_clear_error(write_config, tmp_path):
+    config = load_config(write_config(**pipeline_config(tmp_path / "nowhere")))
+    with pytest.raises(LowlmError, match="does not exist"):
+        tokenize.run(config)
+
+
+def test_adapter_on_a_model_of_another_vocabulary_is_refused(write_config, tiny_base):
+    config = prepared(
+        write_config, tiny_base, pretrain={"stage2": {"steps": 1, "lora": {"r": 2, "alpha": 4}}}
+    )
+    pretrain.run(config)
+    card_path = config.run_dir / "model-resized" / "lowlm_model.json"
+    card = json.loads(card_path.read_text())
+    card.update(vocab_size=49953, tokenizer_hash="0" * 64)
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(LowlmError, match=r"tokenizer of \d+ tokens .* but .* has 49953 tokens"):
+        export.run(config)
+    assert not (config.run_dir / "export").exists()
+
+
+def test_export_refuses_a_swapped_tokenizer(write_config, tiny_base):
+    config = prepared(
+        write_config, tiny_base, pretrain={"stage2": {"steps": 1, "lora": {"r": 2, "alpha": 4}}}
+    )
+    pretrain.run(config)
+    adapter = config.run_dir / "pretrain-stage2"
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        (adapter / name).write_bytes((tiny_base / name).read_bytes())
+    with pytest.raises(LowlmError, match="is not the one the model was saved with"):
+        export.run(config)
