@@ -55,3 +55,53 @@ def test_bad_input_exits_with_one_readable_line(write_config, tmp_path):
     assert result.exit_code == 1
     assert "missing.txt' does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def test_run_command_goes_from_corpus_to_exported_model(write_config, tiny_base, tmp_path):
+    from .conftest import pipeline_config
+
+    path = write_config(
+        **pipeline_config(
+            tiny_base,
+            pretrain={"stage1": {"steps": 2}, "stage2": {"steps": 2, "lora": {"r": 2, "alpha": 4}}},
+        )
+    )
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "t"
+    for folder in ("tokenizer", "model-resized", "pretrain-stage1", "pretrain-stage2", "export"):
+        assert (run_dir / folder / "lowlm_model.json").exists() or folder == "tokenizer"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [s for s, r in manifest["stages"].items() if r["status"] == "done"] == [
+        "tokenize",
+        "resize",
+        "pretrain-stage1",
+        "pretrain-stage2",
+        "export",
+    ]
+    again = runner.invoke(app, ["run", str(path)])
+    assert again.exit_code == 0 and again.stdout.count("already done") == 5
+
+
+def test_separate_commands_tokenize_init_pretrain_export(write_config, tmp_path):
+    from .conftest import pipeline_config
+
+    path = write_config(
+        **pipeline_config(None, init={"size": "tiny"}, pretrain={"full": {"steps": 2}})
+    )
+    for command in (["tokenize"], ["init"], ["pretrain", "--stage", "full"], ["export"]):
+        result = runner.invoke(app, [*command, str(path)])
+        assert result.exit_code == 0, (command, result.output)
+    assert (tmp_path / "runs" / "t" / "export" / "model.safetensors").exists()
+    result = runner.invoke(app, ["pretrain", str(path), "--stage", "3"])
+    assert result.exit_code == 1 and "unknown pretrain stage '3'" in result.output
+
+
+def test_resize_command(write_config, tiny_base, tmp_path):
+    from .conftest import pipeline_config
+
+    path = write_config(**pipeline_config(tiny_base))
+    assert runner.invoke(app, ["tokenize", str(path)]).exit_code == 0
+    result = runner.invoke(app, ["resize", str(path), "--set", "resize.init=mean"])
+    assert result.exit_code == 0, result.output
+    assert "init mean" in result.stdout

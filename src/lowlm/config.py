@@ -177,6 +177,9 @@ class PretrainConfig(Section):
     log_every: int = Field(10, ge=1, description="Log loss, lr, grad norm, tokens/s every N steps.")
     eval_fraction: float = Field(0.01, ge=0, lt=1, description="Share of documents held out.")
     max_eval_blocks: int = Field(64, ge=1, description="Most held-out blocks evaluated.")
+    eval_lines: int = Field(
+        200, ge=0, description="Held-out tokenizer lines for the final loss per character."
+    )
     num_proc: int = Field(1, ge=1, description="Worker processes that tokenise the corpus.")
     peak_tflops: float | None = Field(
         None, gt=0, description="Device peak for the MFU estimate (default: a table guess)."

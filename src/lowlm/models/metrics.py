@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+
+def heldout_lines(tokenizer_folder: Path, limit: int) -> list[str]:
+    """The first `limit` lines the tokenize stage held out of training."""
+    path = Path(tokenizer_folder) / "heldout.txt"
+    if not path.exists() or limit == 0:
+        return []
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line][:limit]
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from lowlm.models.load import (
     save_model_folder,
     tokenizer_hash,
 )
+from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.rundir import RunDir, atomic_dir, fingerprint
 from lowlm.training.energy import track_energy
 from lowlm.training.loop import TrainPlan, seed_everything, train
@@ -330,6 +331,11 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
         metrics["trainable_parameters"] = trainable
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
+            # Comparable with resize's before/after figures: did this stage help?
+            lines = heldout_lines(run_dir.folder("tokenize"), cfg.eval_lines)
+            if lines:
+                with accelerator.autocast():
+                    metrics["heldout_loss_per_char"] = loss_per_char(unwrapped, tokenizer, lines)
             kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
             with atomic_dir(folder) as out:
                 card = save_model_folder(

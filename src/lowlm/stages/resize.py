@@ -12,7 +12,7 @@ import time
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
 from lowlm.models.load import load_pretrained, load_tokenizer, resolve_load_dtype, save_model_folder
-from lowlm.models.metrics import loss_per_char
+from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.models.resize import resize_embeddings
 from lowlm.rundir import RunDir, atomic_dir, fingerprint
 from lowlm.tokenization.base import resolve_base_tokenizer, tokenizer_hash
@@ -50,7 +50,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
             config.model.trust_remote_code,
             resolve_load_dtype(config.model.dtype),
         )
-        lines = _heldout(tokenizer_folder, config.resize.eval_lines)
+        lines = heldout_lines(tokenizer_folder, config.resize.eval_lines)
         before = loss_per_char(model, base_tokenizer, lines) if lines else None
         result = resize_embeddings(
             model,
@@ -103,10 +103,3 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _heldout(tokenizer_folder, limit: int) -> list[str]:
-    path = tokenizer_folder / "heldout.txt"
-    if not path.exists() or limit == 0:
-        return []
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line][:limit]

@@ -186,7 +186,8 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
     print(format_table(report["texts"]))
     print(
         f"tokenize: {report['new_tokens']} new tokens "
-        f"({report['reachable_new_tokens']} reachable), vocabulary {report['vocab_size']}; wrote {run_dir.path / 'tokenizer'}"
+        f"({report['reachable_new_tokens']} reachable), vocabulary {report['vocab_size']}; "
+        f"wrote {run_dir.path / 'tokenizer'}"
     )
     return report
 
