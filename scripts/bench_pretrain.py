@@ -56,9 +56,13 @@ def make_model(args, vocab_size: int):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64 or 1,
-        max_position_embeddings=args.block, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64 or 1,
+        max_position_embeddings=args.block,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -69,8 +73,16 @@ def run_lowlm(args, data, vocab_size) -> tuple[float, float, float]:
     from lowlm.training.loop import TrainPlan, train
 
     model = make_model(args, vocab_size)
-    plan = TrainPlan(steps=args.steps, lr=args.lr, batch_size=args.batch, warmup_steps=2,
-                     log_every=args.steps, eval_every=10**9, save_every=10**9, seed=0)
+    plan = TrainPlan(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch,
+        warmup_steps=2,
+        log_every=args.steps,
+        eval_every=10**9,
+        save_every=10**9,
+        seed=0,
+    )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with tempfile.TemporaryDirectory() as folder, PeakRss() as memory:
         started = time.perf_counter()
@@ -94,11 +106,22 @@ def run_trainer(args, data, vocab_size) -> tuple[float, float, float]:
 
     with tempfile.TemporaryDirectory() as folder, PeakRss() as memory:
         training_args = TrainingArguments(
-            output_dir=folder, per_device_train_batch_size=args.batch, max_steps=args.steps,
-            learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=2,
-            weight_decay=0.0, max_grad_norm=1.0, adam_beta2=0.95, logging_steps=args.steps,
-            save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0,
-            use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+            output_dir=folder,
+            per_device_train_batch_size=args.batch,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=2,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            adam_beta2=0.95,
+            logging_steps=args.steps,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            seed=0,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=training_args, train_dataset=Examples())
         started = time.perf_counter()
@@ -126,31 +149,50 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     config_path = work / "config.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "run": {"name": "bench", "root": str(work)},
-        "tokenize": {"corpus": [args.corpus], "vocab_size": 4000, "merge": False},
-    }))
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "bench", "root": str(work)},
+                "tokenize": {"corpus": [args.corpus], "vocab_size": 4000, "merge": False},
+            }
+        )
+    )
     config = load_config(config_path)
     tokenize.run(config)
     cache = work / "blocks"
-    build_cache(cache, config.run_dir / "tokenizer", resolve_sources([args.corpus]), config.data,
-                args.block, 0.0, 0)
+    build_cache(
+        cache,
+        config.run_dir / "tokenizer",
+        resolve_sources([args.corpus]),
+        config.data,
+        args.block,
+        0.0,
+        0,
+    )
     data = pretrain.Blocks(BlockDataset(cache, "train"))
     vocab_size = 4000
     params = sum(p.numel() for p in make_model(args, vocab_size).parameters())
-    print(f"\nLlama {params / 1e6:.1f}M parameters, {len(data)} blocks of {args.block}, batch "
-          f"{args.batch}, {args.steps} steps, torch threads {torch.get_num_threads()}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(
+        f"\nLlama {params / 1e6:.1f}M parameters, {len(data)} blocks of {args.block}, batch "
+        f"{args.batch}, {args.steps} steps, torch threads {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
     results: dict[str, list] = {"lowlm": [], "trainer": []}
     for round_ in range(args.rounds):
         for name, runner in (("trainer", run_trainer), ("lowlm", run_lowlm)):
             tokens_per_s, loss, memory = runner(args, data, vocab_size)
             results[name].append((tokens_per_s, loss, memory))
-            print(f"round {round_ + 1} {name:<8} {tokens_per_s:9,.0f} tokens/s  final loss "
-                  f"{loss:.4f}  peak RSS growth {memory:7.1f} MB")
+            print(
+                f"round {round_ + 1} {name:<8} {tokens_per_s:9,.0f} tokens/s  final loss "
+                f"{loss:.4f}  peak RSS growth {memory:7.1f} MB"
+            )
     best = {name: max(runs, key=lambda r: r[0]) for name, runs in results.items()}
-    print(f"\nbest lowlm   {best['lowlm'][0]:9,.0f} tokens/s, peak RSS growth {best['lowlm'][2]:.1f} MB")
-    print(f"best Trainer {best['trainer'][0]:9,.0f} tokens/s, peak RSS growth {best['trainer'][2]:.1f} MB")
+    print(
+        f"\nbest lowlm   {best['lowlm'][0]:9,.0f} tokens/s, peak RSS growth {best['lowlm'][2]:.1f} MB"
+    )
+    print(
+        f"best Trainer {best['trainer'][0]:9,.0f} tokens/s, peak RSS growth {best['trainer'][2]:.1f} MB"
+    )
     print(f"ratio lowlm / Trainer: {best['lowlm'][0] / best['trainer'][0]:.3f}")
 
 

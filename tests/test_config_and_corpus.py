@@ -129,3 +129,23 @@ def test_documents_are_streamed_not_loaded(tmp_path):
     path.write_text("一\n" * 10, encoding="utf-8")
     stream = iter_documents(resolve_sources([str(path)]), DataConfig())
     assert next(stream) == "一"  # a generator: nothing more has been read into a list
+
+
+def test_hugging_face_dataset_names_are_streamed(monkeypatch):
+    import datasets
+
+    calls = {}
+
+    def fake_load_dataset(name, subset, split, streaming):
+        calls.update(name=name, subset=subset, split=split, streaming=streaming)
+        return iter([{"text": "第一"}, {"text": "第二"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert docs(["hf:someone/corpus:zh-tw"], hf_split="validation") == ["第一", "第二"]
+    assert calls == {
+        "name": "someone/corpus",
+        "subset": "zh-tw",
+        "split": "validation",
+        "streaming": True,
+    }
+    assert resolve_sources(["someone/corpus"])[0].hf_name == "someone/corpus"

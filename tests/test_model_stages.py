@@ -344,3 +344,52 @@ def test_export_refuses_a_swapped_tokenizer(write_config, tiny_base):
         (adapter / name).write_bytes((tiny_base / name).read_bytes())
     with pytest.raises(LowlmError, match="is not the one the model was saved with"):
         export.run(config)
+
+
+def test_bf16_stage2_with_gradient_checkpointing_keeps_trainable_weights_fp32(
+    write_config, tiny_base
+):
+    config = prepared(
+        write_config,
+        tiny_base,
+        model={"base": str(tiny_base), "dtype": "bf16"},
+        pretrain={
+            "gradient_checkpointing": True,
+            "stage2": {"steps": 2, "lora": {"r": 2, "alpha": 4}},
+        },
+    )
+    metrics = pretrain.run(config)["2"]
+    assert metrics["loss"] == metrics["loss"]  # finite, not NaN
+    adapter = load_file(str(config.run_dir / "pretrain-stage2" / "adapter_model.safetensors"))
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+
+
+def test_fp16_without_a_gpu_is_a_clear_error(write_config, tiny_base):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = prepared(
+        write_config,
+        tiny_base,
+        model={"base": str(tiny_base), "dtype": "fp16"},
+        pretrain={"stage2": {"steps": 1}},
+    )
+    with pytest.raises(LowlmError, match="fp16 needs a CUDA GPU"):
+        pretrain.run(config)
+
+
+def test_lora_directly_on_a_base_model_with_its_own_tokenizer(write_config, tiny_base):
+    """The Hyacinth6B path: no new vocabulary, LoRA on the base, then a merged export."""
+    config = load_config(
+        write_config(
+            **pipeline_config(
+                tiny_base,
+                pretrain={
+                    "stage2": {"steps": 2, "train_embeddings": "none", "lora": {"r": 2, "alpha": 4}}
+                },
+            )
+        )
+    )
+    pretrain.run(config)
+    card = json.loads((config.run_dir / "pretrain-stage2" / "lowlm_model.json").read_text())
+    assert card["vocab_size"] == len(load_tokenizer(tiny_base))
+    assert export.run(config)["max_logit_diff"] < 1e-4

@@ -35,6 +35,7 @@ from lowlm.models.load import (
 )
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.rundir import RunDir, atomic_dir, fingerprint
+from lowlm.tokenization.base import resolve_base_tokenizer
 from lowlm.training.energy import track_energy
 from lowlm.training.loop import TrainPlan, seed_everything, train
 
@@ -75,6 +76,11 @@ def configured_stages(config: LowlmConfig) -> list[str]:
 
 
 def _mixed_precision(dtype: str) -> str:
+    if dtype == "fp16" and not torch.cuda.is_available():
+        raise LowlmError(
+            "model.dtype fp16 needs a CUDA GPU (fp16 training scales gradients there); use bf16 "
+            "or fp32 on this machine."
+        )
     if dtype == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[dtype]
@@ -92,13 +98,19 @@ def _parent(config: LowlmConfig, run_dir: RunDir, stage: str) -> str:
     )
 
 
-def _tokenizer_folder(run_dir: RunDir, parent: str) -> Path:
+def _tokenizer_folder(config: LowlmConfig, run_dir: RunDir, parent: str) -> Path:
+    """The run's tokenizer, else the parent's, else the base's (hub ids and .gguf included)."""
     if (run_dir.folder("tokenize") / "tokenizer.json").exists():
         return run_dir.folder("tokenize")
     if (Path(parent) / "tokenizer.json").exists():
         return Path(parent)
+    if config.model.base or config.model.tokenizer:
+        base = resolve_base_tokenizer(config.model)
+        if base.folder is not None and (base.folder / "tokenizer.json").exists():
+            return base.folder
     raise LowlmError(
-        "no tokenizer found; run `lowlm tokenize` first (merge: false keeps a base's)."
+        "no tokenizer found for pre-training; run `lowlm tokenize` first, or set model.base "
+        "to a model that ships a tokenizer.json."
     )
 
 
@@ -199,7 +211,7 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
         mixed_precision=_mixed_precision(config.model.dtype), cpu=not torch.cuda.is_available()
     )
     parent = _parent(config, run_dir, stage)
-    tokenizer_folder = _tokenizer_folder(run_dir, parent)
+    tokenizer_folder = _tokenizer_folder(config, run_dir, parent)
     corpus = cfg.corpus or config.tokenize.corpus
     sources = resolve_sources(corpus)
     inputs = source_hashes(sources)
