@@ -187,12 +187,10 @@ def main() -> None:
                 f"{loss:.4f}  peak RSS growth {memory:7.1f} MB"
             )
     best = {name: max(runs, key=lambda r: r[0]) for name, runs in results.items()}
-    print(
-        f"\nbest lowlm   {best['lowlm'][0]:9,.0f} tokens/s, peak RSS growth {best['lowlm'][2]:.1f} MB"
-    )
-    print(
-        f"best Trainer {best['trainer'][0]:9,.0f} tokens/s, peak RSS growth {best['trainer'][2]:.1f} MB"
-    )
+    print()
+    for name, label in (("lowlm", "lowlm  "), ("trainer", "Trainer")):
+        tokens_per_s, _, memory = best[name]
+        print(f"best {label} {tokens_per_s:9,.0f} tokens/s, peak RSS growth {memory:.1f} MB")
     print(f"ratio lowlm / Trainer: {best['lowlm'][0] / best['trainer'][0]:.3f}")
 
 

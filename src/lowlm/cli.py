@@ -35,6 +35,14 @@ def _fail(exc: LowlmError) -> None:
     raise typer.Exit(1)
 
 
+def _call(function, config: Path, overrides: list[str] | None, **kwargs) -> None:
+    """Load the config and run a stage; bad input becomes one line on stderr and exit 1."""
+    try:
+        function(_load(config, overrides), **kwargs)
+    except LowlmError as exc:
+        _fail(exc)
+
+
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config without running anything; print it resolved."""
@@ -51,10 +59,7 @@ def tokenize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) ->
     """Train a target-language tokenizer and merge it into the base vocabulary."""
     from lowlm.stages import tokenize as stage
 
-    try:
-        stage.run(_load(config, set_), force=force)
-    except LowlmError as exc:
-        _fail(exc)
+    _call(stage.run, config, set_, force=force)
 
 
 @app.command()
@@ -62,10 +67,7 @@ def resize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> N
     """Append embedding rows for the merged tokenizer's new tokens to the base model."""
     from lowlm.stages import resize as stage
 
-    try:
-        stage.run(_load(config, set_), force=force)
-    except LowlmError as exc:
-        _fail(exc)
+    _call(stage.run, config, set_, force=force)
 
 
 @app.command()
@@ -73,10 +75,7 @@ def init(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> Non
     """Create a Llama model from scratch (init.size) for the run's tokenizer."""
     from lowlm.stages import init as stage
 
-    try:
-        stage.run(_load(config, set_), force=force)
-    except LowlmError as exc:
-        _fail(exc)
+    _call(stage.run, config, set_, force=force)
 
 
 @app.command()
@@ -94,10 +93,7 @@ def pretrain(
     """Pre-train: stage 1 (embeddings), stage 2 (LoRA + embeddings) or full; accelerate-aware."""
     from lowlm.stages import pretrain as pretrain_stage
 
-    try:
-        pretrain_stage.run(_load(config, set_), stage=stage, force=force, resume=resume)
-    except LowlmError as exc:
-        _fail(exc)
+    _call(pretrain_stage.run, config, set_, stage=stage, force=force, resume=resume)
 
 
 @app.command()
@@ -112,10 +108,7 @@ def export(
     """Merge LoRA into the weights and write a standalone HF model with its tokenizer."""
     from lowlm.stages import export as stage
 
-    try:
-        stage.run(_load(config, set_), source=source, force=force)
-    except LowlmError as exc:
-        _fail(exc)
+    _call(stage.run, config, set_, source=source, force=force)
 
 
 @app.command("run")

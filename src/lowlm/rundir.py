@@ -180,6 +180,21 @@ class RunDir:
     def write_config(self) -> None:
         atomic_write_text(self.path / "config.yaml", config_to_yaml(self.config))
 
+    def run_tokenizer(self) -> Path:
+        """The run's tokenizer folder; an error that says what to run when it is missing."""
+        folder = self.folder("tokenize")
+        if not (folder / "tokenizer.json").exists():
+            raise LowlmError(f"{folder} holds no tokenizer; run `lowlm tokenize` first.")
+        return folder
+
+    def skip_done(self, stage: str, fingerprint: str, force: bool) -> bool:
+        """True (and says so) when the stage is done with these inputs and not forced."""
+        if force or not self.is_done(stage, fingerprint):
+            return False
+        where = self.path / STAGE_FOLDERS.get(stage, stage)
+        print(f"{stage}: already done with these inputs in {where}; --force reruns it.")
+        return True
+
     def is_done(self, stage: str, fingerprint: str) -> bool:
         """True when the stage finished with these exact inputs and its outputs still exist."""
         record = self.stage_record(stage)

@@ -57,10 +57,7 @@ def run(config: LowlmConfig, source: str | None = None, force: bool = False) -> 
         raise LowlmError(f"{folder} has no lowlm_model.json; export works on models lowlm wrote.")
     inputs = {"source": str(folder), "source_hash": sha256_dir(folder)}
     key = fingerprint(config.export.model_dump(), config.model.dtype, inputs)
-    if not force and run_dir.is_done(STAGE, key):
-        print(
-            f"export: already done with these inputs in {run_dir.folder(STAGE)}; --force reruns it."
-        )
+    if run_dir.skip_done(STAGE, key, force):
         return run_dir.stage_record(STAGE)["metrics"]
 
     started = time.time()

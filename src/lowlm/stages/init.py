@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from lowlm.config import LowlmConfig
-from lowlm.errors import LowlmError
 from lowlm.models.load import load_tokenizer, save_model_folder
 from lowlm.models.presets import llama_config
 from lowlm.rundir import RunDir, atomic_dir, fingerprint
@@ -22,15 +21,10 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
     from transformers import LlamaForCausalLM
 
     run_dir = RunDir(config)
-    tokenizer_folder = run_dir.folder("tokenize")
-    if not (tokenizer_folder / "tokenizer.json").exists():
-        raise LowlmError(f"{tokenizer_folder} holds no tokenizer; run `lowlm tokenize` first.")
+    tokenizer_folder = run_dir.run_tokenizer()
     inputs = {"tokenizer": tokenizer_hash(tokenizer_folder)}
     key = fingerprint(config.init.model_dump(), config.run.seed, inputs)
-    if not force and run_dir.is_done(STAGE, key):
-        print(
-            f"init: already done with these inputs in {run_dir.folder(STAGE)}; --force reruns it."
-        )
+    if run_dir.skip_done(STAGE, key, force):
         return run_dir.stage_record(STAGE)["metrics"]
 
     with run_dir.recording(STAGE, inputs, key):

@@ -22,9 +22,7 @@ STAGE = "resize"
 
 def run(config: LowlmConfig, force: bool = False) -> dict:
     run_dir = RunDir(config)
-    tokenizer_folder = run_dir.folder("tokenize")
-    if not (tokenizer_folder / "tokenizer.json").exists():
-        raise LowlmError(f"{tokenizer_folder} holds no tokenizer; run `lowlm tokenize` first.")
+    tokenizer_folder = run_dir.run_tokenizer()
     if not config.model.base:
         raise LowlmError(
             "model.base is not set; name the model to resize (HF id, folder or .gguf)."
@@ -33,10 +31,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
     key = fingerprint(
         config.model.model_dump(), config.resize.model_dump(), config.run.seed, inputs
     )
-    if not force and run_dir.is_done(STAGE, key):
-        print(
-            f"resize: already done with these inputs in {run_dir.folder(STAGE)}; --force reruns it."
-        )
+    if run_dir.skip_done(STAGE, key, force):
         return run_dir.stage_record(STAGE)["metrics"]
 
     started = time.time()

@@ -153,8 +153,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
         )
         inputs["base_tokenizer"] = sha256_file(base_file)
     key = fingerprint(cfg.model_dump(), config.data.model_dump(), config.run.seed, inputs, STAGE)
-    if not force and run_dir.is_done(STAGE, key):
-        print(f"tokenize: already done with these inputs in {run_dir.path}; --force reruns it.")
+    if run_dir.skip_done(STAGE, key, force):
         return json.loads((run_dir.path / "tokenizer" / "report.json").read_text())
 
     started = time.time()
