@@ -156,16 +156,11 @@ class EnergyConfig(Section):
     country_iso_code: str = Field("USA", description="Grid of the machine, for kg CO2 per kWh.")
 
 
-class PretrainConfig(Section):
-    corpus: list[str] = Field(
-        default_factory=list, description="Training text (default: tokenize.corpus)."
-    )
-    block_size: int = Field(512, ge=8, description="Tokens per packed training block.")
-    batch_size: int = Field(8, ge=1, description="Blocks per device per micro-step.")
+class TrainingSection(Section):
+    """Fields every training stage shares (pretrain and sft)."""
+
+    batch_size: int = Field(8, ge=1, description="Examples per device per micro-step.")
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
-    stage1: Stage1Config = Field(default_factory=Stage1Config)
-    stage2: Stage2Config = Field(default_factory=Stage2Config)
-    full: FullConfig = Field(default_factory=FullConfig)
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps before the cosine decay.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of lr.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on embeddings).")
@@ -175,16 +170,67 @@ class PretrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per stage.")
     eval_every: int = Field(200, ge=1, description="Validation loss every N steps.")
     log_every: int = Field(10, ge=1, description="Log loss, lr, grad norm, tokens/s every N steps.")
-    eval_fraction: float = Field(0.01, ge=0, lt=1, description="Share of documents held out.")
-    max_eval_blocks: int = Field(64, ge=1, description="Most held-out blocks evaluated.")
-    eval_lines: int = Field(
-        200, ge=0, description="Held-out tokenizer lines for the final loss per character."
-    )
-    num_proc: int = Field(1, ge=1, description="Worker processes that tokenise the corpus.")
+    eval_fraction: float = Field(0.01, ge=0, lt=1, description="Share of data held out.")
+    max_eval_blocks: int = Field(64, ge=1, description="Most held-out examples evaluated.")
     peak_tflops: float | None = Field(
         None, gt=0, description="Device peak for the MFU estimate (default: a table guess)."
     )
     energy: EnergyConfig = Field(default_factory=EnergyConfig)
+
+
+class PretrainConfig(TrainingSection):
+    corpus: list[str] = Field(
+        default_factory=list, description="Training text (default: tokenize.corpus)."
+    )
+    block_size: int = Field(512, ge=8, description="Tokens per packed training block.")
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    full: FullConfig = Field(default_factory=FullConfig)
+    eval_lines: int = Field(
+        200, ge=0, description="Held-out tokenizer lines for the final loss per character."
+    )
+    num_proc: int = Field(1, ge=1, description="Worker processes that tokenise the corpus.")
+
+
+class InstructionFields(Section):
+    instruction: str = Field("instruction", description="Alpaca: the instruction field.")
+    input: str = Field("input", description="Alpaca: the optional input field.")
+    output: str = Field("output", description="Alpaca: the response field.")
+    system: str = Field("system", description="Alpaca: an optional system-message field.")
+    messages: str = Field("messages", description="Conversations: the list of messages.")
+    role: str = Field("role", description="Conversations: a message's role field.")
+    content: str = Field("content", description="Conversations: a message's text field.")
+
+
+def _sft_lora() -> LoraSection:
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return LoraSection(target_modules=targets)
+
+
+class SftConfig(TrainingSection):
+    data: list[str] = Field(
+        default_factory=list, description="JSON / JSONL files, globs, or HF dataset names."
+    )
+    hf_split: str = Field("train", description="Split used for Hugging Face dataset names.")
+    fields: InstructionFields = Field(default_factory=InstructionFields)
+    template: str = Field(
+        "alpaca",
+        description="alpaca | llama2 | chatml | tokenizer | a custom string with {user} that "
+        "ends with {assistant} ({system} optional).",
+    )
+    system: str | None = Field(None, description="System message for records without one.")
+    append_input: bool = Field(
+        False, description="Append an Alpaca input to the instruction with a newline."
+    )
+    train_on_inputs: bool = Field(False, description="Also train on prompt and user tokens.")
+    max_length: int = Field(1024, ge=8, description="Longest example in tokens.")
+    packing: bool = Field(False, description="Pack several examples into one max_length block.")
+    model: str | None = Field(
+        None, description="Model to tune (default: the run's newest model, or model.base)."
+    )
+    steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lora: LoraSection = Field(default_factory=_sft_lora)
 
 
 class ExportConfig(Section):
@@ -202,6 +248,7 @@ class LowlmConfig(Section):
     resize: ResizeConfig = Field(default_factory=ResizeConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     @property

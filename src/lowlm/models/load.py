@@ -149,6 +149,8 @@ def load_model(
 
         parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
         check_same_tokenizer(card, parent_card, folder, parent)
+        if isinstance(model, PeftModel):  # an adapter over an adapter: fold the parent in first
+            model = model.merge_and_unload()
         return PeftModel.from_pretrained(model, folder)
     raise LowlmError(f"{folder / MODEL_CARD} has unknown kind '{card['kind']}'.")
 

@@ -13,7 +13,6 @@ metrics and energy in the manifest. Run under `accelerate launch` for several pr
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,14 +29,13 @@ from lowlm.models.load import (
     load_tokenizer,
     read_card,
     resolve_load_dtype,
-    save_model_folder,
     tokenizer_hash,
 )
 from lowlm.models.metrics import heldout_lines, loss_per_char
-from lowlm.rundir import RunDir, atomic_dir, fingerprint
+from lowlm.rundir import RunDir, fingerprint
 from lowlm.tokenization.base import resolve_base_tokenizer
-from lowlm.training.energy import track_energy
-from lowlm.training.loop import TrainPlan, seed_everything, train
+from lowlm.training.loop import seed_everything
+from lowlm.training.session import apply_lora, make_accelerator, plan_from, train_and_save
 
 STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
 # Where each stage starts from, newest first.
@@ -73,17 +71,6 @@ def configured_stages(config: LowlmConfig) -> list[str]:
         )
         if steps > 0
     ]
-
-
-def _mixed_precision(dtype: str) -> str:
-    if dtype == "fp16" and not torch.cuda.is_available():
-        raise LowlmError(
-            "model.dtype fp16 needs a CUDA GPU (fp16 training scales gradients there); use bf16 "
-            "or fp32 on this machine."
-        )
-    if dtype == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[dtype]
 
 
 def _parent(config: LowlmConfig, run_dir: RunDir, stage: str) -> str:
@@ -157,8 +144,6 @@ def _prepare_stage1(model, new_ids: list[int], new_rows_only: bool):
 
 
 def _prepare_stage2(model, config: LowlmConfig, new_ids: list[int]):
-    from peft import LoraConfig, get_peft_model
-
     cfg = config.pretrain.stage2
     input_name, output_name = _embedding_module_names(model)
     extra: dict = {}
@@ -177,24 +162,11 @@ def _prepare_stage2(model, config: LowlmConfig, new_ids: list[int]):
             extra["trainable_token_indices"] = {input_name: rows}
         else:
             extra["modules_to_save"] = [input_name, output_name]
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        task_type="CAUSAL_LM",
-        **extra,
-    )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as exc:
-        raise LowlmError(f"cannot apply LoRA to this model: {exc}") from None
+    return apply_lora(model, cfg.lora, **extra)
 
 
 def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool = True) -> dict:
     """Run one pre-training stage ('1', '2' or 'full') under the current accelerate setup."""
-    from accelerate import Accelerator
-
     if stage not in STAGES:
         raise LowlmError(f"unknown pretrain stage '{stage}'; use 1, 2 or full.")
     name = STAGES[stage]
@@ -206,10 +178,7 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
             f"pretrain stage {stage} has 0 steps; set pretrain.{_section(stage)}.steps."
         )
     run_dir = RunDir(config)
-    # cpu=True on a machine without CUDA: otherwise accelerate ignores torchrun's ranks there.
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(config.model.dtype), cpu=not torch.cuda.is_available()
-    )
+    accelerator = make_accelerator(config.model.dtype)
     parent = _parent(config, run_dir, stage)
     tokenizer_folder = _tokenizer_folder(config, run_dir, parent)
     corpus = cfg.corpus or config.tokenize.corpus
@@ -301,68 +270,33 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
             model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
         elif stage == "2":
             model = _prepare_stage2(model, config, new_ids)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            model.config.use_cache = False
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        plan = TrainPlan(
-            steps=steps,
-            lr=lr,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            warmup_steps=cfg.warmup_steps,
-            min_lr_ratio=cfg.min_lr_ratio,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            log_every=cfg.log_every,
-            eval_every=cfg.eval_every,
-            save_every=cfg.save_every,
-            keep_checkpoints=cfg.keep_checkpoints,
-            max_eval_blocks=cfg.max_eval_blocks,
-            seed=config.run.seed,
-            peak_tflops=cfg.peak_tflops,
-            frozen_base=stage != "full",
-        )
-        folder = run_dir.folder(name)
-        work = folder.with_name(f".{name}.train")  # checkpoints and log while training
-        with track_energy(
-            cfg.energy.enabled and accelerator.is_main_process, cfg.energy.country_iso_code, work
-        ) as energy:
-            metrics = train(
-                accelerator,
-                model,
-                train_data,
-                eval_data,
-                plan,
-                work,
-                resume=resume,
-                after_backward=after_backward,
-            )
-        metrics["trainable_parameters"] = trainable
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
+        plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
+        lines = heldout_lines(run_dir.folder("tokenize"), cfg.eval_lines)
+
+        def heldout_loss(model) -> dict:
             # Comparable with resize's before/after figures: did this stage help?
-            lines = heldout_lines(run_dir.folder("tokenize"), cfg.eval_lines)
-            if lines:
-                with accelerator.autocast():
-                    metrics["heldout_loss_per_char"] = loss_per_char(unwrapped, tokenizer, lines)
-            kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
-            with atomic_dir(folder) as out:
-                card = save_model_folder(
-                    unwrapped,
-                    tokenizer,
-                    out,
-                    kind,
-                    parent if kind != "model" else None,
-                    new_token_ids=[new_ids[0], new_ids[-1] + 1] if new_ids else None,
-                    trained_from=parent,
-                )
-                for item in ("log.jsonl", "checkpoints"):
-                    if (work / item).exists():
-                        (work / item).rename(out / item)
-            shutil.rmtree(work, ignore_errors=True)
+            return (
+                {"heldout_loss_per_char": loss_per_char(model, tokenizer, lines)} if lines else {}
+            )
+
+        kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
+        metrics, energy, card = train_and_save(
+            accelerator,
+            model,
+            tokenizer,
+            train_data,
+            eval_data,
+            plan,
+            cfg,
+            run_dir.folder(name),
+            kind=kind,
+            parent=parent if kind != "model" else None,
+            resume=resume,
+            after_backward=after_backward,
+            final_metrics=heldout_loss,
+            new_token_ids=[new_ids[0], new_ids[-1] + 1] if new_ids else None,
+            trained_from=parent,
+        )
     if accelerator.is_main_process:
         run_dir.finish(
             name,
@@ -376,9 +310,8 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
         accelerator.print(
             f"{name}: {steps} steps, loss {metrics.get('loss', float('nan')):.4f}"
             + (f", held-out loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
-            + f"; wrote {folder}"
+            + f"; wrote {run_dir.folder(name)}"
         )
-    accelerator.wait_for_everyone()
     return metrics
 
 

@@ -212,9 +212,25 @@ def _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path)
 
 
 def _collate(examples: Sequence[dict], device) -> dict[str, torch.Tensor]:
+    """Stack examples; unequal lengths are right-padded (labels -100, attention mask 0)."""
+    length = max(len(e["input_ids"]) for e in examples)
+    if all(len(e["input_ids"]) == length for e in examples):
+        return {
+            key: torch.as_tensor(np.stack([e[key] for e in examples]), device=device)
+            for key in ("input_ids", "labels")
+        }
+    input_ids = np.zeros((len(examples), length), dtype=np.int64)
+    labels = np.full((len(examples), length), -100, dtype=np.int64)
+    attention = np.zeros((len(examples), length), dtype=np.int64)
+    for row, example in enumerate(examples):
+        size = len(example["input_ids"])
+        input_ids[row, :size] = example["input_ids"]
+        labels[row, :size] = example["labels"]
+        attention[row, :size] = 1
     return {
-        key: torch.as_tensor(np.stack([e[key] for e in examples]), device=device)
-        for key in examples[0]
+        "input_ids": torch.as_tensor(input_ids, device=device),
+        "labels": torch.as_tensor(labels, device=device),
+        "attention_mask": torch.as_tensor(attention, device=device),
     }
 
 
@@ -233,9 +249,10 @@ def evaluate(accelerator, model, eval_data, plan: TrainPlan) -> float | None:
             [eval_data[i] for i in range(start, min(n, start + plan.batch_size))],
             accelerator.device,
         )
+        labels = batch.pop("labels")
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"]).logits.float()
-        labels = batch["labels"][:, 1:]
+            logits = model(**batch).logits.float()
+        labels = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
             labels.reshape(-1),
@@ -260,7 +277,7 @@ def train(
 ) -> dict:
     """Train `model` (its trainable parameters) for plan.steps optimizer steps.
 
-    `train_data[i]` returns {"input_ids", "labels"} arrays of equal length. Writes
+    `train_data[i]` returns {"input_ids", "labels"} arrays (labels -100 where no loss). Writes
     checkpoints and log.jsonl into `folder`; returns the final metrics.
     """
     from tqdm.auto import tqdm
@@ -280,12 +297,13 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
-    start_step = 0
+    start_step, tokens_seen = 0, 0
     checkpoint = latest_checkpoint(folder) if resume else None
     if resume and checkpoint is None:
         accelerator.print(f"no checkpoint in {folder / 'checkpoints'}; starting from step 0.")
     if checkpoint is not None:
-        start_step = _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint)["step"]
+        restored = _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint)
+        start_step, tokens_seen = restored["step"], restored.get("tokens", 0)
         accelerator.print(f"resuming from {checkpoint} at step {start_step}.")
     elif accelerator.is_main_process:
         (folder / "log.jsonl").unlink(missing_ok=True)
@@ -294,7 +312,6 @@ def train(
     world = accelerator.num_processes
     global_batch = plan.batch_size * plan.grad_accum * world
     order = _Order(len(train_data), plan.seed)
-    block = len(train_data[0]["input_ids"])
     unwrapped = accelerator.unwrap_model(model)
     n_params = sum(p.numel() for p in unwrapped.parameters())
     flops_per_token = (4 if plan.frozen_base else 6) * n_params
@@ -312,6 +329,7 @@ def train(
     )
     for step in range(start_step, plan.steps):
         step_loss = torch.zeros((), device=accelerator.device)
+        step_tokens = torch.zeros((), device=accelerator.device)
         for micro in range(plan.grad_accum):
             first = (
                 step * global_batch + (micro * world + accelerator.process_index) * plan.batch_size
@@ -323,10 +341,12 @@ def train(
             last_micro = micro == plan.grad_accum - 1
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                    loss = model(**batch).loss
                 _stop_if_not_finite(accelerator, loss, step, folder)
                 accelerator.backward(loss / plan.grad_accum)
             step_loss += loss.detach() / plan.grad_accum
+            mask = batch.get("attention_mask")
+            step_tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
         if after_backward is not None:
             after_backward()
         grad_norm = accelerator.clip_grad_norm_(trainable, plan.max_grad_norm)
@@ -335,7 +355,9 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         window_loss += accelerator.reduce(step_loss, "mean").item()
-        window_tokens += global_batch * block
+        tokens = int(accelerator.reduce(step_tokens, "sum").item())
+        window_tokens += tokens
+        tokens_seen += tokens
         progress.update(1)
 
         if done % plan.log_every == 0 or done == plan.steps:
@@ -379,14 +401,14 @@ def train(
                 done,
                 folder,
                 plan.keep_checkpoints,
-                {"loss": last.get("loss")},
+                {"loss": last.get("loss"), "tokens": tokens_seen},
             )
     progress.close()
     if start_step >= plan.steps and accelerator.is_main_process:
         accelerator.print(f"{folder.name}: already at step {plan.steps}.")
     final = {k: v for k, v in last.items() if k != "step"}
     final["steps"] = plan.steps
-    final["tokens"] = plan.steps * global_batch * block
+    final["tokens"] = tokens_seen
     final["world_size"] = world
     return final
 

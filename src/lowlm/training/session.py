@@ -1,0 +1,137 @@
+"""What every training stage does around the loop: the accelerator, LoRA, the plan, energy,
+and saving the result into its run folder (with log.jsonl and checkpoints) atomically."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lowlm.config import LoraSection, TrainingSection
+from lowlm.errors import LowlmError
+from lowlm.models.load import save_model_folder
+from lowlm.rundir import atomic_dir
+from lowlm.training.energy import track_energy
+from lowlm.training.loop import TrainPlan, train
+
+
+def make_accelerator(dtype: str):
+    """bf16 / fp16 autocast from model.dtype (auto: bf16 on a GPU that has it, else fp32)."""
+    from accelerate import Accelerator
+
+    if dtype == "fp16" and not torch.cuda.is_available():
+        raise LowlmError(
+            "model.dtype fp16 needs a CUDA GPU (fp16 training scales gradients there); use bf16 "
+            "or fp32 on this machine."
+        )
+    if dtype == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        precision = "bf16" if cuda_bf16 else "no"
+    else:
+        precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[dtype]
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and str(shared.get("_mixed_precision", precision)) != precision:
+        # One process running several stages (lowlm run, tests) with different precisions:
+        # accelerate keeps its state per process, so start it afresh.
+        AcceleratorState._reset_state()
+    # cpu=True without CUDA: otherwise accelerate ignores torchrun's ranks on such a machine.
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def apply_lora(model, lora: LoraSection, **extra):
+    """Wrap the model with a fresh LoRA adapter (extra: modules_to_save, trainable tokens)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise LowlmError(f"cannot apply LoRA to this model: {exc}") from None
+
+
+def plan_from(section: TrainingSection, steps: int, lr: float, seed: int, frozen_base: bool):
+    return TrainPlan(
+        steps=steps,
+        lr=lr,
+        batch_size=section.batch_size,
+        grad_accum=section.grad_accum,
+        warmup_steps=section.warmup_steps,
+        min_lr_ratio=section.min_lr_ratio,
+        weight_decay=section.weight_decay,
+        max_grad_norm=section.max_grad_norm,
+        log_every=section.log_every,
+        eval_every=section.eval_every,
+        save_every=section.save_every,
+        keep_checkpoints=section.keep_checkpoints,
+        max_eval_blocks=section.max_eval_blocks,
+        seed=seed,
+        peak_tflops=section.peak_tflops,
+        frozen_base=frozen_base,
+    )
+
+
+def train_and_save(
+    accelerator,
+    model,
+    tokenizer,
+    train_data,
+    eval_data,
+    plan: TrainPlan,
+    section: TrainingSection,
+    folder: Path,
+    *,
+    kind: str,
+    parent: str | None,
+    resume: bool,
+    after_backward: Callable[[], None] | None = None,
+    final_metrics: Callable[[object], dict] | None = None,
+    **card: object,
+) -> tuple[dict, dict, dict | None]:
+    """Train, then (main process) write `folder`: the weights of `kind`, the tokenizer, the card,
+    log.jsonl and checkpoints. Returns (metrics, energy record, card; None off the main rank)."""
+    if section.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    work = folder.with_name(f".{folder.name}.train")  # checkpoints and log while training
+    with track_energy(
+        section.energy.enabled and accelerator.is_main_process,
+        section.energy.country_iso_code,
+        work,
+    ) as energy:
+        metrics = train(
+            accelerator,
+            model,
+            train_data,
+            eval_data,
+            plan,
+            work,
+            resume=resume,
+            after_backward=after_backward,
+        )
+    metrics["trainable_parameters"] = trainable
+    saved = None
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if final_metrics is not None:
+            with accelerator.autocast():
+                metrics.update(final_metrics(unwrapped))
+        with atomic_dir(folder) as out:
+            saved = save_model_folder(unwrapped, tokenizer, out, kind, parent, **card)
+            for item in ("log.jsonl", "checkpoints"):
+                if (work / item).exists():
+                    (work / item).rename(out / item)
+        shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return metrics, energy, saved
