@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 ASSETS = Path.home() / ".cache" / "lowlm-assets"
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -88,7 +89,7 @@ def _save_tiny_llama(folder: Path, sp_model: Path, tied: bool) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    tokenizer = LlamaTokenizer.from_pretrained(str(sp_model))
+    tokenizer = LlamaTokenizer.from_pretrained(str(sp_model), add_bos_token=True)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

@@ -98,7 +98,7 @@ def test_mean_and_random_initialisation(write_config, tiny_base, method):
 def test_named_sizes_match_teeny_tiny_llama(sp_base):
     from transformers import LlamaTokenizer
 
-    tokenizer = LlamaTokenizer.from_pretrained(str(sp_base))
+    tokenizer = LlamaTokenizer.from_pretrained(str(sp_base), add_bos_token=True)
     small = llama_config(InitConfig(size="ttl-160m"), tokenizer)
     large = llama_config(InitConfig(size="ttl-460m"), tokenizer)
     assert (small.hidden_size, small.intermediate_size, small.num_hidden_layers) == (768, 3072, 12)

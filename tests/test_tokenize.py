@@ -39,7 +39,7 @@ def byte_merged(write_config, byte_base):
 
 def test_sentencepiece_merge_keeps_english_tokenization_identical(sp_merged, sp_base, en_lines):
     _, report, out = sp_merged
-    base = LlamaTokenizer.from_pretrained(str(sp_base))
+    base = LlamaTokenizer.from_pretrained(str(sp_base), add_bos_token=True)
     merged = AutoTokenizer.from_pretrained(out)
     assert merged.is_fast
     for line in en_lines:

@@ -111,20 +111,113 @@ def export(
     _call(stage.run, config, set_, source=source, force=force)
 
 
+@app.command()
+def sft(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
+    ] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Instruction-tune the run's newest model (or sft.model) with LoRA."""
+    from lowlm.stages import sft as stage
+
+    _call(stage.run, config, set_, force=force, resume=resume)
+
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Model or adapter folder (default: the run's newest).")
+]
+TemplateOpt = Annotated[
+    str | None,
+    typer.Option("--template", help="Template (default: the one the model was tuned with)."),
+]
+RawOpt = Annotated[bool, typer.Option("--raw", help="Send prompts without a template.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
+GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")]
+
+
+def _generator(config, set_, model, template, raw, max_new_tokens, temperature, top_p, greedy):
+    from lowlm.stages.generate import Generator
+
+    return Generator(
+        _load(config, set_), model, template, raw, max_new_tokens, temperature, top_p, greedy
+    )
+
+
+@app.command()
+def generate(
+    config: ConfigArg,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="A file of prompts, one per line.")
+    ] = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    template: TemplateOpt = None,
+    raw: RawOpt = False,
+    max_new_tokens: MaxNewOpt = 128,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.9,
+    greedy: GreedyOpt = False,
+) -> None:
+    """Generate from prompts with any model or adapter of the run, streaming to stdout."""
+    from lowlm.stages import generate as stage
+
+    try:
+        prompts = stage.read_prompts(prompt, file)
+        generator = _generator(
+            config, set_, model, template, raw, max_new_tokens, temperature, top_p, greedy
+        )
+        stage.generate(prompts, generator)
+    except LowlmError as exc:
+        _fail(exc)
+
+
+@app.command()
+def chat(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    template: TemplateOpt = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.9,
+    greedy: GreedyOpt = False,
+) -> None:
+    """Talk with a model of the run; the conversation is kept (/reset, /exit)."""
+    from lowlm.stages import generate as stage
+
+    try:
+        generator = _generator(
+            config, set_, model, template, False, max_new_tokens, temperature, top_p, greedy
+        )
+        stage.chat(generator)
+    except LowlmError as exc:
+        _fail(exc)
+
+
 @app.command("run")
 def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Run every configured stage in order: tokenize, init or resize, pretrain, export.
+    """Run every configured stage in order: tokenize, init or resize, pretrain, export, sft.
 
     Stages already done with the same inputs are skipped; a killed stage resumes."""
     from lowlm.stages import export as export_stage
     from lowlm.stages import init as init_stage
     from lowlm.stages import pretrain as pretrain_stage
     from lowlm.stages import resize as resize_stage
+    from lowlm.stages import sft as sft_stage
     from lowlm.stages import tokenize as tokenize_stage
 
     try:
         resolved = _load(config, set_)
-        tokenize_stage.run(resolved, force=force)
+        if resolved.tokenize.corpus:
+            tokenize_stage.run(resolved, force=force)
         if resolved.init.size:
             init_stage.run(resolved, force=force)
         elif resolved.model.base and resolved.tokenize.merge:
@@ -132,6 +225,8 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
         if pretrain_stage.configured_stages(resolved):
             pretrain_stage.run(resolved, force=force)
             export_stage.run(resolved, force=force)
+        if resolved.sft.data:
+            sft_stage.run(resolved, force=force)
     except LowlmError as exc:
         _fail(exc)
 

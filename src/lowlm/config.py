@@ -202,9 +202,21 @@ class InstructionFields(Section):
     content: str = Field("content", description="Conversations: a message's text field.")
 
 
-def _sft_lora() -> LoraSection:
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return LoraSection(target_modules=targets)
+class SftLoraSection(LoraSection):
+    """LoRA for instruction tuning: attention and MLP by default (Chinese-Alpaca, CLA2)."""
+
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="Module names that get LoRA.",
+    )
 
 
 class SftConfig(TrainingSection):
@@ -230,7 +242,11 @@ class SftConfig(TrainingSection):
     )
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    lora: LoraSection = Field(default_factory=_sft_lora)
+    lora: SftLoraSection = Field(default_factory=SftLoraSection)
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside LoRA (e.g. norm, lm_head), saved in the adapter.",
+    )
 
 
 class ExportConfig(Section):

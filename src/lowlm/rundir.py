@@ -132,6 +132,7 @@ STAGE_FOLDERS = {
     "pretrain-stage2": "pretrain-stage2",
     "pretrain-full": "pretrain-full",
     "export": "export",
+    "sft": "sft",
 }
 
 

@@ -25,6 +25,7 @@ from lowlm.errors import LowlmError
 from lowlm.rundir import atomic_write_bytes, atomic_write_json, fingerprint
 
 DOCS_PER_BATCH = 256
+CACHE_FORMAT = 2  # part of the key: a change of layout never reuses an old cache
 SHARD_BLOCKS = 4096
 
 
@@ -36,9 +37,8 @@ def cache_key(
     eval_fraction: float,
     seed: int,
 ) -> str:
-    return fingerprint(tokenizer_hash, block_size, inputs, data.model_dump(), eval_fraction, seed)[
-        :20
-    ]
+    parts = (CACHE_FORMAT, tokenizer_hash, block_size, inputs, data.model_dump(), eval_fraction)
+    return fingerprint(*parts, seed)[:20]
 
 
 def _is_eval(document: str, seed: int, eval_fraction: float) -> bool:
@@ -60,8 +60,9 @@ def _init_worker(tokenizer_folder: str, seed: int, eval_fraction: float) -> None
 
 
 def _encode(batch: list[str]) -> list[tuple[bool, list[int]]]:
-    """(held out?, token ids) for each document of a batch."""
-    ids = _worker["tokenizer"](batch, add_special_tokens=False)["input_ids"]
+    """(held out?, token ids) for each document of a batch, with BOS when the tokenizer adds it
+    (as at inference); EOS is appended by the packer."""
+    ids = _worker["tokenizer"](batch, add_special_tokens=True)["input_ids"]
     return [
         (_is_eval(doc, _worker["seed"], _worker["eval_fraction"]), row)
         for doc, row in zip(batch, ids, strict=True)
@@ -160,6 +161,8 @@ def build_cache(
         documents = progress["documents"]
         for rows in encoded:
             for held_out, row in rows:
+                if row and row[-1] == eos:  # tokenizers that add EOS themselves
+                    row = row[:-1]
                 packers["eval" if held_out else "train"].add([*row, eos])
             documents += len(rows)
             before = packers["train"].shards + packers["eval"].shards

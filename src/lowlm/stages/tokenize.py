@@ -19,7 +19,12 @@ from lowlm.config import LowlmConfig
 from lowlm.data.corpus import iter_documents, read_lines, resolve_sources, source_hashes
 from lowlm.errors import LowlmError
 from lowlm.rundir import RunDir, atomic_dir, atomic_write_json, fingerprint, sha256_file
-from lowlm.tokenization.base import BaseTokenizer, copy_config_files, resolve_base_tokenizer
+from lowlm.tokenization.base import (
+    BaseTokenizer,
+    bare_sentencepiece_options,
+    copy_config_files,
+    resolve_base_tokenizer,
+)
 from lowlm.tokenization.base import tokenizer_hash as hash_tokenizer
 from lowlm.tokenization.byte_bpe_merge import extend_byte_level_bpe
 from lowlm.tokenization.report import compare, format_table, write_chart
@@ -89,7 +94,8 @@ def _build_sentencepiece(base: BaseTokenizer, trained_model: Path, config, out: 
     (out / "tokenizer.model").write_bytes(result.proto.SerializeToString())
     copy_config_files(base.folder, out)
     tokenizer_class = type(base_hf)
-    tokenizer_class.from_pretrained(str(out)).save_pretrained(out)
+    options = bare_sentencepiece_options(base.folder)
+    tokenizer_class.from_pretrained(str(out), **options).save_pretrained(out)
     return result.proto, result.new_pieces, result.skipped
 
 
@@ -223,7 +229,8 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
         else:
             sp_proto = load_proto(trained_model)
             (out / "tokenizer.model").write_bytes(sp_proto.SerializeToString())
-            LlamaTokenizer.from_pretrained(str(out)).save_pretrained(out)
+            options = bare_sentencepiece_options(None)
+            LlamaTokenizer.from_pretrained(str(out), **options).save_pretrained(out)
             new_tokens, skipped = [], {}
 
     merged = AutoTokenizer.from_pretrained(out)

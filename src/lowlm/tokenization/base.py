@@ -35,8 +35,11 @@ class BaseTokenizer:
         if self.folder is not None and (self.folder / "tokenizer.json").exists():
             return AutoTokenizer.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         assert self.sp_model is not None
-        # A bare tokenizer.model: the concrete class keeps the leading "▁" (STACK-NOTES).
-        return LlamaTokenizer.from_pretrained(str(self.folder or self.sp_model))
+        # A bare tokenizer.model: the concrete class keeps the leading "▁" (STACK-NOTES), and
+        # BOS is added as in every SentencePiece Llama-family model (transformers 5 would not).
+        return LlamaTokenizer.from_pretrained(
+            str(self.folder or self.sp_model), **bare_sentencepiece_options(self.folder)
+        )
 
 
 def _gguf_tokenizer_folder(gguf: Path) -> Path:
@@ -104,6 +107,13 @@ def resolve_base_tokenizer(model: ModelConfig) -> BaseTokenizer:
         f"'{spec}' holds neither tokenizer.model nor tokenizer.json; point model.tokenizer at "
         "a SentencePiece model or an HF tokenizer folder."
     )
+
+
+def bare_sentencepiece_options(folder: Path | None) -> dict:
+    """Options for loading a SentencePiece model that has no tokenizer_config.json beside it."""
+    if folder is not None and (Path(folder) / "tokenizer_config.json").exists():
+        return {}
+    return {"add_bos_token": True}
 
 
 def tokenizer_hash(folder: Path) -> str:

@@ -1,0 +1,110 @@
+"""Turn rendered conversations into token ids and labels (-100 where no loss), truncate, pack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowlm.data.templates import Rendered, Template
+
+IGNORE = -100
+
+
+@dataclass
+class EncodeReport:
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    trained_tokens: int = 0
+    packed_blocks: int | None = None
+
+
+def encode(rendered: Rendered, tokenizer, train_on_inputs: bool = False) -> tuple[list, list]:
+    """Tokenise the whole text once (as at inference) and label the tokens that overlap a span."""
+    encoded = tokenizer(
+        rendered.text,
+        add_special_tokens=rendered.add_special_tokens,
+        return_offsets_mapping=True,
+    )
+    ids = list(encoded["input_ids"])
+    if train_on_inputs:
+        return ids, list(ids)
+    labels = []
+    for token_id, (start, end) in zip(ids, encoded["offset_mapping"], strict=True):
+        inside = any(
+            start < span_end and end > span_start for span_start, span_end in rendered.spans
+        )
+        labels.append(token_id if inside and end > start else IGNORE)
+    return ids, labels
+
+
+def truncate(ids: list, labels: list, max_length: int) -> tuple[list, list, str]:
+    """Fit an example into max_length without losing its whole first response.
+
+    Returns (ids, labels, outcome) with outcome "kept", "truncated" or "dropped". The end is
+    cut first; if that would leave less than a quarter of max_length of the first response,
+    prompt tokens after the first one (BOS) are removed instead.
+    """
+    if len(ids) <= max_length:
+        return ids, labels, "kept"
+    trained = [i for i, label in enumerate(labels) if label != IGNORE]
+    if not trained:
+        return ids, labels, "dropped"
+    first = trained[0]
+    response_length = sum(1 for label in labels[first:] if label != IGNORE)
+    keep_response = min(response_length, max(1, max_length // 4))
+    if first + keep_response <= max_length:
+        return ids[:max_length], labels[:max_length], "truncated"
+    surplus = first + keep_response - max_length
+    if surplus >= first:  # the prompt cannot shrink enough
+        return ids, labels, "dropped"
+    ids = ids[:1] + ids[1 + surplus :]
+    labels = labels[:1] + labels[1 + surplus :]
+    return ids[:max_length], labels[:max_length], "truncated"
+
+
+def build_examples(
+    conversations: list,
+    template: Template,
+    tokenizer,
+    max_length: int,
+    train_on_inputs: bool = False,
+) -> tuple[list[dict], EncodeReport]:
+    report = EncodeReport()
+    examples = []
+    for messages in conversations:
+        ids, labels = encode(template.render(messages), tokenizer, train_on_inputs)
+        ids, labels, outcome = truncate(ids, labels, max_length)
+        if outcome == "dropped":
+            report.dropped += 1
+            continue
+        report.truncated += outcome == "truncated"
+        report.trained_tokens += sum(1 for label in labels if label != IGNORE)
+        examples.append(
+            {
+                "input_ids": np.asarray(ids, dtype=np.int64),
+                "labels": np.asarray(labels, dtype=np.int64),
+            }
+        )
+    report.examples = len(examples)
+    return examples, report
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate whole examples into blocks of at most max_length tokens, in order.
+
+    Labels stay exactly as they were: a block trains on the same tokens as its examples.
+    (Attention is not isolated between the examples of a block.)
+    """
+    blocks, ids, labels, length = [], [], [], 0
+    for example in examples:
+        if ids and length + len(example["input_ids"]) > max_length:
+            blocks.append({"input_ids": np.concatenate(ids), "labels": np.concatenate(labels)})
+            ids, labels, length = [], [], 0
+        ids.append(example["input_ids"])
+        labels.append(example["labels"])
+        length += len(example["input_ids"])
+    if ids:
+        blocks.append({"input_ids": np.concatenate(ids), "labels": np.concatenate(labels)})
+    return blocks

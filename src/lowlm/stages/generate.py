@@ -1,0 +1,165 @@
+"""`lowlm generate` and `lowlm chat`: try any model or adapter of a run.
+
+The model is `--model FOLDER` or the run's newest (sft adapter first). Prompts are wrapped
+in the template the model was tuned with (its card), or `--template`; `--raw` sends them
+as they are. Text streams to stdout as it is generated.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import TextStreamer
+
+from lowlm.config import LowlmConfig
+from lowlm.data.templates import Template
+from lowlm.errors import LowlmError
+from lowlm.models.load import load_model, load_tokenizer, read_card, resolve_load_dtype
+from lowlm.rundir import RunDir
+
+SOURCES = ["sft", "export", "pretrain-full", "pretrain-stage2", "pretrain-stage1", "resize", "init"]
+
+
+def load_for_generation(config: LowlmConfig, model_path: str | None):
+    """(model, tokenizer, template name or None) for the chosen or newest model of the run."""
+    run_dir = RunDir(config)
+    source = model_path or (str(run_dir.newest(SOURCES) or "") or config.model.base)
+    if not source:
+        raise LowlmError("there is no model to generate with; pass --model or run a stage first.")
+    folder = Path(source)
+    if folder.is_dir() and (folder / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
+    else:
+        from lowlm.tokenization.base import resolve_base_tokenizer
+
+        tokenizer = resolve_base_tokenizer(config.model).load_hf(config.model.trust_remote_code)
+    model = load_model(
+        source, config.model.trust_remote_code, resolve_load_dtype(config.model.dtype)
+    )
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    card = read_card(folder) if folder.is_dir() else None
+    return model, tokenizer, card or {}
+
+
+class Generator:
+    """Greedy or sampled generation with streaming, under the model's template."""
+
+    def __init__(
+        self,
+        config: LowlmConfig,
+        model_path: str | None,
+        template: str | None,
+        raw: bool,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        write: Callable[[str], None] | None = None,
+    ):
+        self.model, self.tokenizer, card = load_for_generation(config, model_path)
+        name = template or card.get("template")
+        self.template = (
+            None
+            if raw or not name
+            else Template(
+                name,
+                self.tokenizer,
+                card.get("system") if not template else config.sft.system,
+                bool(card.get("append_input", False)),
+            )
+        )
+        self.settings = dict(
+            max_new_tokens=max_new_tokens, do_sample=not greedy and temperature > 0
+        )
+        if self.settings["do_sample"]:
+            self.settings.update(temperature=temperature, top_p=top_p)
+        self.write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+
+    def reply(self, messages: list[dict] | None = None, text: str | None = None) -> str:
+        """Generate after a conversation (templated) or a raw text; stream and return it."""
+        if self.template is not None and messages is not None:
+            rendered = self.template.prompt(messages)
+            prompt, special = rendered.text, rendered.add_special_tokens
+        else:
+            prompt = text if text is not None else messages[-1]["content"]
+            special = True
+        encoded = self.tokenizer(prompt, add_special_tokens=special, return_tensors="pt")
+        encoded = {k: v.to(self.model.device) for k, v in encoded.items()}
+        streamer = _Streamer(self.tokenizer, self.write)
+        with torch.no_grad():
+            output = self.model.generate(
+                **encoded,
+                streamer=streamer,
+                pad_token_id=self.tokenizer.pad_token_id
+                if self.tokenizer.pad_token_id is not None
+                else self.tokenizer.eos_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **self.settings,
+            )
+        new_tokens = output[0, encoded["input_ids"].shape[1] :]
+        self.write("\n")
+        return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+class _Streamer(TextStreamer):
+    """TextStreamer that writes through a callback instead of print()."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._write = write
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self._write(text)
+
+
+def generate(prompts: list[str], generator: Generator) -> list[str]:
+    if not prompts:
+        raise LowlmError("no prompt given; pass --prompt TEXT or --file FILE.")
+    outputs = []
+    for prompt in prompts:
+        generator.write(f">>> {prompt}\n")
+        outputs.append(generator.reply([{"role": "user", "content": prompt}], text=prompt))
+    return outputs
+
+
+def read_prompts(prompts: list[str] | None, file: Path | None) -> list[str]:
+    collected = list(prompts or [])
+    if file is not None:
+        if not file.is_file():
+            raise LowlmError(f"prompt file {file} does not exist.")
+        try:
+            collected += [
+                line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+        except UnicodeDecodeError as exc:
+            raise LowlmError(f"prompt file {file} is not UTF-8 ({exc}).") from None
+    return collected
+
+
+def chat(generator: Generator, read: Callable[[str], str] = input) -> None:
+    """An interactive conversation; /reset forgets it, /exit (or end of input) leaves."""
+    messages: list[dict] = []
+    generator.write("lowlm chat: /reset starts over, /exit leaves.\n")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = []
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        generator.write("model> ")
+        answer = generator.reply(messages, text=line)
+        messages.append({"role": "assistant", "content": answer})
