@@ -19,6 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lowlm run configs/demo-base.yaml
 	$(BIN)/lowlm run configs/demo.yaml
+	$(BIN)/lowlm generate configs/demo.yaml --greedy --max-new-tokens 40 -p "什麼是試算表？"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

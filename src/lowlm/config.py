@@ -245,7 +245,7 @@ class SftConfig(TrainingSection):
     lora: SftLoraSection = Field(default_factory=SftLoraSection)
     modules_to_save: list[str] = Field(
         default_factory=list,
-        description="Modules trained in full beside LoRA (e.g. norm, lm_head), saved in the adapter.",
+        description="Modules trained in full beside LoRA (e.g. norm, lm_head).",
     )
 
 

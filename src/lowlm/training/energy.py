@@ -47,6 +47,9 @@ def track_energy(enabled: bool, country_iso_code: str, output_dir: Path) -> Iter
             log_level="error",
             save_to_file=False,
             output_dir=str(output_dir),
+            # codecarbon's machine-wide lock would otherwise drop the measurement of a second
+            # concurrent run (two stages, two users) without an error.
+            allow_multiple_runs=True,
         )
         tracker.start()
     except Exception as exc:  # codecarbon fails in many hardware-specific ways
@@ -58,7 +61,9 @@ def track_energy(enabled: bool, country_iso_code: str, output_dir: Path) -> Iter
         if tracker is not None:
             try:
                 emissions = tracker.stop()
-                data = tracker.final_emissions_data
+                data = getattr(tracker, "final_emissions_data", None)
+                if data is None:
+                    raise RuntimeError("codecarbon returned no measurement")
                 record.update(
                     measured=True,
                     kwh=data.energy_consumed,

@@ -113,7 +113,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _peak_flops(device: torch.device, configured: float | None) -> float:
+def _peak_flops(device: torch.device, configured: float | None, dtype: torch.dtype) -> float:
     if configured:
         return configured * 1e12
     if device.type == "cuda":
@@ -121,10 +121,10 @@ def _peak_flops(device: torch.device, configured: float | None) -> float:
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
-    # Measure: a few fp32 matmuls (CPU, or a GPU the table does not know).
+    # Measure: a few matmuls in the training precision (CPU, or a GPU the table does not know).
     size = 1024
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     started = time.perf_counter()
     for _ in range(4):
@@ -315,7 +315,10 @@ def train(
     unwrapped = accelerator.unwrap_model(model)
     n_params = sum(p.numel() for p in unwrapped.parameters())
     flops_per_token = (4 if plan.frozen_base else 6) * n_params
-    peak = _peak_flops(accelerator.device, plan.peak_tflops) * world
+    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        str(accelerator.mixed_precision), torch.float32
+    )
+    peak = _peak_flops(accelerator.device, plan.peak_tflops, matmul_dtype) * world
     log_path = folder / "log.jsonl"
 
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
