@@ -202,11 +202,39 @@ def chat(
         _fail(exc)
 
 
+@app.command("eval")
+def evaluate(
+    paths: Annotated[
+        list[Path], typer.Argument(help="The run's config, or with --compare two results.json.")
+    ],
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Compare two results.json side by side.")
+    ] = False,
+) -> None:
+    """Score the run's newest model (or eval.model) on MMLU, C-Eval, CMMLU, TMMLU+, mc, ppl."""
+    from lowlm.stages import eval as stage
+
+    try:
+        if compare:
+            if len(paths) != 2:
+                raise LowlmError("--compare takes two results.json files.")
+            typer.echo(stage.compare(paths[0], paths[1]), nl=False)
+            return
+        if len(paths) != 1:
+            raise LowlmError("lowlm eval takes one config (or --compare A.json B.json).")
+        stage.run(_load(paths[0], set_), force=force)
+    except LowlmError as exc:
+        _fail(exc)
+
+
 @app.command("run")
 def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Run every configured stage in order: tokenize, init or resize, pretrain, export, sft.
+    """Run every configured stage in order: tokenize, init or resize, pretrain, export, sft, eval.
 
     Stages already done with the same inputs are skipped; a killed stage resumes."""
+    from lowlm.stages import eval as eval_stage
     from lowlm.stages import export as export_stage
     from lowlm.stages import init as init_stage
     from lowlm.stages import pretrain as pretrain_stage
@@ -227,6 +255,8 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
             export_stage.run(resolved, force=force)
         if resolved.sft.data:
             sft_stage.run(resolved, force=force)
+        if resolved.eval.tasks:
+            eval_stage.run(resolved, force=force)
     except LowlmError as exc:
         _fail(exc)
 

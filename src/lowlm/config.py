@@ -256,6 +256,52 @@ class ExportConfig(Section):
     check_sequences: int = Field(4, ge=1, description="Held-out blocks compared.")
 
 
+class McFields(Section):
+    question: str = Field("question", description="mc: the question field / column.")
+    choices: list[str] = Field(
+        default_factory=lambda: ["A", "B", "C", "D"], description="mc: the option fields."
+    )
+    answer: str = Field("answer", description="mc: the gold field (a letter or a 0-based index).")
+    subject: str | None = Field(None, description="mc: an optional subject field.")
+
+
+class EvalTask(Section):
+    name: Literal["mmlu", "ceval", "cmmlu", "tmmluplus", "mc", "ppl"] = Field(
+        ..., description="The task."
+    )
+    path: str | None = Field(
+        None, description="Local release folder (mc/ppl: a file); omit for the HF dataset."
+    )
+    split: str | None = Field(None, description="Evaluated split (default: the task's).")
+    fewshot_split: str | None = Field(None, description="Few-shot split (default: the task's).")
+    shots: int = Field(0, ge=0, le=5, description="Few-shot examples, first n of the split.")
+    subjects: list[str] | None = Field(None, description="Only these subjects (default: all).")
+    limit: int | None = Field(None, ge=1, description="At most this many questions a subject.")
+    chat_template: bool = Field(
+        False, description="Wrap each prompt in the tokenizer's chat template."
+    )
+    fields: McFields = Field(default_factory=McFields)
+    description: str = Field("", description="mc: text before the questions.")
+    answer_cue: str = Field("Answer:", description="mc: the line that ends each question.")
+
+
+class EvalConfig(Section):
+    model: str | None = Field(
+        None, description="Model or adapter folder, or HF id (default: the run's newest)."
+    )
+    tasks: list[EvalTask] = Field(default_factory=list, description="Tasks to run, in order.")
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="Questions per forward pass; auto: the largest that fits (GPU)."
+    )
+    max_length: int | None = Field(
+        None, ge=16, description="Context limit in tokens (default: the model's)."
+    )
+    add_bos: bool = Field(
+        False, description="Prefix contexts with BOS (the harness does not, by default)."
+    )
+    log_samples: bool = Field(True, description="Write eval/samples-<task>.jsonl.")
+
+
 class LowlmConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -266,6 +312,7 @@ class LowlmConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:

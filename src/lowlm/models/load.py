@@ -209,3 +209,26 @@ def save_model_folder(model, tokenizer, folder: Path, kind: str, parent, **extra
     if sp_model and Path(sp_model).is_file() and not (Path(folder) / "tokenizer.model").exists():
         shutil.copyfile(sp_model, Path(folder) / "tokenizer.model")
     return write_card(folder, kind, parent, **extra)
+
+
+def load_for_inference(source: str, model_config, tokenizer_fallback=None):
+    """(model, tokenizer, card) ready to generate or score: adapters merged, on the GPU when
+    there is one (in model.dtype, bf16 by default there), in eval mode."""
+    folder = Path(source)
+    if folder.is_dir() and (folder / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(folder, model_config.trust_remote_code)
+    elif tokenizer_fallback is not None:
+        tokenizer = tokenizer_fallback()
+    else:
+        raise LowlmError(f"{source} has no tokenizer.json; set model.tokenizer.")
+    model = load_model(
+        source, model_config.trust_remote_code, resolve_load_dtype(model_config.dtype)
+    )
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    check_vocab(model, tokenizer, str(source))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    card = read_card(folder) if folder.is_dir() else None
+    return model, tokenizer, card or {}

@@ -16,8 +16,8 @@ def heldout_lines(tokenizer_folder: Path, limit: int) -> list[str]:
 
 
 @torch.no_grad()
-def loss_per_char(model, tokenizer, lines: list[str], max_tokens: int = 512) -> float:
-    """Summed next-token NLL (nats) of every text token, divided by the characters scored.
+def text_nll(model, tokenizer, lines: list[str], max_tokens: int = 512) -> tuple[float, int, int]:
+    """(summed next-token NLL in nats, characters scored, tokens scored) over the lines.
 
     Each line is scored alone after one start token (BOS, or EOS as a document separator
     when the tokenizer has no BOS), so every token of the text is predicted. A line longer
@@ -26,7 +26,7 @@ def loss_per_char(model, tokenizer, lines: list[str], max_tokens: int = 512) -> 
     model.eval()
     device = next(model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    total_nll, total_chars = 0.0, 0
+    total_nll, total_chars, total_tokens = 0.0, 0, 0
     for line in lines:
         encoded = tokenizer(
             line,
@@ -42,9 +42,13 @@ def loss_per_char(model, tokenizer, lines: list[str], max_tokens: int = 512) -> 
         total_nll += torch.nn.functional.cross_entropy(
             logits[0, :-1], ids[0, 1:], reduction="sum"
         ).item()
-        total_chars += (
-            len(line)
-            if len(encoded["input_ids"]) < max_tokens
-            else encoded["offset_mapping"][-1][1]
-        )
-    return total_nll / total_chars if total_chars else float("nan")
+        truncated = len(encoded["input_ids"]) >= max_tokens
+        total_chars += encoded["offset_mapping"][-1][1] if truncated else len(line)
+        total_tokens += len(encoded["input_ids"])
+    return total_nll, total_chars, total_tokens
+
+
+def loss_per_char(model, tokenizer, lines: list[str], max_tokens: int = 512) -> float:
+    """Summed next-token NLL (nats) of every text token, divided by the characters scored."""
+    nll, chars, _ = text_nll(model, tokenizer, lines, max_tokens)
+    return nll / chars if chars else float("nan")

@@ -17,35 +17,25 @@ from transformers import TextStreamer
 from lowlm.config import LowlmConfig
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
-from lowlm.models.load import load_model, load_tokenizer, read_card, resolve_load_dtype
+from lowlm.models.load import load_for_inference
 from lowlm.rundir import RunDir
 
 SOURCES = ["sft", "export", "pretrain-full", "pretrain-stage2", "pretrain-stage1", "resize", "init"]
 
 
 def load_for_generation(config: LowlmConfig, model_path: str | None):
-    """(model, tokenizer, template name or None) for the chosen or newest model of the run."""
+    """(model, tokenizer, card) for the chosen or newest model of the run."""
     run_dir = RunDir(config)
     source = model_path or (str(run_dir.newest(SOURCES) or "") or config.model.base)
     if not source:
         raise LowlmError("there is no model to generate with; pass --model or run a stage first.")
-    folder = Path(source)
-    if folder.is_dir() and (folder / "tokenizer.json").exists():
-        tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
-    else:
+
+    def base_tokenizer():
         from lowlm.tokenization.base import resolve_base_tokenizer
 
-        tokenizer = resolve_base_tokenizer(config.model).load_hf(config.model.trust_remote_code)
-    model = load_model(
-        source, config.model.trust_remote_code, resolve_load_dtype(config.model.dtype)
-    )
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    model.eval()
-    card = read_card(folder) if folder.is_dir() else None
-    return model, tokenizer, card or {}
+        return resolve_base_tokenizer(config.model).load_hf(config.model.trust_remote_code)
+
+    return load_for_inference(source, config.model, base_tokenizer)
 
 
 class Generator:
