@@ -45,7 +45,7 @@ def ensure_harness(venv: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "pip"), "install", "-q"]
     subprocess.run([*pip, "torch==2.13.0"], check=True)
-    subprocess.run([*pip, "lm-eval", "transformers"], check=True)
+    subprocess.run([*pip, "lm-eval[hf]", "transformers", "accelerate"], check=True)
     return lm_eval
 
 
