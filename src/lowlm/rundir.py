@@ -236,6 +236,18 @@ class RunDir:
             self.fail(stage, f"{type(exc).__name__}: {exc}")
             raise
 
+    def finish_model(self, stage: str, card: dict, metrics: dict, started: float, **extra) -> None:
+        """finish() for a stage that wrote a model folder: its tokenizer hash and vocab size."""
+        self.finish(
+            stage,
+            outputs={STAGE_FOLDERS.get(stage, stage): card["tokenizer_hash"]},
+            metrics=metrics,
+            tokenizer_hash=card["tokenizer_hash"],
+            vocab_size=card["vocab_size"],
+            seconds=round(time.time() - started, 2),
+            **extra,
+        )
+
     def fail(self, stage: str, error: str) -> None:
         manifest = self.read_manifest()
         record = manifest["stages"].setdefault(stage, {})

@@ -101,14 +101,7 @@ def run(config: LowlmConfig, source: str | None = None, force: bool = False) -> 
         "checked_sequences": len(sequences),
         "dtype": str(model.dtype).replace("torch.", ""),
     }
-    run_dir.finish(
-        STAGE,
-        outputs={"export": saved["tokenizer_hash"]},
-        metrics=metrics,
-        tokenizer_hash=saved["tokenizer_hash"],
-        vocab_size=saved["vocab_size"],
-        seconds=round(time.time() - started, 2),
-    )
+    run_dir.finish_model(STAGE, saved, metrics, started)
     print(
         f"export: {folder.name} -> {run_dir.folder(STAGE)} (merged vs adapter max |logit diff| "
         f"{max_diff:.2e} on {len(sequences)} held-out sequences)"

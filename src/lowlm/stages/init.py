@@ -6,6 +6,8 @@ lowlm_model.json).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from lowlm.config import LowlmConfig
@@ -27,6 +29,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
     if run_dir.skip_done(STAGE, key, force):
         return run_dir.stage_record(STAGE)["metrics"]
 
+    started = time.time()
     with run_dir.recording(STAGE, inputs, key):
         tokenizer = load_tokenizer(tokenizer_folder)
         llama = llama_config(config.init, tokenizer)
@@ -50,13 +53,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
         "num_hidden_layers": llama.num_hidden_layers,
         "vocab_size": llama.vocab_size,
     }
-    run_dir.finish(
-        STAGE,
-        outputs={"model-init": card["tokenizer_hash"]},
-        metrics=metrics,
-        tokenizer_hash=card["tokenizer_hash"],
-        vocab_size=card["vocab_size"],
-    )
+    run_dir.finish_model(STAGE, card, metrics, started)
     print(
         f"init: {config.init.size} Llama, {parameters / 1e6:.2f}M parameters, vocabulary "
         f"{llama.vocab_size}; wrote {run_dir.folder(STAGE)}"

@@ -298,15 +298,7 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
             trained_from=parent,
         )
     if accelerator.is_main_process:
-        run_dir.finish(
-            name,
-            outputs={name: card["tokenizer_hash"]},
-            metrics=metrics,
-            energy=energy,
-            tokenizer_hash=card["tokenizer_hash"],
-            vocab_size=card["vocab_size"],
-            seconds=round(time.time() - started, 2),
-        )
+        run_dir.finish_model(name, card, metrics, started, energy=energy)
         accelerator.print(
             f"{name}: {steps} steps, loss {metrics.get('loss', float('nan')):.4f}"
             + (f", held-out loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")

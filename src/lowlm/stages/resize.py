@@ -80,14 +80,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
                 else [len(tokenizer), len(tokenizer)],
                 init=result.init,
             )
-    run_dir.finish(
-        STAGE,
-        outputs={"model-resized": card["tokenizer_hash"]},
-        metrics=metrics,
-        tokenizer_hash=card["tokenizer_hash"],
-        vocab_size=card["vocab_size"],
-        seconds=round(time.time() - started, 2),
-    )
+    run_dir.finish_model(STAGE, card, metrics, started)
     print(
         f"resize: {result.old_rows} -> {result.new_rows} rows ({len(result.new_token_ids)} new "
         f"tokens, init {result.init}, tied {result.tied}); held-out loss per character "

@@ -158,15 +158,7 @@ def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:
             packed_blocks=encode_report.packed_blocks,
             heldout_examples=len(eval_examples),
         )
-        run_dir.finish(
-            STAGE,
-            outputs={STAGE: card["tokenizer_hash"]},
-            metrics=metrics,
-            energy=energy,
-            tokenizer_hash=card["tokenizer_hash"],
-            vocab_size=card["vocab_size"],
-            seconds=round(time.time() - started, 2),
-        )
+        run_dir.finish_model(STAGE, card, metrics, started, energy=energy)
         accelerator.print(
             f"sft: {cfg.steps} steps, loss {metrics.get('loss', float('nan')):.4f}; "
             f"wrote {run_dir.folder(STAGE)}"
