@@ -393,3 +393,16 @@ def test_lora_directly_on_a_base_model_with_its_own_tokenizer(write_config, tiny
     card = json.loads((config.run_dir / "pretrain-stage2" / "lowlm_model.json").read_text())
     assert card["vocab_size"] == len(load_tokenizer(tiny_base))
     assert export.run(config)["max_logit_diff"] < 1e-4
+
+
+def test_cache_built_by_two_workers_equals_one(write_config, tmp_path):
+    config = load_config(write_config(**pipeline_config(None)))
+    tokenize.run(config)
+    sources = resolve_sources([str(DEMO / "zh-tw.txt")])
+    tokenizer = config.run_dir / "tokenizer"
+    one = build_cache(tmp_path / "one", tokenizer, sources, config.data, 32, 0.02, 1, num_proc=1)
+    two = build_cache(tmp_path / "two", tokenizer, sources, config.data, 32, 0.02, 1, num_proc=2)
+    assert one == two
+    for split in ("train", "eval"):
+        a, b = BlockDataset(tmp_path / "one", split), BlockDataset(tmp_path / "two", split)
+        assert all((a[i] == b[i]).all() for i in range(len(a)))
