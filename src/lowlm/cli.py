@@ -274,11 +274,16 @@ def status(config: ConfigArg, set_: SetOpt = None) -> None:
     if not manifest["stages"]:
         typer.echo(f"{run_dir.path}: no stage has run yet.")
         return
-    typer.echo(f"{'stage':<12}{'status':<9}{'started':<26}{'finished':<26}metrics")
+
+    def short(value):
+        return float(f"{value:.4g}") if isinstance(value, float) else value
+
+    typer.echo(f"{'stage':<17}{'status':<9}{'started':<26}{'finished':<26}metrics")
     for name, record in manifest["stages"].items():
         metrics = record.get("metrics") or ({"error": record["error"]} if "error" in record else {})
+        metrics = {k: short(v) for k, v in metrics.items()}
         typer.echo(
-            f"{name:<12}{record.get('status', '?'):<9}{record.get('started', ''):<26}"
+            f"{name:<17}{record.get('status', '?'):<9}{record.get('started', ''):<26}"
             f"{record.get('finished', ''):<26}{json.dumps(metrics, ensure_ascii=False)}"
         )
 
