@@ -97,7 +97,9 @@ def harness_predictions(output: Path) -> dict[tuple[str, int], str]:
     predictions = {}
     for path in output.rglob("samples_lowlm_mmlu_*.jsonl"):
         subject = path.name.removeprefix("samples_lowlm_mmlu_").rsplit("_", 1)[0]
-        for line in path.read_text().splitlines():
+        for line in path.read_text().split("\n"):
+            if not line.strip():
+                continue
             sample = json.loads(line)
             lls = [float(r[0]) for r in sample["filtered_resps"]]
             predictions[(subject, int(sample["doc_id"]))] = "ABCD"[lls.index(max(lls))]
@@ -146,7 +148,9 @@ def main() -> None:
         result = ours["tasks"][f"mmlu_{shots}shot"]
         samples = work / f"lowlm-{shots}shot" / "eval" / f"samples-mmlu_{shots}shot.jsonl"
         our_predictions = {}
-        for line in samples.read_text().splitlines():
+        for line in samples.read_text().split("\n"):
+            if not line.strip():
+                continue
             sample = json.loads(line)
             our_predictions[(sample["subject"], sample["index"])] = sample["prediction"]
 
@@ -183,7 +187,9 @@ def main() -> None:
         shared = sorted(set(theirs) & set(our_predictions))
         agree = sum(theirs[k] == our_predictions[k] for k in shared)
         targets = {}
-        for line in samples.read_text().splitlines():
+        for line in samples.read_text().split("\n"):
+            if not line.strip():
+                continue
             sample = json.loads(line)
             targets[(sample["subject"], sample["index"])] = sample["target"]
         harness_acc = sum(theirs[k] == targets[k] for k in shared) / len(shared)

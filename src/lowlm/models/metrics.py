@@ -12,7 +12,7 @@ def heldout_lines(tokenizer_folder: Path, limit: int) -> list[str]:
     path = Path(tokenizer_folder) / "heldout.txt"
     if not path.exists() or limit == 0:
         return []
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line][:limit]
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line][:limit]
 
 
 @torch.no_grad()

@@ -86,7 +86,7 @@ def _mc_questions(task: EvalTask) -> dict[str, list[Question]]:
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     rows.append((number, json.loads(line)))
@@ -219,9 +219,7 @@ def run_ppl(model, tokenizer, task: EvalTask) -> dict:
         raise LowlmError(f"ppl: path {task.path!r} is not a file; point it at a text file.")
     try:
         lines = [
-            line
-            for line in Path(task.path).read_text(encoding="utf-8").splitlines()
-            if line.strip()
+            line for line in Path(task.path).read_text(encoding="utf-8").split("\n") if line.strip()
         ]
     except UnicodeDecodeError as exc:
         raise LowlmError(f"{task.path} is not UTF-8 ({exc}).") from None

@@ -32,7 +32,7 @@ CHECK_TOKENS = 128
 
 def _check_texts(run_dir: RunDir, tokenizer, count: int) -> list[list[int]]:
     path = run_dir.folder("tokenize") / "heldout.txt"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    lines = path.read_text(encoding="utf-8").split("\n") if path.exists() else []
     lines = [line for line in lines if line.strip()][:count] or ["The quick brown fox."]
     return [
         tokenizer(line, truncation=True, max_length=CHECK_TOKENS)["input_ids"] for line in lines

@@ -126,7 +126,7 @@ def read_prompts(prompts: list[str] | None, file: Path | None) -> list[str]:
             raise LowlmError(f"prompt file {file} does not exist.")
         try:
             collected += [
-                line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()
+                line for line in file.read_text(encoding="utf-8").split("\n") if line.strip()
             ]
         except UnicodeDecodeError as exc:
             raise LowlmError(f"prompt file {file} is not UTF-8 ({exc}).") from None

@@ -42,7 +42,7 @@ HOLDOUT_EVERY = 20  # about one line in 20 is held out, up to tokenize.holdout_l
 def _corpus_lines(config: LowlmConfig, sources) -> Iterator[str]:
     """Documents split into non-empty lines (SentencePiece trains on lines)."""
     for document in iter_documents(sources, config.data):
-        for line in document.splitlines():
+        for line in document.split("\n"):
             if line.strip():
                 yield line
 
