@@ -147,12 +147,13 @@ def main() -> None:
         lowlm_seconds = time.perf_counter() - started
         result = ours["tasks"][f"mmlu_{shots}shot"]
         samples = work / f"lowlm-{shots}shot" / "eval" / f"samples-mmlu_{shots}shot.jsonl"
-        our_predictions = {}
+        our_predictions, targets = {}, {}
         for line in samples.read_text().split("\n"):
             if not line.strip():
                 continue
             sample = json.loads(line)
-            our_predictions[(sample["subject"], sample["index"])] = sample["prediction"]
+            key = (sample["subject"], sample["index"])
+            our_predictions[key], targets[key] = sample["prediction"], sample["target"]
 
         output = work / f"harness-{shots}shot"
         command = [
@@ -186,12 +187,6 @@ def main() -> None:
         theirs = harness_predictions(output)
         shared = sorted(set(theirs) & set(our_predictions))
         agree = sum(theirs[k] == our_predictions[k] for k in shared)
-        targets = {}
-        for line in samples.read_text().split("\n"):
-            if not line.strip():
-                continue
-            sample = json.loads(line)
-            targets[(sample["subject"], sample["index"])] = sample["target"]
         harness_acc = sum(theirs[k] == targets[k] for k in shared) / len(shared)
         print(
             f"\n== MMLU, {shots}-shot, {len(shared)} questions "

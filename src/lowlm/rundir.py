@@ -188,12 +188,13 @@ class RunDir:
             raise LowlmError(f"{folder} holds no tokenizer; run `lowlm tokenize` first.")
         return folder
 
-    def skip_done(self, stage: str, fingerprint: str, force: bool) -> bool:
-        """True (and says so) when the stage is done with these inputs and not forced."""
+    def skip_done(self, stage: str, fingerprint: str, force: bool, say=print) -> bool:
+        """True (and says so through `say`) when the stage is done with these inputs and not
+        forced. Every rank of a multi-process run gets the same answer."""
         if force or not self.is_done(stage, fingerprint):
             return False
         where = self.path / STAGE_FOLDERS.get(stage, stage)
-        print(f"{stage}: already done with these inputs in {where}; --force reruns it.")
+        say(f"{stage}: already done with these inputs in {where}; --force reruns it.")
         return True
 
     def is_done(self, stage: str, fingerprint: str) -> bool:

@@ -211,16 +211,18 @@ def save_model_folder(model, tokenizer, folder: Path, kind: str, parent, **extra
     return write_card(folder, kind, parent, **extra)
 
 
-def load_for_inference(source: str, model_config, tokenizer_fallback=None):
+def load_for_inference(source: str, model_config):
     """(model, tokenizer, card) ready to generate or score: adapters merged, on the GPU when
-    there is one (in model.dtype, bf16 by default there), in eval mode."""
+    there is one (in model.dtype, bf16 by default there), in eval mode. The tokenizer is the
+    folder's, else the base's (model.tokenizer or model.base)."""
+    from lowlm.tokenization.base import resolve_base_tokenizer
+
     folder = Path(source)
     if folder.is_dir() and (folder / "tokenizer.json").exists():
         tokenizer = load_tokenizer(folder, model_config.trust_remote_code)
-    elif tokenizer_fallback is not None:
-        tokenizer = tokenizer_fallback()
     else:
-        raise LowlmError(f"{source} has no tokenizer.json; set model.tokenizer.")
+        base = resolve_base_tokenizer(model_config)
+        tokenizer = base.load_hf(model_config.trust_remote_code)
     model = load_model(
         source, model_config.trust_remote_code, resolve_load_dtype(model_config.dtype)
     )

@@ -63,9 +63,7 @@ def _questions(
             if path
             else (lambda s, sp: load_hub(benchmark, s, sp))
         )
-        evaluated[subject] = (
-            load(subject, split)[: task.limit] if task.limit else load(subject, split)
-        )
+        evaluated[subject] = load(subject, split)[: task.limit]
         if task.shots:
             try:
                 pools[subject] = load(subject, fewshot_split)[: task.shots]
@@ -291,13 +289,8 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
     if run_dir.skip_done(STAGE, key, force):
         return json.loads((run_dir.path / "eval" / "results.json").read_text())
 
-    def base_tokenizer():
-        from lowlm.tokenization.base import resolve_base_tokenizer
-
-        return resolve_base_tokenizer(config.model).load_hf(config.model.trust_remote_code)
-
     with run_dir.recording(STAGE, {"model": source}, key):
-        model, tokenizer, card = load_for_inference(source, config.model, base_tokenizer)
+        model, tokenizer, card = load_for_inference(source, config.model)
         max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", 2048)
         batch_size = (
             cfg.batch_size

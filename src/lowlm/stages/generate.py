@@ -29,13 +29,7 @@ def load_for_generation(config: LowlmConfig, model_path: str | None):
     source = model_path or (str(run_dir.newest(SOURCES) or "") or config.model.base)
     if not source:
         raise LowlmError("there is no model to generate with; pass --model or run a stage first.")
-
-    def base_tokenizer():
-        from lowlm.tokenization.base import resolve_base_tokenizer
-
-        return resolve_base_tokenizer(config.model).load_hf(config.model.trust_remote_code)
-
-    return load_for_inference(source, config.model, base_tokenizer)
+    return load_for_inference(source, config.model)
 
 
 class Generator:

@@ -183,7 +183,8 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
     tokenizer_folder = _tokenizer_folder(config, run_dir, parent)
     corpus = cfg.corpus or config.tokenize.corpus
     sources = resolve_sources(corpus)
-    inputs = source_hashes(sources)
+    corpus_hashes = source_hashes(sources)  # read every corpus byte once
+    inputs = dict(corpus_hashes)
     inputs["tokenizer"] = tokenizer_hash(tokenizer_folder)
     inputs["parent"] = parent
     parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
@@ -216,10 +217,7 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
         inputs,
         accelerator.num_processes,
     )
-    if not force and run_dir.is_done(name, key):
-        accelerator.print(
-            f"{name}: already done with these inputs in {run_dir.folder(name)}; --force reruns it."
-        )
+    if run_dir.skip_done(name, key, force, say=accelerator.print):
         return run_dir.stage_record(name)["metrics"]
 
     record = run_dir.stage_record(name) or {}
@@ -231,7 +229,7 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
         corpus_key = cache_key(
             inputs["tokenizer"],
             cfg.block_size,
-            source_hashes(sources),
+            corpus_hashes,
             config.data,
             cfg.eval_fraction,
             config.run.seed,

@@ -90,10 +90,7 @@ def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:
         inputs,
         accelerator.num_processes,
     )
-    if not force and run_dir.is_done(STAGE, key):  # every rank decides alike
-        accelerator.print(
-            f"sft: already done with these inputs in {run_dir.folder(STAGE)}; --force reruns it."
-        )
+    if run_dir.skip_done(STAGE, key, force, say=accelerator.print):
         return run_dir.stage_record(STAGE)["metrics"]
     record = run_dir.stage_record(STAGE) or {}
     resume = resume and not force and record.get("fingerprint") == key

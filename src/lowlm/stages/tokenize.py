@@ -247,19 +247,12 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
     for label, path in cfg.eval_texts.items():
         texts[label] = read_lines(path, config.data)
     report["texts"] = {label: compare(base_hf, merged, lines) for label, lines in texts.items()}
-    report["roundtrip_failures"] = (
-        sum(
-            merged.decode(ids) != line
-            for line, ids in zip(
-                held_out, merged(held_out, add_special_tokens=False)["input_ids"], strict=True
-            )
-        )
-        if held_out
-        else 0
+    fast_ids = merged(held_out, add_special_tokens=False)["input_ids"] if held_out else []
+    report["roundtrip_failures"] = sum(
+        merged.decode(ids) != line for line, ids in zip(held_out, fast_ids, strict=True)
     )
     if sp_proto is not None and held_out:
         processor = sentencepiece_processor(sp_proto)
-        fast_ids = merged(held_out, add_special_tokens=False)["input_ids"]
         report["fast_vs_sentencepiece_mismatches"] = sum(
             processor.encode(line) != ids for line, ids in zip(held_out, fast_ids, strict=True)
         )
