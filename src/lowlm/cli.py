@@ -229,62 +229,68 @@ def evaluate(
         _fail(exc)
 
 
+def _runner(name: str):
+    """The function that runs stage `name` (the order and parents live in lowlm.graph)."""
+    from importlib import import_module
+
+    if name.startswith("pretrain-"):
+        from lowlm.stages import pretrain
+
+        stage = {"pretrain-stage1": "1", "pretrain-stage2": "2", "pretrain-full": "full"}[name]
+        return lambda config, force: pretrain.run_stage(config, stage, force=force)
+    return import_module(f"lowlm.stages.{name}").run
+
+
 @app.command("run")
 def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Run every configured stage in order: tokenize, init or resize, pretrain, export, sft, eval.
+    """Run every stage the config asks for, in the graph's order, rebuilding what is stale.
 
-    Stages already done with the same inputs are skipped; a killed stage resumes."""
-    from lowlm.stages import eval as eval_stage
-    from lowlm.stages import export as export_stage
-    from lowlm.stages import init as init_stage
-    from lowlm.stages import pretrain as pretrain_stage
-    from lowlm.stages import resize as resize_stage
-    from lowlm.stages import sft as sft_stage
-    from lowlm.stages import tokenize as tokenize_stage
+    Stages done with the same inputs are skipped; a killed stage resumes."""
+    from lowlm.graph import Graph
 
     try:
         resolved = _load(config, set_)
-        if resolved.tokenize.corpus:
-            tokenize_stage.run(resolved, force=force)
-        if resolved.init.size:
-            init_stage.run(resolved, force=force)
-        elif resolved.model.base and resolved.tokenize.merge:
-            resize_stage.run(resolved, force=force)
-        if pretrain_stage.configured_stages(resolved):
-            pretrain_stage.run(resolved, force=force)
-            export_stage.run(resolved, force=force)
-        if resolved.sft.data:
-            sft_stage.run(resolved, force=force)
-        if resolved.eval.tasks:
-            eval_stage.run(resolved, force=force)
+        for name in Graph(resolved).enabled():
+            _runner(name)(resolved, force=force)
     except LowlmError as exc:
         _fail(exc)
 
 
 @app.command()
 def status(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Print the run's manifest as a table."""
-    from lowlm.rundir import RunDir
+    """Show each stage as done, stale (and which input changed), running, interrupted, failed
+    or not run."""
+    from lowlm.graph import ORDER, Graph
 
     try:
-        run_dir = RunDir(_load(config, set_))
-        manifest = run_dir.read_manifest()
+        graph = Graph(_load(config, set_))
+        recorded = graph.manifest()
     except LowlmError as exc:
         _fail(exc)
-    if not manifest["stages"]:
-        typer.echo(f"{run_dir.path}: no stage has run yet.")
+    names = [n for n in ORDER if n in graph.enabled() or n in recorded]
+    if not names:
+        typer.echo(f"{graph.run_dir.path}: no stage is configured or has run.")
         return
 
     def short(value):
         return float(f"{value:.4g}") if isinstance(value, float) else value
 
-    typer.echo(f"{'stage':<17}{'status':<9}{'started':<26}{'finished':<26}metrics")
-    for name, record in manifest["stages"].items():
-        metrics = record.get("metrics") or ({"error": record["error"]} if "error" in record else {})
-        metrics = {k: short(v) for k, v in metrics.items()}
+    typer.echo(f"{'stage':<17}{'status':<13}{'finished':<26}details")
+    for name in names:
+        state = graph.state(name)
+        record = state.record
+        if state.status == "done":
+            detail = json.dumps(
+                {k: short(v) for k, v in (record.get("metrics") or {}).items()},
+                ensure_ascii=False,
+            )
+        else:
+            detail = state.reason
+        if name not in graph.enabled():
+            detail = f"(not in this config) {detail}"
         typer.echo(
-            f"{name:<17}{record.get('status', '?'):<9}{record.get('started', ''):<26}"
-            f"{record.get('finished', ''):<26}{json.dumps(metrics, ensure_ascii=False)}"
+            f"{name:<17}{state.status:<13}{record.get('finished', '') if record else '':<26}"
+            f"{detail}"
         )
 
 

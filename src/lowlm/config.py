@@ -53,6 +53,13 @@ class DataConfig(Section):
     invalid_utf8: Literal["error", "replace"] = Field(
         "error", description="On invalid UTF-8: stop with file and byte offset, or replace."
     )
+    heldout_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Share of corpus documents held out of every training stage (chosen by a "
+        "hash of run.seed and the text); held-out figures are measured on them.",
+    )
 
 
 class TokenizeConfig(Section):
@@ -87,7 +94,10 @@ class TokenizeConfig(Section):
         default_factory=list, description="Pieces always kept whole."
     )
     holdout_lines: int = Field(
-        500, ge=0, description="Corpus lines held out of training for the report."
+        500,
+        ge=0,
+        description="Lines of held-out documents written to tokenizer/heldout.txt, the text "
+        "every held-out figure is measured on.",
     )
     min_frequency: int = Field(
         2, ge=1, description="Byte-level bases: least count for a new merge."
@@ -165,12 +175,17 @@ class TrainingSection(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of lr.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on embeddings).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_skipped_steps: int = Field(
+        5,
+        ge=1,
+        description="Steps in a row whose loss or gradient norm is not finite (each skipped, "
+        "weights and optimizer untouched) before the stage stops.",
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     save_every: int = Field(500, ge=1, description="Checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per stage.")
     eval_every: int = Field(200, ge=1, description="Validation loss every N steps.")
     log_every: int = Field(10, ge=1, description="Log loss, lr, grad norm, tokens/s every N steps.")
-    eval_fraction: float = Field(0.01, ge=0, lt=1, description="Share of data held out.")
     max_eval_blocks: int = Field(64, ge=1, description="Most held-out examples evaluated.")
     peak_tflops: float | None = Field(
         None, gt=0, description="Device peak for the MFU estimate (default: a table guess)."
@@ -220,6 +235,9 @@ class SftLoraSection(LoraSection):
 
 
 class SftConfig(TrainingSection):
+    eval_fraction: float = Field(
+        0.01, ge=0, lt=1, description="Share of instruction examples kept for validation loss."
+    )
     data: list[str] = Field(
         default_factory=list, description="JSON / JSONL files, globs, or HF dataset names."
     )

@@ -30,6 +30,18 @@ TRACKED_PACKAGES = (
 )
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _readable(path: Path | str, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 whatever the umask; give artifacts the usual modes
+    (0644 / 0755 under umask 022) so other users of a shared box can read a run."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old content or the new, never a half."""
     path = Path(path)
@@ -40,6 +52,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _readable(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -55,23 +68,47 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: Path) -> None:
+    """Finish or undo a replacement that a kill interrupted (see atomic_dir).
+
+    `.<name>.old` without `<name>`: the kill came between moving the old artifact aside and
+    moving the new one in, so the old one goes back. Both present: the new one is in place
+    and only the deletion of the old one was lost.
+    """
+    path = Path(path)
+    old = _aside(path)
+    if not old.exists():
+        return
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` whole.
 
-    On an exception the temporary folder is removed and `path` is left as it was.
+    On an exception the temporary folder is removed and `path` is left as it was. The
+    replacement is move aside, move in, delete: at every instant either the previous
+    artifact or the new one is complete on disk, and `recover_dir` (called here first,
+    and by the run directory) puts the previous one back after a kill in between.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    _readable(tmp, directory=True)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
+    old = _aside(path)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -79,6 +116,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes (use `cached_sha256` for inputs read again and again)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
@@ -86,13 +124,107 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def hash_cache_path() -> Path:
+    """Where content hashes of large inputs are remembered ($LOWLM_HASH_CACHE to move it)."""
+    override = os.environ.get("LOWLM_HASH_CACHE")
+    if override:
+        return Path(override)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lowlm" / "file-hashes.json"
+
+
+class _HashCache:
+    """sha256 of files remembered by (path, size, mtime, inode), as git's index does: a file is
+    read again only when one of those changed. Entries younger than RACY_SECONDS are not
+    trusted (a rewrite within the clock's resolution could keep size and mtime)."""
+
+    RACY_SECONDS = 2.0
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list] | None = None
+        self.dirty = False
+
+    def _load(self) -> dict[str, list]:
+        if self.entries is None:
+            try:
+                self.entries = json.loads(hash_cache_path().read_text(encoding="utf-8"))
+                if not isinstance(self.entries, dict):
+                    self.entries = {}
+            except (OSError, ValueError):
+                self.entries = {}
+        return self.entries
+
+    def sha256(self, path: Path) -> str:
+        path = Path(path).resolve()
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        entries = self._load()
+        entry = entries.get(str(path))
+        if entry and entry[:3] == stamp:
+            return entry[3]
+        digest = sha256_file(path)
+        if time.time() - stat.st_mtime > self.RACY_SECONDS:
+            entries[str(path)] = [*stamp, digest]
+            self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not self.dirty or self.entries is None:
+            return
+        with contextlib.suppress(OSError):  # a read-only home only costs re-hashing
+            atomic_write_json(hash_cache_path(), self.entries)
+        self.dirty = False
+
+
+_HASHES = _HashCache()
+
+
+def cached_sha256(path: Path) -> str:
+    digest = _HASHES.sha256(path)
+    _HASHES.save()
+    return digest
+
+
 def sha256_dir(path: Path) -> str:
-    """Hash of a folder's files (names and contents), in sorted order."""
+    """Hash of a folder's files (names and contents), in sorted order; hidden entries and
+    checkpoints/ are left out (they are work in progress, not the artifact)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(sha256_file(file).encode())
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or relative.parts[0] == (
+            "checkpoints"
+        ):
+            continue
+        digest.update(str(relative).encode())
+        digest.update(_HASHES.sha256(file).encode())
+    _HASHES.save()
     return digest.hexdigest()
+
+
+def content_id(source: str | Path) -> str:
+    """What a stage key records for an input outside the run: the sha256 of a local file or
+    folder, else the name (a Hugging Face id; the hub versions it, lowlm cannot hash it)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return cached_sha256(path)
+    if path.is_dir():
+        return sha256_dir(path)
+    return f"name:{source}"
+
+
+def signature(path: Path) -> str:
+    """A cheap stamp of a folder or file as written (names, sizes, mtimes): a changed stamp
+    means someone touched an artifact after its stage recorded it."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return sha256_text(json.dumps([stat.st_size, stat.st_mtime_ns]))
+    parts = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        parts.append([str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns])
+    return sha256_text(json.dumps(parts))
 
 
 def sha256_text(text: str) -> str:
@@ -123,19 +255,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-# Where each stage writes its main artifact inside the run directory.
-STAGE_FOLDERS = {
-    "tokenize": "tokenizer",
-    "resize": "model-resized",
-    "init": "model-init",
-    "pretrain-stage1": "pretrain-stage1",
-    "pretrain-stage2": "pretrain-stage2",
-    "pretrain-full": "pretrain-full",
-    "export": "export",
-    "sft": "sft",
-}
-
-
 class RunDir:
     """A run's folder and its manifest; every change to the manifest is written atomically."""
 
@@ -143,17 +262,9 @@ class RunDir:
         self.config = config
         self.path = config.run_dir
         self.manifest_path = self.path / "manifest.json"
-
-    def folder(self, stage: str) -> Path:
-        return self.path / STAGE_FOLDERS[stage]
-
-    def newest(self, stages: list[str]) -> Path | None:
-        """The folder of the first of `stages` that is done, in the order given."""
-        manifest = self.read_manifest()["stages"]
-        for stage in stages:
-            if manifest.get(stage, {}).get("status") == "done" and self.folder(stage).exists():
-                return self.folder(stage)
-        return None
+        if self.path.is_dir():  # put back an artifact a kill left moved aside
+            for old in self.path.glob(".*.old"):
+                recover_dir(self.path / old.name[1:-4])
 
     def read_manifest(self) -> dict:
         if not self.manifest_path.exists():
@@ -181,38 +292,17 @@ class RunDir:
     def write_config(self) -> None:
         atomic_write_text(self.path / "config.yaml", config_to_yaml(self.config))
 
-    def run_tokenizer(self) -> Path:
-        """The run's tokenizer folder; an error that says what to run when it is missing."""
-        folder = self.folder("tokenize")
-        if not (folder / "tokenizer.json").exists():
-            raise LowlmError(f"{folder} holds no tokenizer; run `lowlm tokenize` first.")
-        return folder
-
-    def skip_done(self, stage: str, fingerprint: str, force: bool, say=print) -> bool:
-        """True (and says so through `say`) when the stage is done with these inputs and not
-        forced. Every rank of a multi-process run gets the same answer."""
-        if force or not self.is_done(stage, fingerprint):
-            return False
-        where = self.path / STAGE_FOLDERS.get(stage, stage)
-        say(f"{stage}: already done with these inputs in {where}; --force reruns it.")
-        return True
-
-    def is_done(self, stage: str, fingerprint: str) -> bool:
-        """True when the stage finished with these exact inputs and its outputs still exist."""
-        record = self.stage_record(stage)
-        if not record or record.get("status") != "done" or record.get("fingerprint") != fingerprint:
-            return False
-        return all((self.path / out).exists() for out in record.get("outputs", {}))
-
-    def start(self, stage: str, inputs: dict[str, str], fingerprint: str) -> None:
+    def start(self, stage: str, inputs: dict[str, str], key: str, **extra: Any) -> None:
+        """Record the stage running with its inputs (label -> hash) and key."""
         manifest = self.read_manifest()
         manifest["stages"][stage] = {
             "status": "running",
             "started": _now(),
+            "key": key,
             "inputs": inputs,
-            "fingerprint": fingerprint,
             "versions": package_versions(),
             "lowlm_commit": lowlm_git_commit(),
+            **extra,
         }
         self.write_config()
         self._write_manifest(manifest)
@@ -222,32 +312,6 @@ class RunDir:
         record = manifest["stages"].setdefault(stage, {})
         record.update(status="done", finished=_now(), outputs=outputs, metrics=metrics, **extra)
         self._write_manifest(manifest)
-
-    @contextlib.contextmanager
-    def recording(self, stage: str, inputs: dict[str, str], fingerprint: str) -> Iterator[None]:
-        """Mark the stage running; if the block raises, mark it failed with the message."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.start(stage, inputs, fingerprint)
-        try:
-            yield
-        except LowlmError as exc:
-            self.fail(stage, str(exc))
-            raise
-        except BaseException as exc:
-            self.fail(stage, f"{type(exc).__name__}: {exc}")
-            raise
-
-    def finish_model(self, stage: str, card: dict, metrics: dict, started: float, **extra) -> None:
-        """finish() for a stage that wrote a model folder: its tokenizer hash and vocab size."""
-        self.finish(
-            stage,
-            outputs={STAGE_FOLDERS.get(stage, stage): card["tokenizer_hash"]},
-            metrics=metrics,
-            tokenizer_hash=card["tokenizer_hash"],
-            vocab_size=card["vocab_size"],
-            seconds=round(time.time() - started, 2),
-            **extra,
-        )
 
     def fail(self, stage: str, error: str) -> None:
         manifest = self.read_manifest()

@@ -10,7 +10,6 @@ cache is complete when `meta.json` exists.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -21,50 +20,42 @@ import numpy as np
 
 from lowlm.config import DataConfig
 from lowlm.data.corpus import Source, iter_documents
+from lowlm.data.heldout import is_held_out
 from lowlm.errors import LowlmError
 from lowlm.rundir import atomic_write_bytes, atomic_write_json, fingerprint
 
 DOCS_PER_BATCH = 256
-CACHE_FORMAT = 2  # part of the key: a change of layout never reuses an old cache
+CACHE_FORMAT = 3  # part of the key: a change of layout never reuses an old cache
 SHARD_BLOCKS = 4096
 
 
 def cache_key(
-    tokenizer_hash: str,
-    block_size: int,
-    inputs: dict[str, str],
-    data: DataConfig,
-    eval_fraction: float,
-    seed: int,
+    tokenizer_hash: str, block_size: int, inputs: dict[str, str], data: DataConfig, seed: int
 ) -> str:
-    parts = (CACHE_FORMAT, tokenizer_hash, block_size, inputs, data.model_dump(), eval_fraction)
+    """Tokenizer, block size, input contents, reading options and the held-out rule."""
+    parts = (CACHE_FORMAT, tokenizer_hash, block_size, inputs, data.model_dump())
     return fingerprint(*parts, seed)[:20]
-
-
-def _is_eval(document: str, seed: int, eval_fraction: float) -> bool:
-    digest = hashlib.blake2b(f"{seed}\0{document}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < eval_fraction
 
 
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_folder: str, seed: int, eval_fraction: float) -> None:
+def _init_worker(tokenizer_folder: str, seed: int, heldout_fraction: float) -> None:
     from transformers import AutoTokenizer
 
     _worker.update(
         tokenizer=AutoTokenizer.from_pretrained(tokenizer_folder),
         seed=seed,
-        eval_fraction=eval_fraction,
+        heldout_fraction=heldout_fraction,
     )
 
 
 def _encode(batch: list[str]) -> list[tuple[bool, list[int]]]:
-    """(held out?, token ids) for each document of a batch, with BOS when the tokenizer adds it
-    (as at inference); EOS is appended by the packer."""
+    """(held out?, token ids) for each document of a batch (lowlm.data.heldout), with BOS when
+    the tokenizer adds it (as at inference); EOS is appended by the packer."""
     ids = _worker["tokenizer"](batch, add_special_tokens=True)["input_ids"]
     return [
-        (_is_eval(doc, _worker["seed"], _worker["eval_fraction"]), row)
+        (is_held_out(doc, _worker["seed"], _worker["heldout_fraction"]), row)
         for doc, row in zip(batch, ids, strict=True)
     ]
 
@@ -101,7 +92,6 @@ def build_cache(
     sources: list[Source],
     data: DataConfig,
     block_size: int,
-    eval_fraction: float,
     seed: int,
     num_proc: int = 1,
 ) -> dict:
@@ -152,7 +142,7 @@ def build_cache(
         if batch:
             yield batch
 
-    worker_args = (str(tokenizer_folder), seed, eval_fraction)
+    worker_args = (str(tokenizer_folder), seed, data.heldout_fraction)
     pool = Pool(num_proc, _init_worker, worker_args) if num_proc > 1 else None
     if pool is None:
         _init_worker(*worker_args)

@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowlm.data.templates import Rendered, Template
-
-IGNORE = -100
+from lowlm.data.templates import IGNORE, Template
 
 
 @dataclass
@@ -18,25 +16,6 @@ class EncodeReport:
     dropped: int = 0
     trained_tokens: int = 0
     packed_blocks: int | None = None
-
-
-def encode(rendered: Rendered, tokenizer, train_on_inputs: bool = False) -> tuple[list, list]:
-    """Tokenise the whole text once (as at inference) and label the tokens that overlap a span."""
-    encoded = tokenizer(
-        rendered.text,
-        add_special_tokens=rendered.add_special_tokens,
-        return_offsets_mapping=True,
-    )
-    ids = list(encoded["input_ids"])
-    if train_on_inputs:
-        return ids, list(ids)
-    labels = []
-    for token_id, (start, end) in zip(ids, encoded["offset_mapping"], strict=True):
-        inside = any(
-            start < span_end and end > span_start for span_start, span_end in rendered.spans
-        )
-        labels.append(token_id if inside and end > start else IGNORE)
-    return ids, labels
 
 
 def truncate(ids: list, labels: list, max_length: int) -> tuple[list, list, str]:
@@ -67,14 +46,13 @@ def truncate(ids: list, labels: list, max_length: int) -> tuple[list, list, str]
 def build_examples(
     conversations: list,
     template: Template,
-    tokenizer,
     max_length: int,
     train_on_inputs: bool = False,
 ) -> tuple[list[dict], EncodeReport]:
     report = EncodeReport()
     examples = []
     for messages in conversations:
-        ids, labels = encode(template.render(messages), tokenizer, train_on_inputs)
+        ids, labels = template.encode(messages, train_on_inputs)
         ids, labels, outcome = truncate(ids, labels, max_length)
         if outcome == "dropped":
             report.dropped += 1

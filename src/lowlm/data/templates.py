@@ -21,6 +21,7 @@ ALPACA_NO_INPUT = (
     "completes the request.\n\n"
 )
 NAMED = ("alpaca", "llama2", "chatml", "tokenizer")
+IGNORE = -100
 
 
 @dataclass
@@ -127,14 +128,14 @@ class Template:
                 plain[:upto], tokenize=False, add_generation_prompt=generation
             )
 
-        if add_generation_prompt:
-            return Rendered(render(len(plain), True), [], add_special_tokens=False)
         spans = []
         for index, message in enumerate(plain):
             if message["role"] == "assistant":
                 start = len(render(index, True))
                 end = len(render(index + 1, False))
                 spans.append((start, end))
+        if add_generation_prompt:  # the earlier turns' spans, for encode_prompt's segments
+            return Rendered(render(len(plain), True), spans, add_special_tokens=False)
         text = render(len(plain), False)
         if spans and self.eos and self.eos not in text[spans[-1][0] : spans[-1][1]]:
             text += self.eos  # the template does not end turns with EOS: add it
@@ -151,9 +152,69 @@ class Template:
             else f"{message['content']}\n\n{extra}"
         )
 
+    # ----- token ids: what training and inference both feed the model ---------------------
+
+    def encode(self, messages: list[dict], train_on_inputs: bool = False) -> tuple[list, list]:
+        """(ids, labels) of a training conversation; labels are -100 outside trained spans.
+
+        The text is tokenized in segments cut at the trained spans' edges: the first segment
+        as a whole text (BOS as the template wants), each later one as a continuation. So a
+        prompt's ids never merge with its answer's first characters (an answer after a
+        prompt that ends in a space would otherwise swallow it: `▁word`), and the ids
+        `encode_prompt` gives for generation are exactly a prefix of these, for every
+        template and turn."""
+        ids: list[int] = []
+        labels: list[int] = []
+        rendered = self.render(messages)
+        for index, (text, trained) in enumerate(_segments(rendered)):
+            piece = self._ids(text, index == 0, rendered.add_special_tokens)
+            ids.extend(piece)
+            labels.extend(piece if trained or train_on_inputs else [IGNORE] * len(piece))
+        return ids, labels
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """The ids that ask the model for the next assistant turn (generate, chat)."""
+        rendered = self.prompt(messages)
+        ids: list[int] = []
+        for index, (text, _) in enumerate(_segments(rendered)):
+            ids.extend(self._ids(text, index == 0, rendered.add_special_tokens))
+        return ids
+
+    def _ids(self, text: str, first: bool, special: bool) -> list[int]:
+        if first:
+            return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self._continuation(text)
+
+    def _continuation(self, text: str) -> list[int]:
+        """Ids of text that follows other text: without the word-start marker a SentencePiece
+        tokenizer puts before a text of its own (`Hello` -> `▁Hello`). Tokenized after the EOS
+        token, which the tokenizer splits off as a special token, then dropped."""
+        eos_id = self.tokenizer.eos_token_id
+        if self.eos and eos_id is not None:
+            ids = self.tokenizer(self.eos + text, add_special_tokens=False)["input_ids"]
+            if ids[:1] == [eos_id]:
+                return list(ids[1:])
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def prompt(self, messages: list[dict]) -> Rendered:
-        """The text that asks the model for the next assistant turn (no trained spans)."""
+        """The text that asks the model for the next assistant turn, with the spans of the
+        assistant turns already in it (where training cuts its segments)."""
         if self.spec == "tokenizer":
             return self.render(messages, add_generation_prompt=True)
         rendered = self.render([*messages, {"role": "assistant", "content": ""}])
-        return Rendered(rendered.text[: rendered.spans[-1][0]], [], rendered.add_special_tokens)
+        start = rendered.spans[-1][0]
+        return Rendered(rendered.text[:start], rendered.spans[:-1], rendered.add_special_tokens)
+
+
+def _segments(rendered: Rendered) -> list[tuple[str, bool]]:
+    """The text cut at the edges of its trained spans: (text, trained) in order, none empty."""
+    pieces, position = [], 0
+    for start, end in rendered.spans:
+        if start > position:
+            pieces.append((rendered.text[position:start], False))
+        if end > start:
+            pieces.append((rendered.text[start:end], True))
+        position = max(position, end)
+    if position < len(rendered.text):
+        pieces.append((rendered.text[position:], False))
+    return pieces

@@ -140,6 +140,7 @@ def load_model(
     if card is None or card["kind"] == "model":
         return load_pretrained(str(source), trust_remote_code, dtype)
     parent = parent_path(folder, card)
+    check_parent(folder, card, parent)
     model = load_model(parent, trust_remote_code, dtype)
     if card["kind"] == "embeddings":
         apply_embeddings(model, folder / EMBEDDINGS_FILE)
@@ -209,6 +210,34 @@ def save_model_folder(model, tokenizer, folder: Path, kind: str, parent, **extra
     if sp_model and Path(sp_model).is_file() and not (Path(folder) / "tokenizer.model").exists():
         shutil.copyfile(sp_model, Path(folder) / "tokenizer.model")
     return write_card(folder, kind, parent, **extra)
+
+
+def model_identity(source: str | Path) -> str:
+    """What an adapter or embeddings file records about the model it was trained on: the key
+    of the lowlm stage that wrote that model, else the model's content (or hub id)."""
+    from lowlm.rundir import content_id
+
+    card = read_card(Path(source)) if Path(source).is_dir() else None
+    if card and card.get("stage_key"):
+        return card["stage_key"]
+    return content_id(source)
+
+
+def check_parent(folder: Path, card: dict, parent: str) -> None:
+    """Refuse an adapter (or stage-1 embeddings) over a model other than the one it was
+    trained on: same path, different contents (a rebuilt stage, a replaced base)."""
+    expected = card.get("parent_key")
+    if expected and model_identity(parent) != expected:
+        raise LowlmError(
+            f"{folder} was trained on another version of {parent} (it was rebuilt or changed "
+            f"since); rerun the stage that wrote {Path(folder).name} (`lowlm run CONFIG` "
+            "rebuilds what is stale), or load it over the model it was trained on."
+        )
+
+
+def model_record(card: dict) -> dict:
+    """What the manifest records about a model folder a stage wrote."""
+    return {"tokenizer_hash": card["tokenizer_hash"], "vocab_size": card["vocab_size"]}
 
 
 def load_for_inference(source: str, model_config):

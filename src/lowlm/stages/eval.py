@@ -29,12 +29,12 @@ from lowlm.evaluation.benchmarks import (
     local_subjects,
 )
 from lowlm.evaluation.scoring import Request, auto_batch_size, score_requests
+from lowlm.graph import StageRun, execute, folder
 from lowlm.models.load import load_for_inference, tokenizer_hash
 from lowlm.models.metrics import text_nll
-from lowlm.rundir import RunDir, atomic_write_json, atomic_write_text, fingerprint
+from lowlm.rundir import atomic_dir
 
 STAGE = "eval"
-SOURCES = ["sft", "export", "pretrain-full", "pretrain-stage2", "pretrain-stage1", "resize", "init"]
 KNOWN_TASKS = [*BENCHMARKS, "mc", "ppl"]
 
 
@@ -276,66 +276,69 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
         raise LowlmError(
             f"no eval task is configured; add eval.tasks (known: {', '.join(KNOWN_TASKS)})."
         )
-    run_dir = RunDir(config)
-    source = cfg.model or str(run_dir.newest(SOURCES) or "") or config.model.base
+    for index, task in enumerate(cfg.tasks):
+        if task.path and not Path(task.path).exists():
+            raise LowlmError(
+                f"eval.tasks[{index}] ({task.name}): path {task.path} does not exist; fix the "
+                "path, or omit it to use the Hugging Face dataset."
+            )
+    execute(config, STAGE, _work, force=force)
+    return json.loads((folder(config, STAGE) / "results.json").read_text(encoding="utf-8"))
+
+
+def _work(run: StageRun) -> dict:
+    config, cfg = run.config, run.config.eval
+    source = run.plan.model
     if not source:
         raise LowlmError("there is no model to evaluate; set eval.model or run a stage first.")
-    stats = (
-        sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source).glob("*"))
-        if Path(source).is_dir()
-        else source
+    model, tokenizer, card = load_for_inference(source, config.model)
+    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", 2048)
+    batch_size = (
+        cfg.batch_size
+        if cfg.batch_size != "auto"
+        else auto_batch_size(model, min(max_length, 1024))
     )
-    key = fingerprint(cfg.model_dump(), config.model.model_dump(), source, stats)
-    if run_dir.skip_done(STAGE, key, force):
-        return json.loads((run_dir.path / "eval" / "results.json").read_text())
-
-    with run_dir.recording(STAGE, {"model": source}, key):
-        model, tokenizer, card = load_for_inference(source, config.model)
-        max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", 2048)
-        batch_size = (
-            cfg.batch_size
-            if cfg.batch_size != "auto"
-            else auto_batch_size(model, min(max_length, 1024))
-        )
-        results: dict = {
-            "model": source,
-            "adapter": card.get("kind") == "adapter",
-            "tokenizer_hash": tokenizer_hash(Path(source))
-            if (Path(source) / "tokenizer.json").exists()
-            else None,
-            "vocab_size": len(tokenizer),
-            "lowlm_version": __version__,
-            "batch_size": batch_size,
-            "max_length": max_length,
-            "add_bos": cfg.add_bos,
-            "tasks": {},
-        }
-        samples_by_task = {}
-        for task in cfg.tasks:
-            name = _task_key(task, results["tasks"])
-            if task.name == "ppl":
-                results["tasks"][name] = run_ppl(model, tokenizer, task)
-            else:
-                result, samples = run_multiple_choice(
-                    model, tokenizer, task, batch_size, max_length, cfg.add_bos, _progress
-                )
-                results["tasks"][name] = result
-                samples_by_task[name] = samples
-        out = run_dir.path / "eval"
-        out.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "model": source,
+        "model_key": run.parent_key(),
+        "adapter": card.get("kind") == "adapter",
+        "tokenizer_hash": tokenizer_hash(Path(source))
+        if (Path(source) / "tokenizer.json").exists()
+        else None,
+        "vocab_size": len(tokenizer),
+        "lowlm_version": __version__,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "add_bos": cfg.add_bos,
+        "tasks": {},
+    }
+    samples_by_task = {}
+    for task in cfg.tasks:
+        name = _task_key(task, results["tasks"])
+        if task.name == "ppl":
+            results["tasks"][name] = run_ppl(model, tokenizer, task)
+        else:
+            result, samples = run_multiple_choice(
+                model, tokenizer, task, batch_size, max_length, cfg.add_bos, _progress
+            )
+            results["tasks"][name] = result
+            samples_by_task[name] = samples
+    # One artifact: results, table and samples appear together or not at all.
+    with atomic_dir(run.folder) as out:
         if cfg.log_samples:
             for name, samples in samples_by_task.items():
-                atomic_write_text(
-                    out / f"samples-{name}.jsonl",
+                (out / f"samples-{name}.jsonl").write_text(
                     "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples),
+                    encoding="utf-8",
                 )
-        atomic_write_json(out / "results.json", results)
-        atomic_write_text(out / "results.md", markdown(results))
+        (out / "results.json").write_text(
+            json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        (out / "results.md").write_text(markdown(results), encoding="utf-8")
     metrics = {name: r.get("acc", r.get("bits_per_char")) for name, r in results["tasks"].items()}
-    run_dir.finish(STAGE, outputs={"eval": key}, metrics=metrics)
     print(markdown(results), end="")
-    print(f"eval: wrote {out / 'results.json'}")
-    return results
+    print(f"eval: wrote {run.folder / 'results.json'}")
+    return {"metrics": metrics}
 
 
 def compare(first: Path, second: Path) -> str:

@@ -17,19 +17,14 @@ from transformers import TextStreamer
 from lowlm.config import LowlmConfig
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
+from lowlm.graph import current_model
 from lowlm.models.load import load_for_inference
-from lowlm.rundir import RunDir
-
-SOURCES = ["sft", "export", "pretrain-full", "pretrain-stage2", "pretrain-stage1", "resize", "init"]
 
 
 def load_for_generation(config: LowlmConfig, model_path: str | None):
-    """(model, tokenizer, card) for the chosen or newest model of the run."""
-    run_dir = RunDir(config)
-    source = model_path or (str(run_dir.newest(SOURCES) or "") or config.model.base)
-    if not source:
-        raise LowlmError("there is no model to generate with; pass --model or run a stage first.")
-    return load_for_inference(source, config.model)
+    """(model, tokenizer, card) for --model, else the run's model that eval would score (the
+    last stage the config builds), refused when that stage is not current."""
+    return load_for_inference(current_model(config, model_path), config.model)
 
 
 class Generator:
@@ -69,13 +64,13 @@ class Generator:
     def reply(self, messages: list[dict] | None = None, text: str | None = None) -> str:
         """Generate after a conversation (templated) or a raw text; stream and return it."""
         if self.template is not None and messages is not None:
-            rendered = self.template.prompt(messages)
-            prompt, special = rendered.text, rendered.add_special_tokens
+            # The ids training built for this conversation's prompt (a prefix of its examples).
+            ids = self.template.encode_prompt(messages)
         else:
             prompt = text if text is not None else messages[-1]["content"]
-            special = True
-        encoded = self.tokenizer(prompt, add_special_tokens=special, return_tensors="pt")
-        encoded = {k: v.to(self.model.device) for k, v in encoded.items()}
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        input_ids = torch.tensor([ids], device=self.model.device)
+        encoded = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         streamer = _Streamer(self.tokenizer, self.write)
         with torch.no_grad():
             output = self.model.generate(

@@ -13,37 +13,31 @@ metrics and energy in the manifest. Run under `accelerate launch` for several pr
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from lowlm.config import LowlmConfig
 from lowlm.data.blocks import BlockDataset, build_cache, cache_key
-from lowlm.data.corpus import resolve_sources, source_hashes
+from lowlm.data.corpus import resolve_sources
 from lowlm.errors import LowlmError
+from lowlm.graph import StageRun, execute, folder
 from lowlm.models.load import (
     check_vocab,
     load_model,
     load_tokenizer,
+    model_identity,
+    model_record,
     read_card,
     resolve_load_dtype,
     tokenizer_hash,
 )
 from lowlm.models.metrics import heldout_lines, loss_per_char
-from lowlm.rundir import RunDir, fingerprint
 from lowlm.tokenization.base import resolve_base_tokenizer
 from lowlm.training.loop import seed_everything
 from lowlm.training.session import apply_lora, make_accelerator, plan_from, train_and_save
 
 STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
-# Where each stage starts from, newest first.
-PARENTS = {
-    "1": ["resize", "init"],
-    "2": ["pretrain-stage1", "resize", "init"],
-    "full": ["pretrain-stage2", "pretrain-stage1", "resize", "init"],
-}
 
 
 class Blocks:
@@ -73,22 +67,10 @@ def configured_stages(config: LowlmConfig) -> list[str]:
     ]
 
 
-def _parent(config: LowlmConfig, run_dir: RunDir, stage: str) -> str:
-    folder = run_dir.newest(PARENTS[stage])
-    if folder is not None:
-        return str(folder)
-    if config.model.base and stage in ("2", "full"):
-        return config.model.base
-    raise LowlmError(
-        f"pretrain stage {stage} has no model to start from; run `lowlm resize` (or `lowlm init` "
-        "for a model from scratch) first."
-    )
-
-
-def _tokenizer_folder(config: LowlmConfig, run_dir: RunDir, parent: str) -> Path:
+def _tokenizer_folder(config: LowlmConfig, parent: str) -> Path:
     """The run's tokenizer, else the parent's, else the base's (hub ids and .gguf included)."""
-    if (run_dir.folder("tokenize") / "tokenizer.json").exists():
-        return run_dir.folder("tokenize")
+    if (folder(config, "tokenize") / "tokenizer.json").exists():
+        return folder(config, "tokenize")
     if (Path(parent) / "tokenizer.json").exists():
         return Path(parent)
     if config.model.base or config.model.tokenizer:
@@ -169,140 +151,121 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
     """Run one pre-training stage ('1', '2' or 'full') under the current accelerate setup."""
     if stage not in STAGES:
         raise LowlmError(f"unknown pretrain stage '{stage}'; use 1, 2 or full.")
-    name = STAGES[stage]
     cfg = config.pretrain
-    steps = {"1": cfg.stage1.steps, "2": cfg.stage2.steps, "full": cfg.full.steps}[stage]
-    lr = {"1": cfg.stage1.lr, "2": cfg.stage2.lr, "full": cfg.full.lr}[stage]
+    steps = getattr(cfg, _section(stage)).steps
     if steps == 0:
         raise LowlmError(
             f"pretrain stage {stage} has 0 steps; set pretrain.{_section(stage)}.steps."
         )
-    run_dir = RunDir(config)
     accelerator = make_accelerator(config.model.dtype)
-    parent = _parent(config, run_dir, stage)
-    tokenizer_folder = _tokenizer_folder(config, run_dir, parent)
-    corpus = cfg.corpus or config.tokenize.corpus
-    sources = resolve_sources(corpus)
-    corpus_hashes = source_hashes(sources)  # read every corpus byte once
-    inputs = dict(corpus_hashes)
-    inputs["tokenizer"] = tokenizer_hash(tokenizer_folder)
-    inputs["parent"] = parent
+    return execute(
+        config,
+        STAGES[stage],
+        lambda run: _work(run, stage, accelerator),
+        force=force,
+        resume=resume,
+        main=accelerator.is_main_process,
+        say=accelerator.print,
+    )
+
+
+def _work(run: StageRun, stage: str, accelerator) -> dict:
+    config, cfg = run.config, run.config.pretrain
+    name = STAGES[stage]
+    section = getattr(cfg, _section(stage))
+    steps, lr = section.steps, section.lr
+    parent = run.plan.model
+    if parent is None:
+        raise LowlmError(
+            f"pretrain stage {stage} has no model to start from; configure `resize` (model.base "
+            "and tokenize.corpus) or `init` (init.size) and run it first."
+        )
+    tokenizer_folder = _tokenizer_folder(config, parent)
+    corpus_hashes = {
+        label.removeprefix("corpus:"): value
+        for label, value in run.plan.inputs.items()
+        if label.startswith("corpus:")
+    }
+    sources = resolve_sources(cfg.corpus or config.tokenize.corpus)
+    tokenizer_id = tokenizer_hash(tokenizer_folder)
     parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
-    if parent_card is not None and parent_card["tokenizer_hash"] != inputs["tokenizer"]:
+    if parent_card is not None and parent_card["tokenizer_hash"] != tokenizer_id:
         raise LowlmError(
             f"{parent} was built for another tokenizer (hash {parent_card['tokenizer_hash'][:12]}) "
-            f"than the run's {tokenizer_folder} (hash {inputs['tokenizer'][:12]}); rerun "
+            f"than the run's {tokenizer_folder} (hash {tokenizer_id[:12]}); rerun "
             "`lowlm resize` or `lowlm init` after `lowlm tokenize`."
         )
-    section = cfg.model_dump(
-        exclude={
-            "stage1",
-            "stage2",
-            "full",
-            "energy",
-            "log_every",
-            "save_every",
-            "eval_every",
-            "keep_checkpoints",
-            "num_proc",
-            "peak_tflops",
-        }
+    corpus_key = cache_key(
+        tokenizer_id, cfg.block_size, corpus_hashes, config.data, config.run.seed
     )
-    key = fingerprint(
-        section,
-        getattr(cfg, _section(stage)).model_dump(),
-        config.model.model_dump(),
-        config.data.model_dump(),
-        config.run.seed,
-        inputs,
-        accelerator.num_processes,
-    )
-    if run_dir.skip_done(name, key, force, say=accelerator.print):
-        return run_dir.stage_record(name)["metrics"]
-
-    record = run_dir.stage_record(name) or {}
-    resume = resume and not force and record.get("fingerprint") == key
-    started = time.time()
-    # Only the main process writes the manifest.
-    context = run_dir.recording(name, inputs, key) if accelerator.is_main_process else nullcontext()
-    with context:
-        corpus_key = cache_key(
-            inputs["tokenizer"],
-            cfg.block_size,
-            corpus_hashes,
-            config.data,
-            cfg.eval_fraction,
-            config.run.seed,
-        )
-        cache = run_dir.path / "cache" / f"blocks-{corpus_key}"
-        if accelerator.is_main_process:
-            meta = build_cache(
-                cache,
-                tokenizer_folder,
-                sources,
-                config.data,
-                cfg.block_size,
-                cfg.eval_fraction,
-                config.run.seed,
-                cfg.num_proc,
-            )
-            accelerator.print(
-                f"{name}: {meta['train_blocks']} training and {meta['eval_blocks']} "
-                f"held-out blocks of {cfg.block_size} tokens in {cache}"
-            )
-        accelerator.wait_for_everyone()
-        train_data = Blocks(BlockDataset(cache, "train"))
-        eval_blocks = BlockDataset(cache, "eval")
-        eval_data = Blocks(eval_blocks) if len(eval_blocks) else None
-
-        tokenizer = load_tokenizer(tokenizer_folder)
-        seed_everything(config.run.seed)
-        dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
-        model = load_model(parent, config.model.trust_remote_code, dtype)
-        if hasattr(model, "merge_and_unload"):  # a peft adapter as parent: fold it in first
-            model = model.merge_and_unload()
-        check_vocab(model, tokenizer, parent)
-        new_ids = _new_token_ids(parent, tokenizer)
-        after_backward = None
-        if stage == "1":
-            model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
-        elif stage == "2":
-            model = _prepare_stage2(model, config, new_ids)
-        plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
-        lines = heldout_lines(run_dir.folder("tokenize"), cfg.eval_lines)
-
-        def heldout_loss(model) -> dict:
-            # Comparable with resize's before/after figures: did this stage help?
-            return (
-                {"heldout_loss_per_char": loss_per_char(model, tokenizer, lines)} if lines else {}
-            )
-
-        kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
-        metrics, energy, card = train_and_save(
-            accelerator,
-            model,
-            tokenizer,
-            train_data,
-            eval_data,
-            plan,
-            cfg,
-            run_dir.folder(name),
-            kind=kind,
-            parent=parent if kind != "model" else None,
-            resume=resume,
-            after_backward=after_backward,
-            final_metrics=heldout_loss,
-            new_token_ids=[new_ids[0], new_ids[-1] + 1] if new_ids else None,
-            trained_from=parent,
-        )
+    cache = run.run_dir.path / "cache" / f"blocks-{corpus_key}"
     if accelerator.is_main_process:
-        run_dir.finish_model(name, card, metrics, started, energy=energy)
-        accelerator.print(
-            f"{name}: {steps} steps, loss {metrics.get('loss', float('nan')):.4f}"
-            + (f", held-out loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
-            + f"; wrote {run_dir.folder(name)}"
+        meta = build_cache(
+            cache,
+            tokenizer_folder,
+            sources,
+            config.data,
+            cfg.block_size,
+            config.run.seed,
+            cfg.num_proc,
         )
-    return metrics
+        accelerator.print(
+            f"{name}: {meta['train_blocks']} training blocks of {cfg.block_size} tokens and "
+            f"{meta['eval_blocks']} held-out ones in {cache}"
+        )
+    accelerator.wait_for_everyone()
+    train_data = Blocks(BlockDataset(cache, "train"))
+    eval_blocks = BlockDataset(cache, "eval")
+    eval_data = Blocks(eval_blocks) if len(eval_blocks) else None
+
+    tokenizer = load_tokenizer(tokenizer_folder)
+    seed_everything(config.run.seed)
+    dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
+    model = load_model(parent, config.model.trust_remote_code, dtype)
+    if hasattr(model, "merge_and_unload"):  # a peft adapter as parent: fold it in first
+        model = model.merge_and_unload()
+    check_vocab(model, tokenizer, parent)
+    new_ids = _new_token_ids(parent, tokenizer)
+    after_backward = None
+    if stage == "1":
+        model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
+    elif stage == "2":
+        model = _prepare_stage2(model, config, new_ids)
+    plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
+    lines = heldout_lines(folder(config, "tokenize"), cfg.eval_lines)
+
+    def heldout_loss(model) -> dict:
+        # Comparable with resize's before/after figures: did this stage help?
+        return {"heldout_loss_per_char": loss_per_char(model, tokenizer, lines)} if lines else {}
+
+    kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
+    metrics, energy, card = train_and_save(
+        accelerator,
+        model,
+        tokenizer,
+        train_data,
+        eval_data,
+        plan,
+        cfg,
+        run.folder,
+        kind=kind,
+        parent=parent if kind != "model" else None,
+        resume=run.resume,
+        after_backward=after_backward,
+        final_metrics=heldout_loss,
+        new_token_ids=[new_ids[0], new_ids[-1] + 1] if new_ids else None,
+        trained_from=parent,
+        stage_key=run.key,
+        parent_key=model_identity(parent),
+    )
+    if accelerator.is_main_process:
+        accelerator.print(
+            f"{name}: {steps} steps, loss {_loss(metrics)}"
+            + (f", held-out loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
+            + f"; wrote {run.folder}"
+        )
+    record = model_record(card) if card else {}
+    return {"metrics": metrics, "record": {**record, "energy": energy}}
 
 
 def _section(stage: str) -> str:
@@ -320,3 +283,8 @@ def run(
     for name in stages:
         results[name] = run_stage(config, name, force=force, resume=resume)
     return results
+
+
+def _loss(metrics: dict) -> str:
+    loss = metrics.get("loss")
+    return "-" if loss is None else f"{loss:.4f}"

@@ -7,86 +7,82 @@ resized model in the manifest.
 
 from __future__ import annotations
 
-import time
-
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.models.load import load_pretrained, load_tokenizer, resolve_load_dtype, save_model_folder
+from lowlm.graph import StageRun, execute, folder
+from lowlm.models.load import (
+    load_pretrained,
+    load_tokenizer,
+    model_record,
+    resolve_load_dtype,
+    save_model_folder,
+)
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.models.resize import resize_embeddings
-from lowlm.rundir import RunDir, atomic_dir, fingerprint
-from lowlm.tokenization.base import resolve_base_tokenizer, tokenizer_hash
+from lowlm.rundir import atomic_dir
+from lowlm.tokenization.base import resolve_base_tokenizer
 
 STAGE = "resize"
 
 
 def run(config: LowlmConfig, force: bool = False) -> dict:
-    run_dir = RunDir(config)
-    tokenizer_folder = run_dir.run_tokenizer()
     if not config.model.base:
         raise LowlmError(
             "model.base is not set; name the model to resize (HF id, folder or .gguf)."
         )
-    inputs = {"tokenizer": tokenizer_hash(tokenizer_folder), "base": config.model.base}
-    key = fingerprint(
-        config.model.model_dump(), config.resize.model_dump(), config.run.seed, inputs
-    )
-    if run_dir.skip_done(STAGE, key, force):
-        return run_dir.stage_record(STAGE)["metrics"]
+    return execute(config, STAGE, _work, force=force)
 
-    started = time.time()
-    with run_dir.recording(STAGE, inputs, key):
-        tokenizer = load_tokenizer(tokenizer_folder)
-        base_tokenizer = resolve_base_tokenizer(config.model).load_hf(
-            config.model.trust_remote_code
-        )
-        model = load_pretrained(
-            config.model.base,
-            config.model.trust_remote_code,
-            resolve_load_dtype(config.model.dtype),
-        )
-        lines = heldout_lines(tokenizer_folder, config.resize.eval_lines)
-        before = loss_per_char(model, base_tokenizer, lines) if lines else None
-        result = resize_embeddings(
+
+def _work(run: StageRun) -> dict:
+    config = run.config
+    tokenizer_folder = folder(config, "tokenize")
+    tokenizer = load_tokenizer(tokenizer_folder)
+    base_tokenizer = resolve_base_tokenizer(config.model).load_hf(config.model.trust_remote_code)
+    model = load_pretrained(
+        config.model.base, config.model.trust_remote_code, resolve_load_dtype(config.model.dtype)
+    )
+    lines = heldout_lines(tokenizer_folder, config.resize.eval_lines)
+    before = loss_per_char(model, base_tokenizer, lines) if lines else None
+    result = resize_embeddings(
+        model,
+        base_tokenizer,
+        tokenizer,
+        config.resize.init,
+        config.resize.pad_to_multiple_of,
+        config.run.seed,
+    )
+    after = loss_per_char(model, tokenizer, lines) if lines else None
+    metrics = {
+        "init": result.init,
+        "old_rows": result.old_rows,
+        "new_rows": result.new_rows,
+        "new_tokens": len(result.new_token_ids),
+        "tied": result.tied,
+        **result.subword_counts,
+        "heldout_loss_per_char_base": before,
+        "heldout_loss_per_char_resized": after,
+        "heldout_lines": len(lines),
+    }
+    with atomic_dir(run.folder) as out:
+        card = save_model_folder(
             model,
-            base_tokenizer,
             tokenizer,
-            config.resize.init,
-            config.resize.pad_to_multiple_of,
-            config.run.seed,
+            out,
+            "model",
+            None,
+            stage_key=run.key,
+            base=config.model.base,
+            new_token_ids=[result.new_token_ids[0], result.new_token_ids[-1] + 1]
+            if result.new_token_ids
+            else [len(tokenizer), len(tokenizer)],
+            init=result.init,
         )
-        after = loss_per_char(model, tokenizer, lines) if lines else None
-        metrics = {
-            "init": result.init,
-            "old_rows": result.old_rows,
-            "new_rows": result.new_rows,
-            "new_tokens": len(result.new_token_ids),
-            "tied": result.tied,
-            **result.subword_counts,
-            "heldout_loss_per_char_base": before,
-            "heldout_loss_per_char_resized": after,
-            "heldout_lines": len(lines),
-        }
-        with atomic_dir(run_dir.folder(STAGE)) as out:
-            card = save_model_folder(
-                model,
-                tokenizer,
-                out,
-                "model",
-                None,
-                base=config.model.base,
-                new_token_ids=[result.new_token_ids[0], result.new_token_ids[-1] + 1]
-                if result.new_token_ids
-                else [len(tokenizer), len(tokenizer)],
-                init=result.init,
-            )
-    run_dir.finish_model(STAGE, card, metrics, started)
     print(
         f"resize: {result.old_rows} -> {result.new_rows} rows ({len(result.new_token_ids)} new "
         f"tokens, init {result.init}, tied {result.tied}); held-out loss per character "
-        f"{_fmt(before)} (base) -> {_fmt(after)} (resized); wrote {run_dir.folder(STAGE)}"
+        f"{_fmt(before)} (base) -> {_fmt(after)} (resized); wrote {run.folder}"
     )
-    return metrics
+    return {"metrics": metrics, "record": model_record(card)}
 
 
 def _fmt(value: float | None) -> str:

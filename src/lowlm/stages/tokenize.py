@@ -7,7 +7,6 @@ tokenizer folder; `tokenizer.model` too for SentencePiece bases), `report.json` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -16,9 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lowlm.config import LowlmConfig
-from lowlm.data.corpus import iter_documents, read_lines, resolve_sources, source_hashes
+from lowlm.data.corpus import iter_documents, read_lines, resolve_sources
+from lowlm.data.heldout import HELDOUT_FILE, is_held_out
 from lowlm.errors import LowlmError
-from lowlm.rundir import RunDir, atomic_dir, atomic_write_json, fingerprint, sha256_file
+from lowlm.graph import StageRun, execute, folder
+from lowlm.rundir import atomic_dir, atomic_write_json
 from lowlm.tokenization.base import (
     BaseTokenizer,
     bare_sentencepiece_options,
@@ -36,36 +37,23 @@ from lowlm.tokenization.sentencepiece_merge import (
 )
 
 STAGE = "tokenize"
-HOLDOUT_EVERY = 20  # about one line in 20 is held out, up to tokenize.holdout_lines
-
-
-def _corpus_lines(config: LowlmConfig, sources) -> Iterator[str]:
-    """Documents split into non-empty lines (SentencePiece trains on lines)."""
-    for document in iter_documents(sources, config.data):
-        for line in document.split("\n"):
-            if line.strip():
-                yield line
-
-
-def _is_held_out(line: str, seed: int) -> bool:
-    digest = hashlib.blake2b(f"{seed}\0{line}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") % HOLDOUT_EVERY == 0
 
 
 def _split_corpus(config: LowlmConfig, sources, train_file: Path) -> list[str]:
-    """Stream the corpus into a training file on disk; return the held-out lines."""
+    """Stream the corpus's lines into a training file on disk, leaving out every line of a
+    held-out document (lowlm.data.heldout); return up to holdout_lines of those lines."""
     held_out: list[str] = []
+    fraction, seed = config.data.heldout_fraction, config.run.seed
     with open(train_file, "w", encoding="utf-8") as out:
-        for line in _corpus_lines(config, sources):
-            if len(held_out) < config.tokenize.holdout_lines and _is_held_out(
-                line, config.run.seed
-            ):
-                held_out.append(line)
+        for document in iter_documents(sources, config.data):
+            lines = [line for line in document.split("\n") if line.strip()]
+            if is_held_out(document, seed, fraction):
+                held_out.extend(lines[: config.tokenize.holdout_lines - len(held_out)])
             else:
-                out.write(line + "\n")
+                out.writelines(line + "\n" for line in lines)
     if train_file.stat().st_size == 0:
         raise LowlmError(
-            "every corpus line was held out; add text or lower tokenize.holdout_lines."
+            "every corpus document was held out; add text or lower data.heldout_fraction."
         )
     return held_out
 
@@ -143,58 +131,42 @@ def _reachability(tokenizer, new_tokens: list[str], sp_proto=None) -> tuple[int,
 
 def run(config: LowlmConfig, force: bool = False) -> dict:
     """Train, merge, verify and report; returns the report."""
+    execute(config, STAGE, _work, force=force)
+    return json.loads((folder(config, STAGE) / "report.json").read_text(encoding="utf-8"))
+
+
+def _work(run: StageRun) -> dict:
+    config = run.config
     cfg = config.tokenize
-    run_dir = RunDir(config)
     sources = resolve_sources(cfg.corpus)
-    for label, path in cfg.eval_texts.items():
-        if not Path(path).is_file():
-            raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
     base = resolve_base_tokenizer(config.model) if cfg.merge else None
-
-    inputs = source_hashes(sources)
-    inputs.update({f"eval_texts.{k}": sha256_file(Path(v)) for k, v in cfg.eval_texts.items()})
-    if base is not None:
-        base_file = (
-            base.sp_model if base.kind == "sentencepiece" else base.folder / "tokenizer.json"
-        )
-        inputs["base_tokenizer"] = sha256_file(base_file)
-    key = fingerprint(cfg.model_dump(), config.data.model_dump(), config.run.seed, inputs, STAGE)
-    if run_dir.skip_done(STAGE, key, force):
-        return json.loads((run_dir.path / "tokenizer" / "report.json").read_text())
-
     started = time.time()
-    with run_dir.recording(STAGE, inputs, key):
-        work = Path(tempfile.mkdtemp(dir=run_dir.path, prefix=".tokenize-work-"))
-        try:
-            with atomic_dir(run_dir.path / "tokenizer") as out:
-                report = _build(config, base, sources, work, out)
-                report["seconds"] = round(time.time() - started, 2)
-                atomic_write_json(out / "report.json", report)
-                write_chart(report["texts"], out / "report.png")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    tokenizer_hash = hash_tokenizer(run_dir.path / "tokenizer")
+    work = Path(tempfile.mkdtemp(dir=run.run_dir.path, prefix=".tokenize-work-"))
+    try:
+        with atomic_dir(run.folder) as out:
+            report = _build(config, base, sources, work, out)
+            report["seconds"] = round(time.time() - started, 2)
+            atomic_write_json(out / "report.json", report)
+            write_chart(report["texts"], out / "report.png")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tokenizer_hash = hash_tokenizer(run.folder)
 
     metrics = {k: report[k] for k in ("vocab_size", "new_tokens", "reachable_new_tokens")}
     for label, entry in report["texts"].items():
         metrics[f"{label}.chars_per_token"] = round(entry["after"]["chars_per_token"], 4)
         if "lines_changed" in entry:
             metrics[f"{label}.lines_changed"] = entry["lines_changed"]
-    run_dir.finish(
-        STAGE,
-        outputs={"tokenizer": tokenizer_hash},
-        metrics=metrics,
-        tokenizer_hash=tokenizer_hash,
-        vocab_size=report["vocab_size"],
-        seconds=report["seconds"],
-    )
     print(format_table(report["texts"]))
     print(
         f"tokenize: {report['new_tokens']} new tokens "
         f"({report['reachable_new_tokens']} reachable), vocabulary {report['vocab_size']}; "
-        f"wrote {run_dir.path / 'tokenizer'}"
+        f"wrote {run.folder}"
     )
-    return report
+    return {
+        "metrics": metrics,
+        "record": {"tokenizer_hash": tokenizer_hash, "vocab_size": report["vocab_size"]},
+    }
 
 
 def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
@@ -204,7 +176,7 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
     train_file = work / "train.txt"
     held_out = _split_corpus(config, sources, train_file)
     # Later stages report loss per character on the same held-out text.
-    (out / "heldout.txt").write_text("".join(line + "\n" for line in held_out), encoding="utf-8")
+    (out / HELDOUT_FILE).write_text("".join(line + "\n" for line in held_out), encoding="utf-8")
     base_hf = base.load_hf(config.model.trust_remote_code) if base is not None else None
     report: dict = {
         "kind": base.kind if base else "sentencepiece",

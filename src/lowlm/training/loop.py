@@ -58,6 +58,7 @@ class TrainPlan:
     seed: int = 1234
     peak_tflops: float | None = None
     frozen_base: bool = False  # LoRA / embedding stages: no weight gradients for most of the model
+    max_skipped_steps: int = 5  # non-finite steps in a row before the stage stops
 
 
 def seed_everything(seed: int) -> None:
@@ -322,6 +323,7 @@ def train(
     log_path = folder / "log.jsonl"
 
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_steps = 0
     last = {}
     progress = tqdm(
         total=plan.steps,
@@ -330,6 +332,8 @@ def train(
         desc=folder.name.strip(".").removesuffix(".train"),
         dynamic_ncols=True,
     )
+    skipped = restored.get("skipped", 0) if checkpoint is not None else 0
+    in_a_row = 0
     for step in range(start_step, plan.steps):
         step_loss = torch.zeros((), device=accelerator.device)
         step_tokens = torch.zeros((), device=accelerator.device)
@@ -345,7 +349,6 @@ def train(
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss = model(**batch).loss
-                _stop_if_not_finite(accelerator, loss, step, folder)
                 accelerator.backward(loss / plan.grad_accum)
             step_loss += loss.detach() / plan.grad_accum
             mask = batch.get("attention_mask")
@@ -353,29 +356,60 @@ def train(
         if after_backward is not None:
             after_backward()
         grad_norm = accelerator.clip_grad_norm_(trainable, plan.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0).to(step_loss)
+        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(norm)).float()
+        # One reduction and one host sync per step: loss, tokens, and whether any rank's loss
+        # or gradient norm is non-finite (then every rank skips the update together).
+        loss_sum, tokens, bad_ranks = accelerator.reduce(
+            torch.stack([torch.nan_to_num(step_loss), step_tokens.float(), bad]), "sum"
+        ).tolist()
         done = step + 1
-        window_loss += accelerator.reduce(step_loss, "mean").item()
-        tokens = int(accelerator.reduce(step_tokens, "sum").item())
-        window_tokens += tokens
-        tokens_seen += tokens
         progress.update(1)
+        if bad_ranks > 0:
+            # Numeric guard: weights and optimizer state stay as they were before this step.
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            in_a_row += 1
+            if accelerator.is_main_process:
+                with log_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": done, "skipped": "non-finite"}) + "\n")
+            if in_a_row >= plan.max_skipped_steps:
+                saved = latest_checkpoint(folder)
+                kept = (
+                    f"the last good checkpoint is {saved}"
+                    if saved
+                    else "no checkpoint was written yet"
+                )
+                raise LowlmError(
+                    f"the loss or gradient norm was non-finite for {in_a_row} steps in a row "
+                    f"(steps {done - in_a_row + 1}-{done}, each skipped); {kept}. Lower the "
+                    "learning rate, use bf16 or fp32 instead of fp16, or check the data."
+                )
+        else:
+            in_a_row = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_loss += loss_sum / world
+            window_tokens += int(tokens)
+            tokens_seen += int(tokens)
+            window_steps += 1
 
         if done % plan.log_every == 0 or done == plan.steps:
             seconds = time.perf_counter() - window_start
-            steps_in_window = done - (last.get("step", start_step))
             tokens_per_s = window_tokens / seconds
             last = {
                 "step": done,
-                "loss": window_loss / steps_in_window,
+                # None when every step of the window was skipped by the numeric guard.
+                "loss": window_loss / window_steps if window_steps else None,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "skipped_steps": skipped,
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_token * tokens_per_s / peak,
             }
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            window_steps = 0
             if done % plan.eval_every == 0 or done == plan.steps:
                 eval_loss = evaluate(accelerator, model, eval_data, plan)
                 if eval_loss is not None:
@@ -383,7 +417,7 @@ def train(
             if accelerator.is_main_process:
                 with log_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(last) + "\n")
-                progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                progress.set_postfix(loss=f"{last['loss']}"[:6], tok_s=f"{tokens_per_s:,.0f}")
                 progress.write(
                     " ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -404,7 +438,7 @@ def train(
                 done,
                 folder,
                 plan.keep_checkpoints,
-                {"loss": last.get("loss"), "tokens": tokens_seen},
+                {"loss": last.get("loss"), "tokens": tokens_seen, "skipped": skipped},
             )
     progress.close()
     if start_step >= plan.steps and accelerator.is_main_process:
@@ -413,16 +447,5 @@ def train(
     final["steps"] = plan.steps
     final["tokens"] = tokens_seen
     final["world_size"] = world
+    final["skipped_steps"] = skipped
     return final
-
-
-def _stop_if_not_finite(accelerator, loss: torch.Tensor, step: int, folder: Path) -> None:
-    """Every rank stops together, naming the step and the checkpoint that is still good."""
-    finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")
-    if finite.item() < 1:
-        saved = latest_checkpoint(folder)
-        kept = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
-        raise LowlmError(
-            f"the loss became non-finite at step {step + 1}; {kept}. Lower the learning rate, "
-            "use bf16 or fp32 instead of fp16, or check the data."
-        )

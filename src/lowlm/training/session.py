@@ -78,6 +78,7 @@ def plan_from(section: TrainingSection, steps: int, lr: float, seed: int, frozen
         seed=seed,
         peak_tflops=section.peak_tflops,
         frozen_base=frozen_base,
+        max_skipped_steps=section.max_skipped_steps,
     )
 
 

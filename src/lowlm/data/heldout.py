@@ -1,0 +1,36 @@
+"""The held-out split, decided once for the whole run by one rule over documents.
+
+A document is held out when a hash of (run.seed, its text) falls below
+`data.heldout_fraction`. The rule needs no list and no state: every stage that reads the
+corpus (the tokenizer's training, pre-training stages 1, 2 and full) applies it to each
+document and trains only on the rest, and pre-training's validation loss is measured on
+exactly the held-out documents. Identical documents get the same answer, so a duplicate
+of a held-out document is never trained on either. `tokenize` writes up to
+`tokenize.holdout_lines` lines of held-out documents to `tokenizer/heldout.txt`: the text
+every held-out figure of the run (resize, pretrain, export, the demo's ppl task) is measured
+on, and which `sft` keeps out of its training examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+HELDOUT_FILE = "heldout.txt"
+
+
+def is_held_out(document: str, seed: int, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}\0{document}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def heldout_set(tokenizer_folder: Path | None) -> frozenset[str]:
+    """The lines of the run's heldout.txt (empty when the run has none)."""
+    if tokenizer_folder is None:
+        return frozenset()
+    path = Path(tokenizer_folder) / HELDOUT_FILE
+    if not path.exists():
+        return frozenset()
+    return frozenset(line for line in path.read_text(encoding="utf-8").split("\n") if line)

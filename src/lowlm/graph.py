@@ -1,0 +1,546 @@
+"""The stage graph: every stage declared once, and everything derived from that declaration.
+
+Each stage names its folder in the run directory, the command that builds it, the config it
+reads, the files outside the run it reads, and its parents (the run stages it reads). From
+this one table come: the order `lowlm run` follows, the model a stage starts from, the
+model `generate` / `chat` / `eval` use by default, `lowlm status`, and every stage's key.
+
+A stage's key is a hash of its inputs: the config sections it reads, the content of every
+file it reads, and its parents' keys (a Merkle chain, as Nix, Bazel or DVC build them), so a
+change anywhere upstream changes the key of every stage below. "Done" means: the manifest
+records the stage done with exactly this key and its output is untouched since. Large inputs
+are hashed once and remembered by (path, size, mtime, inode), as git's index does.
+
+Held out: the documents `lowlm.data.heldout` sets aside are excluded from every training
+stage (tokenizer training, pretrain 1/2/full, sft), so every figure called held-out is
+measured on text no stage trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowlm.config import LowlmConfig
+from lowlm.errors import LowlmError
+from lowlm.rundir import RunDir, content_id, fingerprint, sha256_text, signature
+
+# Training-section fields that change how a run is logged or saved, not what it computes.
+_BOOKKEEPING = {
+    "log_every",
+    "save_every",
+    "eval_every",
+    "keep_checkpoints",
+    "num_proc",
+    "peak_tflops",
+    "energy",
+}
+_PRETRAIN_STAGES = {
+    "pretrain-stage1": "stage1",
+    "pretrain-stage2": "stage2",
+    "pretrain-full": "full",
+}
+
+
+def _dump(section, exclude: set[str] | None = None) -> str:
+    return sha256_text(
+        json.dumps(section.model_dump(exclude=exclude), sort_keys=True, ensure_ascii=False)
+    )
+
+
+# ----- what each stage reads from the config --------------------------------------------------
+
+
+def _tokenize_config(c: LowlmConfig) -> dict:
+    return {
+        "config.tokenize": _dump(c.tokenize),
+        "config.data": _dump(c.data),
+        "config.model": _dump(c.model, exclude={"dtype"}),
+        "config.run.seed": str(c.run.seed),
+    }
+
+
+def _resize_config(c: LowlmConfig) -> dict:
+    return {
+        "config.resize": _dump(c.resize),
+        "config.model": _dump(c.model),
+        "config.run.seed": str(c.run.seed),
+    }
+
+
+def _init_config(c: LowlmConfig) -> dict:
+    return {"config.init": _dump(c.init), "config.run.seed": str(c.run.seed)}
+
+
+def _pretrain_config(name: str) -> Callable[[LowlmConfig], dict]:
+    own = _PRETRAIN_STAGES[name]
+
+    def read(c: LowlmConfig) -> dict:
+        return {
+            "config.pretrain": _dump(
+                c.pretrain, exclude={"stage1", "stage2", "full"} | _BOOKKEEPING
+            ),
+            f"config.pretrain.{own}": _dump(getattr(c.pretrain, own)),
+            "config.model": _dump(c.model),
+            "config.data": _dump(c.data),
+            "config.run.seed": str(c.run.seed),
+        }
+
+    return read
+
+
+def _export_config(c: LowlmConfig) -> dict:
+    return {
+        "config.export": _dump(c.export),
+        "config.model": _dump(c.model, exclude={"base", "tokenizer"}),
+    }
+
+
+def _sft_config(c: LowlmConfig) -> dict:
+    return {
+        "config.sft": _dump(c.sft, exclude=_BOOKKEEPING),
+        "config.model": _dump(c.model),
+        "config.data": _dump(c.data),
+        "config.run.seed": str(c.run.seed),
+    }
+
+
+def _eval_config(c: LowlmConfig) -> dict:
+    return {"config.eval": _dump(c.eval), "config.model": _dump(c.model)}
+
+
+# ----- what each stage reads from outside the run ---------------------------------------------
+
+
+def _sources(label: str, patterns: list[str]) -> dict[str, str]:
+    from lowlm.data.corpus import resolve_sources, source_hashes
+
+    return {f"{label}:{k}": v for k, v in source_hashes(resolve_sources(patterns)).items()}
+
+
+def _base_tokenizer_id(c: LowlmConfig) -> str:
+    """The base tokenizer's content: its files only, not a whole model folder's weights."""
+    spec = c.model.tokenizer or c.model.base
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from lowlm.tokenization.base import HUB_PATTERNS
+
+        files = {n: content_id(path / n) for n in HUB_PATTERNS if (path / n).is_file()}
+        return sha256_text(json.dumps(files, sort_keys=True))
+    return content_id(spec)
+
+
+def _tokenize_files(c: LowlmConfig) -> dict:
+    files = _sources("corpus", c.tokenize.corpus)
+    for label, path in c.tokenize.eval_texts.items():
+        if not Path(path).is_file():
+            raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
+        files[f"eval_texts.{label}:{path}"] = content_id(path)
+    if c.tokenize.merge and (c.model.tokenizer or c.model.base):
+        files[f"base_tokenizer:{c.model.tokenizer or c.model.base}"] = _base_tokenizer_id(c)
+    return files
+
+
+def _pretrain_files(c: LowlmConfig) -> dict:
+    return _sources("corpus", c.pretrain.corpus or c.tokenize.corpus)
+
+
+def _sft_files(c: LowlmConfig) -> dict:
+    return _sources("data", c.sft.data) if c.sft.data else {}
+
+
+def _eval_files(c: LowlmConfig) -> dict:
+    files = {}
+    for index, task in enumerate(c.eval.tasks):
+        if task.path and Path(task.path).exists():
+            files[f"eval.tasks[{index}]:{task.path}"] = content_id(task.path)
+    return files
+
+
+def _none(c: LowlmConfig) -> dict:
+    return {}
+
+
+# ----- the table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    folder: str  # its artifact inside the run directory
+    command: str  # the command that builds it
+    enabled: Callable[[LowlmConfig], bool]  # part of `lowlm run` with this config
+    config: Callable[[LowlmConfig], dict]  # the config it reads, hashed
+    files: Callable[[LowlmConfig], dict] = _none  # what it reads outside the run, hashed
+    needs: tuple[str, ...] = ()  # run stages it reads whenever they are enabled
+    models_from: tuple[str, ...] = ()  # its model: the first enabled of these...
+    base_fallback: bool = False  # ...else model.base
+    override: Callable[[LowlmConfig], str | None] = lambda c: None  # a model named in config
+
+
+def _pretrain_enabled(name: str) -> Callable[[LowlmConfig], bool]:
+    return lambda c: getattr(c.pretrain, _PRETRAIN_STAGES[name]).steps > 0
+
+
+_MODELS = ("pretrain-full", "pretrain-stage2", "pretrain-stage1", "resize", "init")
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "tokenize",
+            "tokenizer",
+            "lowlm tokenize",
+            lambda c: bool(c.tokenize.corpus),
+            _tokenize_config,
+            _tokenize_files,
+        ),
+        Stage(
+            "init",
+            "model-init",
+            "lowlm init",
+            lambda c: bool(c.init.size),
+            _init_config,
+            needs=("tokenize",),
+        ),
+        Stage(
+            "resize",
+            "model-resized",
+            "lowlm resize",
+            lambda c: (
+                not c.init.size and bool(c.model.base and c.tokenize.merge and c.tokenize.corpus)
+            ),
+            _resize_config,
+            lambda c: {f"base:{c.model.base}": content_id(c.model.base)} if c.model.base else {},
+            needs=("tokenize",),
+        ),
+        Stage(
+            "pretrain-stage1",
+            "pretrain-stage1",
+            "lowlm pretrain --stage 1",
+            _pretrain_enabled("pretrain-stage1"),
+            _pretrain_config("pretrain-stage1"),
+            _pretrain_files,
+            needs=("tokenize",),
+            models_from=("resize", "init"),
+        ),
+        Stage(
+            "pretrain-stage2",
+            "pretrain-stage2",
+            "lowlm pretrain --stage 2",
+            _pretrain_enabled("pretrain-stage2"),
+            _pretrain_config("pretrain-stage2"),
+            _pretrain_files,
+            needs=("tokenize",),
+            models_from=("pretrain-stage1", "resize", "init"),
+            base_fallback=True,
+        ),
+        Stage(
+            "pretrain-full",
+            "pretrain-full",
+            "lowlm pretrain --stage full",
+            _pretrain_enabled("pretrain-full"),
+            _pretrain_config("pretrain-full"),
+            _pretrain_files,
+            needs=("tokenize",),
+            models_from=("pretrain-stage2", "pretrain-stage1", "resize", "init"),
+            base_fallback=True,
+        ),
+        Stage(
+            "export",
+            "export",
+            "lowlm export",
+            lambda c: any(
+                s.steps > 0 for s in (c.pretrain.stage1, c.pretrain.stage2, c.pretrain.full)
+            ),
+            _export_config,
+            needs=("tokenize",),
+            models_from=_MODELS,
+        ),
+        Stage(
+            "sft",
+            "sft",
+            "lowlm sft",
+            lambda c: bool(c.sft.data),
+            _sft_config,
+            _sft_files,
+            needs=("tokenize",),
+            models_from=("export", *_MODELS),
+            base_fallback=True,
+            override=lambda c: c.sft.model,
+        ),
+        Stage(
+            "eval",
+            "eval",
+            "lowlm eval",
+            lambda c: bool(c.eval.tasks),
+            _eval_config,
+            _eval_files,
+            models_from=("sft", "export", *_MODELS),
+            base_fallback=True,
+            override=lambda c: c.eval.model,
+        ),
+    )
+}
+ORDER = list(STAGES)
+# Stages whose folder is a model (or adapter / embeddings) that generate and eval can load.
+MODEL_STAGES = ("sft", "export", *_MODELS)
+INFERENCE = "eval"  # generate and chat use the model eval would use
+
+
+def folder(config: LowlmConfig, name: str) -> Path:
+    return config.run_dir / STAGES[name].folder
+
+
+# ----- keys and states ------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a stage would read now: its inputs (label -> hash), key, parents, model."""
+
+    name: str
+    inputs: dict[str, str]
+    key: str
+    parents: list[str]
+    model: str | None = None  # the path or id of the model it starts from
+    model_stage: str | None = None  # the run stage that model comes from, if any
+
+
+@dataclass
+class State:
+    name: str
+    status: str  # done | stale | running | interrupted | failed | not run | error
+    reason: str = ""
+    plan: Plan | None = None
+    record: dict = field(default_factory=dict)
+
+
+class Graph:
+    """Keys and states of one config's stages (each computed once per Graph)."""
+
+    def __init__(self, config: LowlmConfig):
+        self.config = config
+        self.run_dir = RunDir(config)
+        self._plans: dict[tuple, Plan] = {}
+        self._states: dict[tuple, State] = {}
+        self._manifest: dict | None = None
+
+    def enabled(self) -> list[str]:
+        return [name for name in ORDER if STAGES[name].enabled(self.config)]
+
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            self._manifest = self.run_dir.read_manifest()["stages"]
+        return self._manifest
+
+    def model_source(self, name: str, override: str | None = None) -> tuple[str | None, str | None]:
+        """(run stage, path) of the model `name` starts from; (None, path or id) outside the run."""
+        stage = STAGES[name]
+        chosen = override or stage.override(self.config)
+        if chosen:
+            return None, str(chosen)
+        for candidate in stage.models_from:
+            if STAGES[candidate].enabled(self.config):
+                return candidate, str(folder(self.config, candidate))
+        if stage.base_fallback and self.config.model.base:
+            return None, self.config.model.base
+        return None, None
+
+    def plan(self, name: str, override: str | None = None) -> Plan:
+        cache_key = (name, override)
+        if cache_key in self._plans:
+            return self._plans[cache_key]
+        stage = STAGES[name]
+        inputs = dict(stage.config(self.config))
+        inputs.update(stage.files(self.config))
+        parents = [n for n in stage.needs if STAGES[n].enabled(self.config)]
+        model_stage, model = (None, None)
+        if stage.models_from or stage.override(self.config) or override:
+            model_stage, model = self.model_source(name, override)
+            if model_stage is not None:
+                parents.append(model_stage)
+            elif model is not None:
+                inputs[f"model:{model}"] = content_id(model)
+        for parent in parents:
+            inputs[f"parent:{parent}"] = self.plan(parent).key
+        plan = Plan(name, inputs, fingerprint(name, inputs), parents, model, model_stage)
+        self._plans[cache_key] = plan
+        return plan
+
+    def state(self, name: str, override: str | None = None) -> State:
+        if (name, override) in self._states:
+            return self._states[(name, override)]
+        record = self.manifest().get(name) or {}
+        try:
+            plan = self.plan(name, override)
+        except LowlmError as exc:
+            state = State(name, "error", str(exc), None, record)
+            self._states[(name, override)] = state
+            return state
+        state = State(name, "not run", "", plan, record)
+        status = record.get("status")
+        if status == "running":
+            state.status, state.reason = _running(record)
+        elif status == "failed":
+            state.status, state.reason = "failed", record.get("error", "")
+        elif status == "done":
+            changed = _changed(record.get("inputs", {}), plan.inputs)
+            if record.get("key") != plan.key:
+                state.status, state.reason = (
+                    "stale",
+                    "changed: " + (", ".join(changed) or "the stage's definition"),
+                )
+            else:
+                touched = [
+                    out
+                    for out, stamp in record.get("outputs", {}).items()
+                    if not (self.run_dir.path / out).exists()
+                    or signature(self.run_dir.path / out) != stamp
+                ]
+                if touched:
+                    state.status = "stale"
+                    state.reason = "output changed or missing since it was written: " + ", ".join(
+                        touched
+                    )
+                else:
+                    state.status = "done"
+        self._states[(name, override)] = state
+        return state
+
+    def require_parents(self, plan: Plan) -> None:
+        """Refuse to build on a parent that is not done with its current inputs."""
+        for parent in plan.parents:
+            state = self.state(parent)
+            if state.status == "done":
+                continue
+            what = {
+                "not run": "has not run",
+                "stale": f"is stale ({state.reason})",
+                "running": "is still running",
+                "interrupted": "was interrupted",
+                "failed": "failed",
+                "error": f"cannot be checked ({state.reason})",
+            }[state.status]
+            raise LowlmError(
+                f"{plan.name} reads {parent}, which {what}; run `{STAGES[parent].command} "
+                f"CONFIG` first, or `lowlm run CONFIG` to rebuild what is needed."
+            )
+
+
+def _changed(recorded: dict, current: dict) -> list[str]:
+    labels = sorted(set(recorded) | set(current))
+    return [label for label in labels if recorded.get(label) != current.get(label)]
+
+
+def _running(record: dict) -> tuple[str, str]:
+    pid, host = record.get("pid"), record.get("host")
+    if host and host != socket.gethostname():
+        return "running", f"on {host}"
+    if pid:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return "interrupted", f"process {pid} is gone; the next run resumes"
+        except PermissionError:
+            pass
+    return "running", f"process {pid}" if pid else ""
+
+
+# ----- the stage skeleton ---------------------------------------------------------------------
+
+
+@dataclass
+class StageRun:
+    """What a stage's work function gets: where to write, what to start from, whether to resume."""
+
+    config: LowlmConfig
+    run_dir: RunDir
+    plan: Plan
+    folder: Path
+    resume: bool
+    started: float
+
+    @property
+    def key(self) -> str:
+        return self.plan.key
+
+    def parent_key(self) -> str | None:
+        """The key of the model this stage starts from (a run stage's key, or its content)."""
+        if self.plan.model_stage:
+            return self.plan.inputs[f"parent:{self.plan.model_stage}"]
+        return self.plan.inputs.get(f"model:{self.plan.model}")
+
+
+def execute(
+    config: LowlmConfig,
+    name: str,
+    work: Callable[[StageRun], dict],
+    *,
+    force: bool = False,
+    resume: bool = True,
+    main: bool = True,
+    say: Callable[[str], None] = print,
+    override: str | None = None,
+) -> dict:
+    """The one sequence every stage follows: key -> skip or resume -> record start -> work ->
+    record finish. `work` writes its artifact atomically into `run.folder` and returns
+    {"metrics": ..., and optionally "record": extra manifest fields}; `main` is false on the
+    ranks of a multi-process run that must not write the manifest."""
+    graph = Graph(config)
+    plan = graph.plan(name, override)
+    graph.require_parents(plan)
+    state = graph.state(name, override)
+    run_dir = graph.run_dir
+    out = folder(config, name)
+    if state.status == "done" and not force:
+        say(f"{name}: already done with these inputs in {out}; --force reruns it.")
+        return state.record.get("metrics", {})
+    record = graph.manifest().get(name) or {}
+    resume = resume and not force and record.get("key") == plan.key
+    started = time.time()
+    if main:
+        run_dir.start(name, plan.inputs, plan.key, pid=os.getpid(), host=socket.gethostname())
+    try:
+        result = work(StageRun(config, run_dir, plan, out, resume, started))
+    except LowlmError as exc:
+        if main:
+            run_dir.fail(name, str(exc))
+        raise
+    except BaseException as exc:
+        if main:
+            with contextlib.suppress(Exception):
+                run_dir.fail(name, f"{type(exc).__name__}: {exc}")
+        raise
+    metrics = result.get("metrics", {})
+    if main:
+        run_dir.finish(
+            name,
+            outputs={STAGES[name].folder: signature(out)},
+            metrics=metrics,
+            seconds=round(time.time() - started, 2),
+            **result.get("record", {}),
+        )
+    return metrics
+
+
+def current_model(config: LowlmConfig, model: str | None = None, stage: str = INFERENCE) -> str:
+    """The model `stage` would use (default: eval's, which generate and chat share), refused
+    when it is a run stage that is not done with its current inputs."""
+    graph = Graph(config)
+    model_stage, source = graph.model_source(stage, model)
+    if model_stage is not None:
+        state = graph.state(model_stage)
+        if state.status != "done":
+            graph.require_parents(Plan(stage, {}, "", [model_stage]))
+    if not source:
+        raise LowlmError(
+            "there is no model to use; pass --model, set model.base, or configure and run a stage."
+        )
+    return source
