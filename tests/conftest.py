@@ -16,6 +16,14 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_hash_cache(tmp_path_factory):
+    """Content hashes remembered by the tests stay out of the user's cache."""
+    import os
+
+    os.environ["LOWLM_HASH_CACHE"] = str(tmp_path_factory.mktemp("hashes") / "file-hashes.json")
+
+
 @pytest.fixture(scope="session")
 def en_lines() -> list[str]:
     return (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()
@@ -124,6 +132,7 @@ def pipeline_config(base: Path | None, **sections) -> dict:
     """A fast pipeline config: a small zh-TW merge and tiny training settings."""
     config = {
         "model": {"base": str(base)} if base else {},
+        "data": {"heldout_fraction": 0.05},
         "tokenize": {
             "corpus": [str(DEMO / "zh-tw.txt")],
             "vocab_size": 1500,
@@ -137,7 +146,6 @@ def pipeline_config(base: Path | None, **sections) -> dict:
             "log_every": 2,
             "eval_every": 4,
             "save_every": 4,
-            "eval_fraction": 0.02,
             "max_eval_blocks": 4,
             "energy": {"enabled": False},
         },

@@ -42,9 +42,11 @@ def test_tokenize_run_and_status_commands(write_config, sp_base, tmp_path):
     result = runner.invoke(app, ["run", str(path), "--set", "tokenize.vocab_size=1500"])
     assert result.exit_code == 0 and "already done" in result.stdout
 
-    result = runner.invoke(app, ["status", str(path)])
+    result = runner.invoke(app, ["status", str(path), "--set", "tokenize.vocab_size=1500"])
     assert result.exit_code == 0
     assert "tokenize" in result.stdout and "done" in result.stdout
+    result = runner.invoke(app, ["status", str(path)])  # without the override: another input
+    assert "stale" in result.stdout and "changed: config.tokenize" in result.stdout
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["tokenize"]["metrics"]["en.lines_changed"] == 0
 

@@ -129,7 +129,7 @@ def test_cache_key_changes_with_block_size_and_content(write_config, tmp_path):
     sources = resolve_sources([str(corpus)])
 
     def key(block_size):
-        return cache_key("tok", block_size, source_hashes(sources), config.data, 0.02, 1)
+        return cache_key("tok", block_size, source_hashes(sources), config.data, 1)
 
     first = key(32)
     assert key(64) != first
@@ -137,10 +137,10 @@ def test_cache_key_changes_with_block_size_and_content(write_config, tmp_path):
         handle.write("再加一行。\n")
     assert key(32) != first
     meta32 = build_cache(
-        tmp_path / "c32", config.run_dir / "tokenizer", sources, config.data, 32, 0.02, 1
+        tmp_path / "c32", config.run_dir / "tokenizer", sources, config.data, 32, 1
     )
     meta64 = build_cache(
-        tmp_path / "c64", config.run_dir / "tokenizer", sources, config.data, 64, 0.02, 1
+        tmp_path / "c64", config.run_dir / "tokenizer", sources, config.data, 64, 1
     )
     assert BlockDataset(tmp_path / "c32", "train")[0].shape == (32,)
     assert meta32["train_blocks"] > meta64["train_blocks"] > 0
@@ -284,16 +284,55 @@ def test_energy_is_recorded_with_its_method(write_config):
         assert energy["reason"]
 
 
-def test_non_finite_loss_stops_naming_the_step(write_config):
-    config = prepared(write_config, None, init={"size": "tiny"}, pretrain={"full": {"steps": 4}})
-    path = config.run_dir / "model-init" / "model.safetensors"
-    tensors = load_file(str(path))
-    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    with pytest.raises(LowlmError, match="non-finite at step 1; no checkpoint"):
+def _bad_gradient_norms(monkeypatch, bad_steps, seen):
+    """Make the gradient norm non-finite (loss finite) on the given optimizer steps, and record
+    the trainable weights as they are when each step's gradients are ready."""
+    from accelerate import Accelerator
+
+    original = Accelerator.clip_grad_norm_
+    calls = {"step": 0}
+
+    def clip(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        calls["step"] += 1
+        seen.append([p.detach().clone() for p in parameters])
+        if calls["step"] in bad_steps:
+            parameters[0].grad[0].fill_(float("inf"))
+        return original(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
+
+
+def test_a_non_finite_gradient_norm_skips_the_update_and_is_counted(write_config, monkeypatch):
+    config = prepared(write_config, None, init={"size": "tiny"}, pretrain={"full": {"steps": 5}})
+    seen: list = []
+    _bad_gradient_norms(monkeypatch, {3}, seen)
+    metrics = pretrain.run(config)["full"]
+    assert metrics["skipped_steps"] == 1
+    # step 3 changed nothing: the weights before step 4 are those before step 3
+    assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[2], strict=True))
+    weights = load_file(str(config.run_dir / "pretrain-full" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    log = [json.loads(line) for line in (config.run_dir / "pretrain-full" / "log.jsonl").open()]
+    assert {"step": 3, "skipped": "non-finite"} in log
+
+
+def test_non_finite_steps_in_a_row_stop_with_the_last_good_checkpoint(write_config, monkeypatch):
+    config = prepared(
+        write_config,
+        None,
+        init={"size": "tiny"},
+        pretrain={"full": {"steps": 8}, "save_every": 2, "max_skipped_steps": 2},
+    )
+    _bad_gradient_norms(monkeypatch, {3, 4, 5, 6, 7, 8}, [])
+    with pytest.raises(LowlmError, match=r"non-finite for 2 steps in a row \(steps 3-4.*step-2"):
         pretrain.run(config)
     record = json.loads((config.run_dir / "manifest.json").read_text())["stages"]["pretrain-full"]
     assert record["status"] == "failed" and not (config.run_dir / "pretrain-full").exists()
+    checkpoint = config.run_dir / ".pretrain-full.train" / "checkpoints" / "step-2"
+    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
 
 
 # bad input
@@ -301,7 +340,10 @@ def test_non_finite_loss_stops_naming_the_step(write_config):
 
 def test_resize_before_tokenize_is_a_clear_error(write_config, tiny_base):
     config = load_config(write_config(**pipeline_config(tiny_base)))
-    with pytest.raises(LowlmError, match="run `lowlm tokenize` first"):
+    with pytest.raises(
+        LowlmError,
+        match="resize reads tokenize, which has not run; run `lowlm tokenize CONFIG` first",
+    ):
         resize.run(config)
 
 
@@ -310,7 +352,7 @@ def test_pretrain_before_resize_is_a_clear_error(write_config, tiny_base):
         write_config(**pipeline_config(tiny_base, pretrain={"stage1": {"steps": 1}}))
     )
     tokenize.run(config)
-    with pytest.raises(LowlmError, match="run `lowlm resize`"):
+    with pytest.raises(LowlmError, match="reads resize, which has not run; run `lowlm resize"):
         pretrain.run(config)
 
 
@@ -342,8 +384,10 @@ def test_export_refuses_a_swapped_tokenizer(write_config, tiny_base):
     adapter = config.run_dir / "pretrain-stage2"
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         (adapter / name).write_bytes((tiny_base / name).read_bytes())
+    with pytest.raises(LowlmError, match="pretrain-stage2, which is stale .output changed"):
+        export.run(config)  # the graph sees the artifact was touched after it was written
     with pytest.raises(LowlmError, match="is not the one the model was saved with"):
-        export.run(config)
+        export.run(config, source=str(adapter))  # and the card, when named directly
 
 
 def test_bf16_stage2_with_gradient_checkpointing_keeps_trainable_weights_fp32(
@@ -383,8 +427,14 @@ def test_lora_directly_on_a_base_model_with_its_own_tokenizer(write_config, tiny
         write_config(
             **pipeline_config(
                 tiny_base,
+                tokenize={"corpus": [], "merge": False},
                 pretrain={
-                    "stage2": {"steps": 2, "train_embeddings": "none", "lora": {"r": 2, "alpha": 4}}
+                    "corpus": [str(DEMO / "zh-tw.txt")],
+                    "stage2": {
+                        "steps": 2,
+                        "train_embeddings": "none",
+                        "lora": {"r": 2, "alpha": 4},
+                    },
                 },
             )
         )
@@ -400,8 +450,8 @@ def test_cache_built_by_two_workers_equals_one(write_config, tmp_path):
     tokenize.run(config)
     sources = resolve_sources([str(DEMO / "zh-tw.txt")])
     tokenizer = config.run_dir / "tokenizer"
-    one = build_cache(tmp_path / "one", tokenizer, sources, config.data, 32, 0.02, 1, num_proc=1)
-    two = build_cache(tmp_path / "two", tokenizer, sources, config.data, 32, 0.02, 1, num_proc=2)
+    one = build_cache(tmp_path / "one", tokenizer, sources, config.data, 32, 1, num_proc=1)
+    two = build_cache(tmp_path / "two", tokenizer, sources, config.data, 32, 1, num_proc=2)
     assert one == two
     for split in ("train", "eval"):
         a, b = BlockDataset(tmp_path / "one", split), BlockDataset(tmp_path / "two", split)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from lowlm.cli import app
 from lowlm.config import InstructionFields, load_config
 from lowlm.data.instructions import read_conversations
-from lowlm.data.sft_examples import IGNORE, build_examples, encode, pack, truncate
+from lowlm.data.sft_examples import IGNORE, build_examples, pack, truncate
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
 from lowlm.stages import init, sft, tokenize
@@ -62,15 +62,14 @@ def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
 def test_only_responses_and_their_end_tokens_carry_the_loss(sp_tokenizer, spec, ends):
     template = Template(spec, sp_tokenizer)
     rendered = template.render(CONVERSATION)
-    ids, labels = encode(rendered, sp_tokenizer)
-    # the ids are those of tokenising the whole text, exactly as at inference
-    assert (
-        ids == sp_tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens).input_ids
-    )
+    ids, labels = template.encode(CONVERSATION)
     runs = [sp_tokenizer.decode(run) for run in trained_runs(ids, labels)]
     assert runs == ["哈囉，世界！" + ends[0], "再見！" + ends[1]]
     prompt = template.prompt(CONVERSATION[:2]).text
     assert rendered.text.startswith(prompt) and not prompt.endswith("哈")
+    # what generate sends for the first turn is a prefix of the example, up to the answer
+    prompt_ids = template.encode_prompt(CONVERSATION[:2])
+    assert ids[: len(prompt_ids)] == prompt_ids and labels[len(prompt_ids)] != IGNORE
 
 
 def test_alpaca_prompt_strings_with_and_without_input(sp_tokenizer):
@@ -118,15 +117,21 @@ def test_tokenizer_chat_template_masks_assistant_turns(chat_tokenizer):
             {"role": "assistant", "content": "see you"},
         ]
     )
-    ids, labels = encode(rendered, chat_tokenizer)
+    ids, labels = template.encode(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "see you"},
+        ]
+    )
+    assert rendered.text.endswith("see you<|im_end|>\n")
     runs = [chat_tokenizer.decode(run) for run in trained_runs(ids, labels)]
     assert runs == ["hello there<|im_end|>\n", "see you<|im_end|>\n"]
 
 
 def test_train_on_inputs_trains_every_token(sp_tokenizer):
-    ids, labels = encode(
-        Template("alpaca", sp_tokenizer).render(CONVERSATION), sp_tokenizer, train_on_inputs=True
-    )
+    ids, labels = Template("alpaca", sp_tokenizer).encode(CONVERSATION, train_on_inputs=True)
     assert labels == ids
 
 
@@ -138,7 +143,7 @@ def test_truncation_keeps_part_of_the_response_and_counts(sp_tokenizer):
     short = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "哈囉" * 200}]
     fits = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "哈囉"}]
     template = Template("alpaca", sp_tokenizer)
-    examples, report = build_examples([long_prompt, short, fits], template, sp_tokenizer, 128)
+    examples, report = build_examples([long_prompt, short, fits], template, 128)
     assert (report.examples, report.truncated, report.dropped) == (3, 2, 0)
     for example in examples:
         assert len(example["input_ids"]) <= 128
@@ -155,7 +160,7 @@ def test_packing_keeps_every_label(sp_tokenizer):
         [{"role": "user", "content": f"問題{i}"}, {"role": "assistant", "content": f"答案{i}"}]
         for i in range(10)
     ]
-    examples, _ = build_examples(conversations, Template("alpaca", sp_tokenizer), sp_tokenizer, 256)
+    examples, _ = build_examples(conversations, Template("alpaca", sp_tokenizer), 256)
     blocks = pack(examples, 256)
     assert len(blocks) < len(examples) and all(len(b["input_ids"]) <= 256 for b in blocks)
     assert np.array_equal(

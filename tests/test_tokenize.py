@@ -158,7 +158,7 @@ def test_done_stage_is_skipped_until_input_changes_or_forced(write_config, capsy
     assert "already done" not in capsys.readouterr().out
     manifest = json.loads((config.run_dir / "manifest.json").read_text())
     record = manifest["stages"]["tokenize"]
-    assert record["status"] == "done" and str(corpus) in record["inputs"]
+    assert record["status"] == "done" and f"corpus:{corpus}" in record["inputs"]
     assert record["tokenizer_hash"] and record["versions"]["transformers"]
 
 
