@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lowlm.config import InitConfig, load_config
 from lowlm.data.blocks import BlockDataset, build_cache, cache_key

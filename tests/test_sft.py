@@ -323,3 +323,69 @@ def test_sft_reports_truncated_and_invalid_records(write_config, tmp_path):
         ":22: not valid JSON or UTF-8 (Expecting value: line 1 column 1 (char 0))"
     )
     assert metrics["truncated"] > 0 and metrics["packed_blocks"] >= 1
+
+
+@pytest.fixture(scope="session")
+def zh_sp_tokenizer(tmp_path_factory):
+    """A Chinese SentencePiece tokenizer: its pieces start with ▁, so a prompt's trailing
+    space and the answer's first word can merge."""
+    from lowlm.config import TokenizeConfig
+    from lowlm.tokenization.sentencepiece_merge import train_sentencepiece
+    from tests.conftest import CHAT_TEMPLATE
+
+    folder = tmp_path_factory.mktemp("zh-sp")
+    model = train_sentencepiece(
+        DEMO / "zh-tw.txt", folder / "zh", TokenizeConfig(vocab_size=1500, num_threads=1)
+    )
+    tokenizer = LlamaTokenizer.from_pretrained(str(model), add_bos_token=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "spec", ["alpaca", "llama2", "chatml", "tokenizer", "問： {user} 答： {assistant}"]
+)
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte_level"])
+def test_what_generate_sends_is_a_prefix_of_what_sft_trained(
+    spec, kind, zh_sp_tokenizer, chat_tokenizer
+):
+    tokenizer = zh_sp_tokenizer if kind == "sentencepiece" else chat_tokenizer
+    template = Template(spec, tokenizer)
+    # answers that start with pieces the SentencePiece model has as `▁選取`, `▁如果`
+    merging = [
+        {"role": "user", "content": "怎麼做？"},
+        {"role": "assistant", "content": "選取儲存格。"},
+        {"role": "user", "content": "然後呢？"},
+        {"role": "assistant", "content": "如果需要，再按一次。"},
+    ]
+    cases = [
+        (conversation, turn)
+        for conversation in (CONVERSATION, merging)
+        for turn, message in enumerate(conversation)
+        if message["role"] == "assistant"
+    ]
+    for conversation, turn in cases:
+        ids, labels = template.encode(conversation[: turn + 1])
+        prompt = template.encode_prompt(conversation[:turn])
+        assert ids[: len(prompt)] == prompt, (spec, kind, turn)
+        assert labels[len(prompt)] != IGNORE and labels[len(prompt) - 1] == IGNORE
+        # and the answer is spelled exactly: no swallowed or doubled space at the seam
+        answer = tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
+        assert answer.lstrip().startswith(conversation[turn]["content"])
+        assert not answer.startswith("  ")
+        spelled = tokenizer.decode(prompt + ids[len(prompt) :])
+        assert spelled == tokenizer.decode(ids)
+
+
+def test_the_seam_keeps_the_prompts_trailing_space_as_its_own_token(zh_sp_tokenizer):
+    """llama2 prompts end in a space: as one string, `[/INST] 選取` tokenizes `▁選取` and the
+    prompt's ids (which end in `▁`) are not a prefix. Built from the prompt's ids, they are."""
+    template = Template("llama2", zh_sp_tokenizer)
+    assert "▁選取" in zh_sp_tokenizer.get_vocab()
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "選取儲存格"}]
+    whole = zh_sp_tokenizer(template.render(messages).text, add_special_tokens=False).input_ids
+    prompt_text = template.prompt(messages[:1]).text
+    alone = zh_sp_tokenizer(prompt_text, add_special_tokens=False).input_ids
+    assert whole[: len(alone)] != alone  # the defect of tokenizing the whole string
+    ids, _ = template.encode(messages)
+    assert ids[: len(alone)] == template.encode_prompt(messages[:1]) == alone
