@@ -166,8 +166,7 @@ def main() -> None:
         resolve_sources([args.corpus]),
         config.data,
         args.block,
-        0.0,
-        0,
+        config.run.seed,
     )
     data = pretrain.Blocks(BlockDataset(cache, "train"))
     vocab_size = 4000

@@ -154,7 +154,7 @@ def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_pa
     sources = resolve_sources([str(DEMO / "zh-tw.txt")])
     monkeypatch.setattr(blocks, "SHARD_BLOCKS", 64)
     tokenizer = config.run_dir / "tokenizer"
-    build_cache(tmp_path / "whole", tokenizer, sources, config.data, 32, 0.02, 1)
+    build_cache(tmp_path / "whole", tokenizer, sources, config.data, 32, 1)
 
     real_save = blocks._save_progress
     calls = {"n": 0}
@@ -167,11 +167,11 @@ def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_pa
 
     monkeypatch.setattr(blocks, "_save_progress", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 0.02, 1)
+        build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1)
     assert (tmp_path / "resumed" / "progress.json").exists()
     assert not (tmp_path / "resumed" / "meta.json").exists()
     monkeypatch.setattr(blocks, "_save_progress", real_save)
-    build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 0.02, 1)
+    build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1)
     for split in ("train", "eval"):
         whole, resumed = (
             BlockDataset(tmp_path / "whole", split),

@@ -1,11 +1,11 @@
 """Tokenise a corpus once into memory-mapped shards of packed `block_size` blocks.
 
 The cache folder is named by a content key (tokenizer hash, block size, input file
-hashes, reading options), so a changed input, tokenizer or block size never reuses a
-stale cache (PRODUCT.md, mistake 5). Building streams in bounded memory: documents are
-tokenised in batches, EOS-separated, and written in shards; `progress.json` records
-the documents consumed after every shard, so an interrupted build resumes there. The
-cache is complete when `meta.json` exists.
+hashes, reading options, held-out rule), so a changed input, tokenizer or block size
+never reuses a stale cache (a cache keyed by file name once reused another block size).
+Building streams in bounded memory: documents are tokenised in batches, EOS-separated,
+and written in shards; `progress.json` records the documents consumed after every shard,
+so an interrupted build resumes there. The cache is complete when `meta.json` exists.
 """
 
 from __future__ import annotations

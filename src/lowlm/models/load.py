@@ -1,8 +1,9 @@
 """Loading and saving models the way every stage needs them.
 
 Each model lowlm writes is a folder with its tokenizer and a `lowlm_model.json` card
-recording the tokenizer's hash and vocabulary size (PRODUCT.md: vocabulary/checkpoint
-mismatch is the most common user issue), what kind of artifact it is, and its parent:
+recording the tokenizer's hash and vocabulary size (a vocabulary/checkpoint mismatch,
+49953 vs 49954 rows, is the most common user problem in this field), what kind of
+artifact it is, and its parent:
 
 - `model`: a full HF model folder (safetensors);
 - `embeddings`: only the embedding matrices (`embeddings.safetensors`) over a parent model;

@@ -139,7 +139,7 @@ def _prepare_stage2(model, config: LowlmConfig, new_ids: list[int]):
         )
     elif cfg.train_embeddings == "all":
         if _tied(model):
-            # modules_to_save would untie them (STACK-NOTES); trainable tokens keep the tie.
+            # modules_to_save would untie them (peft 0.21); trainable tokens keep the tie.
             rows = list(range(model.get_input_embeddings().weight.shape[0]))
             extra["trainable_token_indices"] = {input_name: rows}
         else:

@@ -35,7 +35,8 @@ class BaseTokenizer:
         if self.folder is not None and (self.folder / "tokenizer.json").exists():
             return AutoTokenizer.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         assert self.sp_model is not None
-        # A bare tokenizer.model: the concrete class keeps the leading "▁" (STACK-NOTES), and
+        # A bare tokenizer.model: the concrete class keeps the leading "▁" (AutoTokenizer on
+        # a bare tokenizer.model builds a generic backend that drops it), and
         # BOS is added as in every SentencePiece Llama-family model (transformers 5 would not).
         return LlamaTokenizer.from_pretrained(
             str(self.folder or self.sp_model), **bare_sentencepiece_options(self.folder)

@@ -5,8 +5,8 @@ mapped to one private character, the corpus is encoded by the base, and a BPE is
 trained over those token sequences. Appended after the base's merges (lowest
 priority), each new merge fires only once the base has finished, so the base's
 segmentation is untouched where no new merge applies and every kept new token is
-reachable. (STACK-NOTES: appending an independently trained BPE reaches only a
-third of its tokens for a Latin-script language.)
+reachable. (Appending an independently trained BPE instead reached only about a third
+of its tokens for a Latin-script language, pt-BR on SmolLM2, measured.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Train a SentencePiece model and merge its pieces into a SentencePiece base at the proto level.
 
-The merge follows PRODUCT.md's lessons: only pieces that carry the target script,
+Unlike appending every piece with score 0 (which splits digits differently and re-tokenizes
+English), only pieces that carry the target script,
 hold no ASCII digit and are new to the base are added, and they are scored below
 every real base piece so that base-language text tokenizes exactly as before.
 """
