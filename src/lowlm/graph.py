@@ -488,11 +488,13 @@ def execute(
     main: bool = True,
     say: Callable[[str], None] = print,
     override: str | None = None,
+    barrier: Callable[[], None] | None = None,
 ) -> dict:
     """The one sequence every stage follows: key -> skip or resume -> record start -> work ->
     record finish. `work` writes its artifact atomically into `run.folder` and returns
     {"metrics": ..., and optionally "record": extra manifest fields}; `main` is false on the
-    ranks of a multi-process run that must not write the manifest."""
+    ranks of a multi-process run that must not write the manifest, and `barrier` keeps them
+    deciding skip and resume on the same manifest."""
     graph = Graph(config)
     plan = graph.plan(name, override)
     graph.require_parents(plan)
@@ -504,6 +506,8 @@ def execute(
         return state.record.get("metrics", {})
     record = graph.manifest().get(name) or {}
     resume = resume and not force and record.get("key") == plan.key
+    if barrier is not None:  # every rank has read the manifest before the main one writes it
+        barrier()
     started = time.time()
     if main:
         run_dir.start(name, plan.inputs, plan.key, pid=os.getpid(), host=socket.gethostname())

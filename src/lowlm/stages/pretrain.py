@@ -166,6 +166,7 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
         resume=resume,
         main=accelerator.is_main_process,
         say=accelerator.print,
+        barrier=accelerator.wait_for_everyone,
     )
 
 

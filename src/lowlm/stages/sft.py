@@ -85,6 +85,7 @@ def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:
         resume=resume,
         main=accelerator.is_main_process,
         say=accelerator.print,
+        barrier=accelerator.wait_for_everyone,
     )
 
 
