@@ -250,14 +250,13 @@ def test_status_shows_interrupted_and_not_run(write_config, tmp_path):
 # ----- the run directory's writes ---------------------------------------------------------------
 
 
-def test_artifacts_honour_the_umask(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        atomic_write_text(tmp_path / "a.json", "{}")
-        with atomic_dir(tmp_path / "folder") as out:
-            (out / "x").write_text("x")
-    finally:
-        os.umask(previous)
+def test_artifacts_honour_the_umask(tmp_path, monkeypatch):
+    import lowlm.rundir
+
+    monkeypatch.setattr(lowlm.rundir, "_UMASK", 0o022)  # read once, when lowlm starts
+    atomic_write_text(tmp_path / "a.json", "{}")
+    with atomic_dir(tmp_path / "folder") as out:
+        (out / "x").write_text("x")
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
 

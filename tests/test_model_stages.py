@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -386,8 +387,10 @@ def test_export_refuses_a_swapped_tokenizer(write_config, tiny_base):
         (adapter / name).write_bytes((tiny_base / name).read_bytes())
     with pytest.raises(LowlmError, match="pretrain-stage2, which is stale .output changed"):
         export.run(config)  # the graph sees the artifact was touched after it was written
+    copy = config.run_dir / "adapter-copy"  # a folder outside the graph: the card decides
+    shutil.copytree(adapter, copy)
     with pytest.raises(LowlmError, match="is not the one the model was saved with"):
-        export.run(config, source=str(adapter))  # and the card, when named directly
+        export.run(config, source=str(copy))
 
 
 def test_bf16_stage2_with_gradient_checkpointing_keeps_trainable_weights_fp32(

@@ -128,3 +128,37 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     a, b = final_log(tmp_path / "runs" / "one"), final_log(tmp_path / "runs" / "two")
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-4)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+    reason="torchrun is not installed beside this Python",
+)
+def test_lowlm_run_under_two_ranks_builds_every_stage_once(tmp_path):
+    """tokenize and init run on the main rank while the other waits; stage 1 of a from-scratch
+    model does not exist, so full then export; no rank races ahead of a stage's record."""
+    raw = pipeline_config(
+        None,
+        init={"size": "tiny"},
+        pretrain={"full": {"steps": 2}, "stage2": {"steps": 2, "lora": {"r": 2, "alpha": 4}}},
+    )
+    raw["run"] = {"name": "ranks", "root": str(tmp_path / "runs")}
+    raw["tokenize"]["num_threads"] = 1
+    path = tmp_path / "ranks.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    result = subprocess.run(
+        [*command, "-m", "lowlm.cli", "run", str(path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = json.loads((tmp_path / "runs" / "ranks" / "manifest.json").read_text())["stages"]
+    expected = ["tokenize", "init", "pretrain-stage2", "pretrain-full", "export"]
+    assert list(stages) == expected
+    assert all(stages[s]["status"] == "done" for s in expected)
+    assert stages["pretrain-full"]["metrics"]["world_size"] == 2
+    assert result.stdout.count("tokenize: ") == 1  # one rank did the work

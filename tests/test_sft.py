@@ -342,14 +342,28 @@ def zh_sp_tokenizer(tmp_path_factory):
     return tokenizer
 
 
+@pytest.fixture(scope="session")
+def zh_sp_legacy_tokenizer(zh_sp_tokenizer, tmp_path_factory):
+    """The same, loaded with legacy=True: a `▁` after every special token too."""
+    folder = tmp_path_factory.mktemp("zh-sp-legacy")
+    zh_sp_tokenizer.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, legacy=True)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("</s>選取").input_ids)[-1].startswith("▁")
+    return tokenizer
+
+
 @pytest.mark.parametrize(
     "spec", ["alpaca", "llama2", "chatml", "tokenizer", "問： {user} 答： {assistant}"]
 )
-@pytest.mark.parametrize("kind", ["sentencepiece", "byte_level"])
+@pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece_legacy", "byte_level"])
 def test_what_generate_sends_is_a_prefix_of_what_sft_trained(
-    spec, kind, zh_sp_tokenizer, chat_tokenizer
+    spec, kind, zh_sp_tokenizer, zh_sp_legacy_tokenizer, chat_tokenizer
 ):
-    tokenizer = zh_sp_tokenizer if kind == "sentencepiece" else chat_tokenizer
+    tokenizer = {
+        "sentencepiece": zh_sp_tokenizer,
+        "sentencepiece_legacy": zh_sp_legacy_tokenizer,
+        "byte_level": chat_tokenizer,
+    }[kind]
     template = Template(spec, tokenizer)
     # answers that start with pieces the SentencePiece model has as `▁選取`, `▁如果`
     merging = [
@@ -370,6 +384,8 @@ def test_what_generate_sends_is_a_prefix_of_what_sft_trained(
         assert ids[: len(prompt)] == prompt, (spec, kind, turn)
         assert labels[len(prompt)] != IGNORE and labels[len(prompt) - 1] == IGNORE
         # and the answer is spelled exactly: no swallowed or doubled space at the seam
+        first = tokenizer.convert_ids_to_tokens(ids[len(prompt)])
+        assert not first.startswith("▁"), (spec, kind, first)  # no space the text lacks
         answer = tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
         assert answer.lstrip().startswith(conversation[turn]["content"])
         assert not answer.startswith("  ")

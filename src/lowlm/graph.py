@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.rundir import RunDir, content_id, fingerprint, sha256_text, signature
+from lowlm.rundir import RunDir, content_id, fingerprint, recover_dir, sha256_text, signature
 
 # Training-section fields that change how a run is logged or saved, not what it computes.
 _BOOKKEEPING = {
@@ -40,6 +40,7 @@ _BOOKKEEPING = {
     "num_proc",
     "peak_tflops",
     "energy",
+    "max_skipped_steps",  # only when to give up; a raised limit resumes the same run
 }
 _PRETRAIN_STAGES = {
     "pretrain-stage1": "stage1",
@@ -58,12 +59,14 @@ def _dump(section, exclude: set[str] | None = None) -> str:
 
 
 def _tokenize_config(c: LowlmConfig) -> dict:
-    return {
+    read = {
         "config.tokenize": _dump(c.tokenize),
         "config.data": _dump(c.data),
-        "config.model": _dump(c.model, exclude={"dtype"}),
         "config.run.seed": str(c.run.seed),
     }
+    if c.tokenize.merge:  # the base's tokenizer is read only to merge into it
+        read["config.model"] = _dump(c.model, exclude={"dtype"})
+    return read
 
 
 def _resize_config(c: LowlmConfig) -> dict:
@@ -345,6 +348,10 @@ class Graph:
         stage = STAGES[name]
         chosen = override or stage.override(self.config)
         if chosen:
+            resolved = Path(chosen).expanduser().resolve()
+            for candidate in MODEL_STAGES:  # a folder of this run is that stage, checked as one
+                if candidate != name and resolved == folder(self.config, candidate).resolve():
+                    return candidate, str(folder(self.config, candidate))
             return None, str(chosen)
         for candidate in stage.models_from:
             if STAGES[candidate].enabled(self.config):
@@ -369,10 +376,17 @@ class Graph:
             elif model is not None:
                 inputs[f"model:{model}"] = content_id(model)
         for parent in parents:
-            inputs[f"parent:{parent}"] = self.plan(parent).key
+            inputs[f"parent:{parent}"] = self.parent_id(parent)
         plan = Plan(name, inputs, fingerprint(name, inputs), parents, model, model_stage)
         self._plans[cache_key] = plan
         return plan
+
+    def parent_id(self, parent: str) -> str:
+        """What a child's key records of a parent: the parent's key and the stamp of the output
+        it recorded, so a rebuild (even a forced one with the same inputs) is a new parent."""
+        record = self.manifest().get(parent) or {}
+        stamp = (record.get("outputs") or {}).get(STAGES[parent].folder, "")
+        return fingerprint(self.plan(parent).key, stamp)
 
     def state(self, name: str, override: str | None = None) -> State:
         if (name, override) in self._states:
@@ -485,53 +499,83 @@ def execute(
     *,
     force: bool = False,
     resume: bool = True,
-    main: bool = True,
     say: Callable[[str], None] = print,
     override: str | None = None,
-    barrier: Callable[[], None] | None = None,
+    accelerator=None,
 ) -> dict:
     """The one sequence every stage follows: key -> skip or resume -> record start -> work ->
     record finish. `work` writes its artifact atomically into `run.folder` and returns
-    {"metrics": ..., and optionally "record": extra manifest fields}; `main` is false on the
-    ranks of a multi-process run that must not write the manifest, and `barrier` keeps them
-    deciding skip and resume on the same manifest."""
+    {"metrics": ..., and optionally "record": extra manifest fields}.
+
+    Under several processes (accelerate launch, torchrun), a training stage passes its
+    `accelerator` and every rank works; any other stage works on the main rank only while
+    the others wait. Only the main rank writes the manifest; every rank reads it before the
+    main one writes it (the same skip and resume decision everywhere) and none goes on to
+    the next stage before the record is written."""
+    is_main, barrier = _processes(accelerator)
+    out = folder(config, name)
+    if is_main:
+        recover_dir(out)  # a kill between atomic_dir's two moves: put the old artifact back
+    barrier()
     graph = Graph(config)
     plan = graph.plan(name, override)
     graph.require_parents(plan)
     state = graph.state(name, override)
     run_dir = graph.run_dir
-    out = folder(config, name)
     if state.status == "done" and not force:
         say(f"{name}: already done with these inputs in {out}; --force reruns it.")
+        barrier()
         return state.record.get("metrics", {})
+    if state.status == "running":
+        raise LowlmError(
+            f"{name} is already running ({state.reason}); wait for it, or stop it first."
+        )
     record = graph.manifest().get(name) or {}
     resume = resume and not force and record.get("key") == plan.key
-    if barrier is not None:  # every rank has read the manifest before the main one writes it
-        barrier()
+    barrier()  # every rank has read the manifest before the main one writes it
     started = time.time()
-    if main:
-        run_dir.start(name, plan.inputs, plan.key, pid=os.getpid(), host=socket.gethostname())
+    metrics: dict = {}
     try:
-        result = work(StageRun(config, run_dir, plan, out, resume, started))
+        if is_main:
+            run_dir.start(name, plan.inputs, plan.key, pid=os.getpid(), host=socket.gethostname())
+        if is_main or accelerator is not None:
+            result = work(StageRun(config, run_dir, plan, out, resume, started))
+            metrics = result.get("metrics", {})
+            if is_main:
+                run_dir.finish(
+                    name,
+                    outputs={STAGES[name].folder: signature(out)},
+                    metrics=metrics,
+                    seconds=round(time.time() - started, 2),
+                    **result.get("record", {}),
+                )
     except LowlmError as exc:
-        if main:
+        if is_main:
             run_dir.fail(name, str(exc))
         raise
     except BaseException as exc:
-        if main:
+        if is_main:
             with contextlib.suppress(Exception):
                 run_dir.fail(name, f"{type(exc).__name__}: {exc}")
         raise
-    metrics = result.get("metrics", {})
-    if main:
-        run_dir.finish(
-            name,
-            outputs={STAGES[name].folder: signature(out)},
-            metrics=metrics,
-            seconds=round(time.time() - started, 2),
-            **result.get("record", {}),
-        )
+    barrier()  # no rank starts the next stage before this one is recorded
+    if not is_main and accelerator is None:
+        metrics = (RunDir(config).stage_record(name) or {}).get("metrics", {})
     return metrics
+
+
+def _processes(accelerator) -> tuple[bool, Callable[[], None]]:
+    """(main process?, barrier) of this run: the accelerator's, or accelerate's shared state
+    when launched with several processes, else a single process."""
+    if accelerator is not None:
+        return accelerator.is_main_process, accelerator.wait_for_everyone
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state.is_main_process, state.wait_for_everyone
+    return True, lambda: None
 
 
 def current_model(config: LowlmConfig, model: str | None = None, stage: str = INFERENCE) -> str:

@@ -30,16 +30,19 @@ TRACKED_PACKAGES = (
 )
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
 
 
+_UMASK = _read_umask()  # read once: setting it to read it is not thread-safe
+
+
 def _readable(path: Path | str, directory: bool) -> None:
     """mkstemp/mkdtemp create 0600/0700 whatever the umask; give artifacts the usual modes
     (0644 / 0755 under umask 022) so other users of a shared box can read a run."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -134,8 +137,8 @@ def hash_cache_path() -> Path:
 
 
 class _HashCache:
-    """sha256 of files remembered by (path, size, mtime, inode), as git's index does: a file is
-    read again only when one of those changed. Entries younger than RACY_SECONDS are not
+    """sha256 of files remembered by (path, size, mtime, ctime, inode), as git's index does: a
+    file is read again only when one of those changed. Entries younger than RACY_SECONDS are not
     trusted (a rewrite within the clock's resolution could keep size and mtime)."""
 
     RACY_SECONDS = 2.0
@@ -157,11 +160,11 @@ class _HashCache:
     def sha256(self, path: Path) -> str:
         path = Path(path).resolve()
         stat = path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         entries = self._load()
         entry = entries.get(str(path))
-        if entry and entry[:3] == stamp:
-            return entry[3]
+        if entry and entry[:4] == stamp:
+            return entry[4]
         digest = sha256_file(path)
         if time.time() - stat.st_mtime > self.RACY_SECONDS:
             entries[str(path)] = [*stamp, digest]
@@ -262,9 +265,6 @@ class RunDir:
         self.config = config
         self.path = config.run_dir
         self.manifest_path = self.path / "manifest.json"
-        if self.path.is_dir():  # put back an artifact a kill left moved aside
-            for old in self.path.glob(".*.old"):
-                recover_dir(self.path / old.name[1:-4])
 
     def read_manifest(self) -> dict:
         if not self.manifest_path.exists():

@@ -22,7 +22,7 @@ from typing import IO
 
 from lowlm.config import DataConfig
 from lowlm.errors import LowlmError
-from lowlm.rundir import sha256_file, sha256_text
+from lowlm.rundir import cached_sha256, sha256_text
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".parquet", ".gz"}
 _HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
@@ -79,7 +79,7 @@ def resolve_sources(patterns: Iterable[str]) -> list[Source]:
 def source_hashes(sources: Iterable[Source]) -> dict[str, str]:
     """Content hashes of local files; dataset names are hashed by name (the hub versions them)."""
     return {
-        str(s): sha256_file(s.path) if s.path is not None else sha256_text(s.hf_name or "")
+        str(s): cached_sha256(s.path) if s.path is not None else sha256_text(s.hf_name or "")
         for s in sources
     }
 

@@ -33,4 +33,5 @@ def heldout_set(tokenizer_folder: Path | None) -> frozenset[str]:
     path = Path(tokenizer_folder) / HELDOUT_FILE
     if not path.exists():
         return frozenset()
-    return frozenset(line for line in path.read_text(encoding="utf-8").split("\n") if line)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return frozenset(line.strip() for line in lines if line.strip())

@@ -187,13 +187,11 @@ class Template:
 
     def _continuation(self, text: str) -> list[int]:
         """Ids of text that follows other text: without the word-start marker a SentencePiece
-        tokenizer puts before a text of its own (`Hello` -> `▁Hello`). Tokenized after the EOS
-        token, which the tokenizer splits off as a special token, then dropped."""
-        eos_id = self.tokenizer.eos_token_id
-        if self.eos and eos_id is not None:
-            ids = self.tokenizer(self.eos + text, add_special_tokens=False)["input_ids"]
-            if ids[:1] == [eos_id]:
-                return list(ids[1:])
+        tokenizer puts before a text of its own (`Hello` -> `▁Hello`)."""
+        if not hasattr(self, "_continuing"):
+            self._continuing = continuation_tokenizer(self.tokenizer)
+        if self._continuing is not None:
+            return self._continuing.encode(text, add_special_tokens=False).ids
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt(self, messages: list[dict]) -> Rendered:
@@ -218,3 +216,52 @@ def _segments(rendered: Rendered) -> list[tuple[str, bool]]:
     if position < len(rendered.text):
         pieces.append((rendered.text[position:], False))
     return pieces
+
+
+def continuation_tokenizer(tokenizer):
+    """A copy of the fast tokenizer's backend that adds no word-start marker (`▁`) at the start
+    of a text or after a special token, or None when it adds none already (byte-level BPE).
+
+    transformers has no switch for this: SentencePiece-style tokenizers put the marker in a
+    Metaspace pre-tokenizer (prepend_scheme "first", or "always" with legacy=True) or, in
+    older tokenizer.json files, in a Prepend normalizer; both are turned off here."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    changed = False
+
+    def pre(node):
+        nonlocal changed
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "Metaspace":
+            if node.get("prepend_scheme", "always") != "never" or node.get("add_prefix_space"):
+                node["prepend_scheme"] = "never"
+                node.pop("add_prefix_space", None)
+                changed = True
+        elif node.get("type") == "Sequence":
+            node["pretokenizers"] = [pre(child) for child in node.get("pretokenizers", [])]
+        return node
+
+    def norm(node):
+        nonlocal changed
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "Prepend":
+            changed = True
+            return None
+        if node.get("type") == "Sequence":
+            children = [norm(child) for child in node.get("normalizers", [])]
+            node["normalizers"] = [child for child in children if child is not None]
+        return node
+
+    spec["pre_tokenizer"] = pre(spec.get("pre_tokenizer"))
+    spec["normalizer"] = norm(spec.get("normalizer"))
+    if not changed:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(json.dumps(spec))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ def write_card(folder: Path, kind: str, parent: str | Path | None, **extra: Any)
     folder = Path(folder)
     if parent is not None and Path(parent).exists():
         parent = os.path.relpath(Path(parent).resolve(), folder.resolve())
+    if extra.get("stage_key"):
+        # This build of the stage: a forced rebuild with the same key is still a new model.
+        extra["build"] = uuid.uuid4().hex
     card = {
         "kind": kind,
         "parent": str(parent) if parent is not None else None,
@@ -220,7 +224,7 @@ def model_identity(source: str | Path) -> str:
 
     card = read_card(Path(source)) if Path(source).is_dir() else None
     if card and card.get("stage_key"):
-        return card["stage_key"]
+        return f"{card['stage_key']}:{card.get('build', '')}"
     return content_id(source)
 
 

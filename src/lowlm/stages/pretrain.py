@@ -164,9 +164,8 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
         lambda run: _work(run, stage, accelerator),
         force=force,
         resume=resume,
-        main=accelerator.is_main_process,
         say=accelerator.print,
-        barrier=accelerator.wait_for_everyone,
+        accelerator=accelerator,
     )
 
 
@@ -232,6 +231,9 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
     elif stage == "2":
         model = _prepare_stage2(model, config, new_ids)
+    else:  # every weight trains (a merged adapter parent leaves them frozen)
+        for param in model.parameters():
+            param.requires_grad_(True)
     plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
     lines = heldout_lines(folder(config, "tokenize"), cfg.eval_lines)
 

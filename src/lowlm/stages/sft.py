@@ -83,9 +83,8 @@ def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:
         lambda run: _work(run, accelerator),
         force=force,
         resume=resume,
-        main=accelerator.is_main_process,
         say=accelerator.print,
-        barrier=accelerator.wait_for_everyone,
+        accelerator=accelerator,
     )
 
 

@@ -333,7 +333,8 @@ def train(
         dynamic_ncols=True,
     )
     skipped = restored.get("skipped", 0) if checkpoint is not None else 0
-    in_a_row = 0
+    in_a_row, overflows = 0, 0
+    scaler = getattr(accelerator, "scaler", None)  # fp16 only
     for step in range(start_step, plan.steps):
         step_loss = torch.zeros((), device=accelerator.device)
         step_tokens = torch.zeros((), device=accelerator.device)
@@ -357,15 +358,23 @@ def train(
             after_backward()
         grad_norm = accelerator.clip_grad_norm_(trainable, plan.max_grad_norm)
         norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0).to(step_loss)
-        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(norm)).float()
+        bad_loss = (~torch.isfinite(step_loss)).float()
+        bad_norm = (~torch.isfinite(norm)).float()
         # One reduction and one host sync per step: loss, tokens, and whether any rank's loss
         # or gradient norm is non-finite (then every rank skips the update together).
-        loss_sum, tokens, bad_ranks = accelerator.reduce(
-            torch.stack([torch.nan_to_num(step_loss), step_tokens.float(), bad]), "sum"
+        loss_sum, tokens, bad_losses, bad_norms = accelerator.reduce(
+            torch.stack([torch.nan_to_num(step_loss), step_tokens.float(), bad_loss, bad_norm]),
+            "sum",
         ).tolist()
         done = step + 1
         progress.update(1)
-        if bad_ranks > 0:
+        if bad_losses == 0 and bad_norms > 0 and scaler is not None:
+            # fp16 loss scaling overflowed: routine while the scale settles. The wrapped
+            # optimizer's step lets the GradScaler skip the update and lower the scale.
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            overflows += 1
+        elif bad_losses > 0 or bad_norms > 0:
             # Numeric guard: weights and optimizer state stay as they were before this step.
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
@@ -403,7 +412,7 @@ def train(
                 # None when every step of the window was skipped by the numeric guard.
                 "loss": window_loss / window_steps if window_steps else None,
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": _finite_or_none(grad_norm),
                 "skipped_steps": skipped,
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_token * tokens_per_s / peak,
@@ -412,12 +421,13 @@ def train(
             window_steps = 0
             if done % plan.eval_every == 0 or done == plan.steps:
                 eval_loss = evaluate(accelerator, model, eval_data, plan)
-                if eval_loss is not None:
+                if eval_loss is not None and math.isfinite(eval_loss):
                     last.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
             if accelerator.is_main_process:
                 with log_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(last) + "\n")
-                progress.set_postfix(loss=f"{last['loss']}"[:6], tok_s=f"{tokens_per_s:,.0f}")
+                shown = "-" if last["loss"] is None else f"{last['loss']:.4f}"
+                progress.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}")
                 progress.write(
                     " ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -448,4 +458,14 @@ def train(
     final["tokens"] = tokens_seen
     final["world_size"] = world
     final["skipped_steps"] = skipped
+    if scaler is not None:
+        final["fp16_overflow_steps"] = overflows
     return final
+
+
+def _finite_or_none(value) -> float | None:
+    """A float for the log, or None (JSON has no NaN / Infinity)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
