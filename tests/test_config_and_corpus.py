@@ -149,3 +149,17 @@ def test_hugging_face_dataset_names_are_streamed(monkeypatch):
         "streaming": True,
     }
     assert resolve_sources(["someone/corpus"])[0].hf_name == "someone/corpus"
+
+
+def test_corpus_inputs_that_once_gave_a_traceback_or_a_silent_drop(tmp_path, monkeypatch):
+    broken = tmp_path / "c.txt.gz"
+    broken.write_bytes(gzip.compress("壓縮的文字\n".encode() * 200)[:-12])
+    with pytest.raises(LowlmError, match=r"c.txt.gz .*is the file complete\?"):
+        docs([str(broken)])
+    pq.write_table(pa.table({"text": ["甲", None, "乙"]}), tmp_path / "n.parquet")
+    with pytest.raises(LowlmError, match=r"n.parquet row 1: column 'text' holds NoneType"):
+        docs([str(tmp_path / "n.parquet")])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(LowlmError, match="corpus file 'data/zh-typo' does not exist"):
+        resolve_sources(["data/zh-typo"])  # not a Hub dataset: its folder is local

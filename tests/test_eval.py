@@ -16,6 +16,7 @@ from lowlm.config import EvalTask, load_config
 from lowlm.errors import LowlmError
 from lowlm.evaluation.benchmarks import BENCHMARKS, Question, build_context
 from lowlm.evaluation.scoring import Request, encode_pair, score_requests
+from lowlm.evaluation.tasks import aggregate, benchmark_questions, mc_questions
 from lowlm.models.load import load_pretrained, load_tokenizer
 from lowlm.stages import eval as eval_stage
 
@@ -104,7 +105,8 @@ TWO_SHOTS["tmmluplus"] = TWO_SHOTS["mmlu"]
 @pytest.mark.parametrize("shots", [0, 2])
 def test_prompts_equal_the_harness_strings(releases, name, shots):
     task = EvalTask(name=name, path=str(releases[name]), shots=shots)
-    evaluated, pools, benchmark = eval_stage._questions(task)
+    loaded = benchmark_questions(task)
+    evaluated, pools, benchmark = loaded.evaluated, loaded.pools, BENCHMARKS[name]
     subject = {"mmlu": "anatomy", "ceval": "logic", "cmmlu": "arts", "tmmluplus": "music"}[name]
     first = evaluated[subject][0]
     context = build_context(
@@ -150,6 +152,38 @@ def test_scores_equal_a_direct_computation(tiny):
             )
 
 
+def test_a_subjects_shared_prefix_is_computed_once_with_the_same_scores(tiny, monkeypatch):
+    """Few-shot questions of one subject reuse the key/value cache of their common prefix;
+    the scores are those of the whole prompt, and so are those of questions without a group."""
+    import lowlm.evaluation.scoring as scoring
+
+    model, tokenizer = tiny
+    shots = "".join(
+        f"Example question {i}?\nA. x\nB. y\nC. z\nD. w\nAnswer: B\n\n" for i in range(3)
+    )
+    questions = ["What is one?", "A far longer question with many more words in it?", "Why?"]
+    contexts = [f"About things.\n\n{shots}{q}\nA. a\nB. b\nC. c\nD. d\nAnswer:" for q in questions]
+    # one token each in the tiny vocabulary (" B" is two): the one-pass path
+    grouped = [Request(c, [" A", " C", " D"], group="things") for c in contexts]
+    calls = []
+    original = scoring._forward_last_cached
+    monkeypatch.setattr(
+        scoring,
+        "_forward_last_cached",
+        lambda *a: calls.append(len(a[3])) or original(*a),
+    )
+    cached = score_requests(model, tokenizer, grouped, batch_size=2, max_length=512)
+    assert calls == [2, 1]  # two batches of suffixes, one prefix
+    plain = score_requests(
+        model, tokenizer, grouped, batch_size=2, max_length=512, prefix_cache=False
+    )
+    for row, context, expected in zip(cached, contexts, plain, strict=True):
+        assert row == pytest.approx(expected, abs=1e-4)
+        assert row[0] == pytest.approx(
+            direct_loglikelihood(model, tokenizer, context, " A"), abs=1e-4
+        )
+
+
 def test_trailing_space_moves_into_the_continuation(tiny):
     _, tokenizer = tiny
     assert encode_pair(tokenizer, "Answer: ", "A", False) == encode_pair(
@@ -163,7 +197,7 @@ def test_micro_and_macro_aggregation():
         + [{"subject": "a", "correct": 0, "correct_norm": 0}]
         + [{"subject": "b", "correct": 0, "correct_norm": 1}]
     )
-    result = eval_stage._aggregate(samples, {"a": "stem", "b": "other"})
+    result = aggregate(samples, {"a": "stem", "b": "other"})
     assert result["acc"] == pytest.approx(3 / 5)  # micro: over questions
     assert result["acc_macro"] == pytest.approx((3 / 4 + 0) / 2)  # macro: over subjects
     assert result["acc_norm"] == pytest.approx(4 / 5)
@@ -264,19 +298,19 @@ def test_eval_command_writes_results_samples_and_compares(
 def test_missing_subject_file_names_it(releases):
     (releases["mmlu"] / "data" / "dev" / "virology_dev.csv").unlink()
     with pytest.raises(LowlmError, match="subject file .*virology_dev.csv is missing"):
-        eval_stage._questions(EvalTask(name="mmlu", path=str(releases["mmlu"]), shots=1))
+        benchmark_questions(EvalTask(name="mmlu", path=str(releases["mmlu"]), shots=1))
 
 
 def test_malformed_rows_name_file_and_line(releases):
     path = releases["mmlu"] / "data" / "test" / "anatomy_test.csv"
     write_csv(path, [*QUESTIONS, ["only", "three", "columns"]])
     with pytest.raises(LowlmError, match=r"anatomy_test.csv:4: 3 columns, expected 6"):
-        eval_stage._questions(EvalTask(name="mmlu", path=str(releases["mmlu"])))
+        benchmark_questions(EvalTask(name="mmlu", path=str(releases["mmlu"])))
     write_csv(path, [*QUESTIONS[:1], ["q", "a", "b", "c", "d", "E"]])
     with pytest.raises(
         LowlmError, match=r"anatomy_test.csv:2: answer 'E' is not one of A, B, C, D"
     ):
-        eval_stage._questions(EvalTask(name="mmlu", path=str(releases["mmlu"])))
+        benchmark_questions(EvalTask(name="mmlu", path=str(releases["mmlu"])))
 
 
 def test_unknown_task_lists_the_known_ones(write_config):
@@ -287,11 +321,141 @@ def test_unknown_task_lists_the_known_ones(write_config):
         load_config(write_config(eval={"tasks": [{"name": "hellaswag"}]}))
 
 
-def test_ceval_test_split_is_refused(releases):
-    with pytest.raises(LowlmError, match="test answers are not public"):
-        eval_stage._questions(EvalTask(name="ceval", path=str(releases["ceval"]), split="test"))
-
-
 def test_question_dataclass_keeps_the_row_index():
     assert Question("s", 7, "q", ["a", "b", "c", "d"], "A").index == 7
     assert BENCHMARKS["ceval"].default_split == "val"
+
+
+# inputs that once gave a wrong score or a traceback: each is a score or one clear line
+
+
+def ceval_with(releases, header, rows):
+    path = releases["ceval"] / "val" / "logic_val.csv"
+    write_csv(path, rows, header)
+    return EvalTask(name="ceval", path=str(releases["ceval"]), subjects=["logic"])
+
+
+def test_an_extra_choice_column_is_refused_not_dropped(releases):
+    header = ["id", "question", "A", "B", "C", "D", "E", "answer"]
+    task = ceval_with(releases, header, [["0", "q", "a", "b", "c", "d", "e", "E"]])
+    with pytest.raises(LowlmError, match=r"logic_val.csv:1: choice column E beyond A-D"):
+        benchmark_questions(task)
+    tmmlu = releases["tmmluplus"] / "data" / "music_test.csv"
+    write_csv(tmmlu, [["q", "a", "b", "c", "d", "e", "A"]], [*"question A B C D E answer".split()])
+    with pytest.raises(LowlmError, match=r"music_test.csv:1: choice column E"):
+        benchmark_questions(EvalTask(name="tmmluplus", path=str(releases["tmmluplus"])))
+
+
+def test_a_misnamed_header_names_the_missing_column(releases):
+    header = ["id", "Questions", "A", "B", "C", "D", "answer"]
+    task = ceval_with(releases, header, [["0", "q", "a", "b", "c", "d", "A"]])
+    with pytest.raises(LowlmError, match=r"logic_val.csv:1: no column question in the header"):
+        benchmark_questions(task)
+    header[1] = "Question"  # case is not a misnomer
+    task = ceval_with(releases, header, [["0", "q", "a", "b", "c", "d", "A"]])
+    assert benchmark_questions(task).evaluated["logic"][0].question == "q"
+
+
+def test_an_empty_subject_is_reported_not_averaged_away(releases, write_config, tiny_base):
+    (releases["mmlu"] / "data" / "test" / "virology_test.csv").write_text("")
+    loaded = benchmark_questions(EvalTask(name="mmlu", path=str(releases["mmlu"])))
+    assert loaded.empty_subjects == ["virology"] and list(loaded.evaluated) == ["anatomy"]
+    path = write_config(
+        model={"base": str(tiny_base)},
+        eval={"tasks": [{"name": "mmlu", "path": str(releases["mmlu"])}], "batch_size": 2},
+    )
+    result = CliRunner().invoke(app, ["eval", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "subject virology has no question" in result.stdout
+    results = json.loads((load_config(path).run_dir / "eval" / "results.json").read_text())
+    assert results["tasks"]["mmlu_0shot"]["empty_subjects"] == ["virology"]
+    assert results["tasks"]["mmlu_0shot"]["n"] == 3
+
+
+def test_control_bytes_and_invalid_utf8_name_the_line(releases):
+    path = releases["mmlu"] / "data" / "test" / "anatomy_test.csv"
+    path.write_bytes(b"q1,a,b,c,d,A\nq\x00 2,a,b,c,d,B\n")
+    task = EvalTask(name="mmlu", path=str(releases["mmlu"]), subjects=["anatomy"])
+    with pytest.raises(LowlmError, match=r"anatomy_test.csv:2: control character U\+0000"):
+        benchmark_questions(task)
+    path.write_bytes(b"q1,a,b,c,d,A\nq2,a,\xff,c,d,B\n")
+    with pytest.raises(LowlmError, match=r"anatomy_test.csv:2: invalid UTF-8 at byte 18"):
+        benchmark_questions(task)
+
+
+def test_bad_mc_rows_name_the_row(tmp_path):
+    jsonl = tmp_path / "mc.jsonl"
+    jsonl.write_text(
+        '{"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": 0}\n[1, 2]\n'
+    )
+    with pytest.raises(LowlmError, match=r"mc.jsonl:2: a JSON list, not an object"):
+        mc_questions(EvalTask(name="mc", path=str(jsonl)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "mc.parquet"
+    table = {"question": ["q", None], **{c: ["a", "b"] for c in "ABCD"}, "answer": ["A", "B"]}
+    pq.write_table(pa.table(table), parquet)
+    with pytest.raises(LowlmError, match=r"mc.parquet row 1: field 'question' holds NoneType"):
+        mc_questions(EvalTask(name="mc", path=str(parquet)))
+    table["question"] = ["q", "r"]
+    pq.write_table(pa.table(table), parquet)
+    assert [
+        q.answer for q in mc_questions(EvalTask(name="mc", path=str(parquet))).evaluated["all"]
+    ] == ["A", "B"]
+
+
+def test_shots_beyond_the_examples_and_limit_zero_are_refused(releases, tmp_path, write_config):
+    with pytest.raises(
+        LowlmError, match=r"subject anatomy has 3 questions in its 'dev' split, fewer than shots=5"
+    ):
+        benchmark_questions(EvalTask(name="mmlu", path=str(releases["mmlu"]), shots=5))
+    mc = tmp_path / "mc.csv"
+    write_csv(mc, [q[:5] + ["B"] for q in QUESTIONS], ["question", "A", "B", "C", "D", "answer"])
+    with pytest.raises(LowlmError, match=r"has 3 questions, not more than shots=3"):
+        mc_questions(EvalTask(name="mc", path=str(mc), shots=3))
+    with pytest.raises(
+        LowlmError,
+        match=r"eval.tasks.0.limit': Input should be greater than or equal to 1 \(got 0\)",
+    ):
+        load_config(write_config(eval={"tasks": [{"name": "mmlu", "limit": 0}]}))
+
+
+def test_a_corrupt_gz_and_a_mistyped_folder_are_one_line(tmp_path, write_config, tiny_base):
+    broken = tmp_path / "text.txt.gz"
+    import gzip
+
+    broken.write_bytes(gzip.compress("第一行。\n".encode() * 50)[:-12])
+    path = write_config(
+        model={"base": str(tiny_base)}, eval={"tasks": [{"name": "ppl", "path": str(broken)}]}
+    )
+    result = CliRunner().invoke(app, ["eval", str(path)])
+    assert result.exit_code == 1 and "is the file complete?" in result.output
+    assert "Traceback" not in result.output
+    assert not (load_config(path).run_dir / "eval").exists()  # nothing half-written
+    path = write_config(
+        model={"base": str(tiny_base)},
+        eval={"tasks": [{"name": "mmlu", "path": str(tmp_path / "mmlu-typo")}]},
+    )
+    result = CliRunner().invoke(app, ["eval", str(path)])
+    assert result.exit_code == 1 and "mmlu-typo does not exist" in result.output
+
+
+def test_ceval_test_split_writes_the_leaderboard_submission(releases, write_config, tiny_base):
+    header = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+    for subject in ("logic", "physician"):
+        rows = [[str(10 + i), q[0], *q[1:5], "", ""] for i, q in enumerate(QUESTIONS)]
+        write_csv(releases["ceval"] / "test" / f"{subject}_test.csv", rows, header)
+    path = write_config(
+        model={"base": str(tiny_base)},
+        eval={"tasks": [{"name": "ceval", "path": str(releases["ceval"]), "split": "test"}]},
+    )
+    result = CliRunner().invoke(app, ["eval", str(path)])
+    assert result.exit_code == 0, result.output
+    out = load_config(path).run_dir / "eval"
+    submission = json.loads((out / "submission-ceval_0shot.json").read_text())
+    assert set(submission) == {"logic", "physician"}
+    assert set(submission["logic"]) == {"10", "11", "12"}
+    assert set(submission["logic"].values()) <= set("ABCD")
+    task = json.loads((out / "results.json").read_text())["tasks"]["ceval_0shot"]
+    assert task["submission"] and "acc" not in task

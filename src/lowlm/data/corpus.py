@@ -15,6 +15,7 @@ import io
 import json
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,13 @@ def _is_corpus_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix in TEXT_SUFFIXES
 
 
+def _looks_local(pattern: str) -> bool:
+    """A path whose first folder exists here (`data/typo`) is a typo, not a hub dataset: say so
+    at once instead of a minute of Hub retries."""
+    first = pattern.split("/", 1)[0]
+    return pattern.startswith((".", "/", "~")) or ("/" in pattern and Path(first).is_dir())
+
+
 def resolve_sources(patterns: Iterable[str]) -> list[Source]:
     """Expand patterns into sources; a pattern that matches nothing is an error."""
     patterns = list(patterns)
@@ -69,7 +77,12 @@ def resolve_sources(patterns: Iterable[str]) -> list[Source]:
             sources.extend(Source(path=p) for p in files)
         elif path.is_file():
             sources.append(Source(path=path))
-        elif path.suffix in TEXT_SUFFIXES or path.suffix or not _HF_NAME.match(pattern):
+        elif (
+            path.suffix in TEXT_SUFFIXES
+            or path.suffix
+            or not _HF_NAME.match(pattern)
+            or _looks_local(pattern)
+        ):
             raise LowlmError(f"corpus file '{pattern}' does not exist; check the path.")
         else:
             sources.append(Source(hf_name=pattern))
@@ -140,8 +153,8 @@ def _file_documents(path: Path, data: DataConfig) -> Iterator[str]:
             else:
                 for _, line in lines:
                     yield line
-    except (OSError, EOFError) as exc:
-        raise LowlmError(f"cannot read corpus file {path}: {exc}") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise LowlmError(f"cannot read corpus file {path} ({exc}); is the file complete?") from None
 
 
 def _parquet_documents(path: Path, field: str) -> Iterator[str]:
@@ -156,10 +169,16 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
             f"{path} has no column '{field}' (columns: {', '.join(parquet.schema_arrow.names)}); "
             "set data.text_field."
         )
+    row = 0
     for batch in parquet.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
-            if isinstance(value, str):
-                yield value
+            if not isinstance(value, str):
+                raise LowlmError(
+                    f"{path} row {row}: column '{field}' holds {type(value).__name__}, not text; "
+                    "filter the file, or set data.text_field to a text column."
+                )
+            row += 1
+            yield value
 
 
 def _hf_documents(name: str, data: DataConfig) -> Iterator[str]:

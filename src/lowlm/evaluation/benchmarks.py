@@ -25,7 +25,8 @@ class Question:
     index: int  # 0-based position among the rows of its source file and split
     question: str
     choices: list[str]
-    answer: str  # the gold letter
+    answer: str  # the gold letter ("" where the split has no public answers)
+    key: str | None = None  # the row's id column, where the release has one (C-Eval)
 
 
 MMLU_CATEGORIES = {
@@ -404,13 +405,51 @@ def _root(path: Path, benchmark: Benchmark, split: str) -> Path:
     )
 
 
-def _parse_rows(path: Path, benchmark: Benchmark, subject: str) -> list[Question]:
+REQUIRED_COLUMNS = ("question", "a", "b", "c", "d", "answer")
+_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"}
+
+
+def read_csv_text(path: Path) -> str:
+    """A CSV's text; invalid UTF-8 or a control byte stops with the file and line."""
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise LowlmError(f"{path} is not UTF-8 ({exc}).") from None
-    rows = list(csv.reader(io.StringIO(text)))
+        line = data[: exc.start].count(b"\n") + 1
+        raise LowlmError(
+            f"{path}:{line}: invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8."
+        ) from None
+    bad = next((i for i, ch in enumerate(text) if ch in _CONTROL), None)
+    if bad is not None:
+        line = text.count("\n", 0, bad) + 1
+        raise LowlmError(
+            f"{path}:{line}: control character U+{ord(text[bad]):04X} in the file; remove it "
+            "(a damaged or binary file?)."
+        )
+    return text
+
+
+def _parse_rows(
+    path: Path, benchmark: Benchmark, subject: str, answers: bool = True
+) -> list[Question]:
+    """The questions of one subject file. Every row becomes a question or stops the run with
+    file, line and what is wrong: a score never silently covers fewer rows than the file."""
+    rows = list(csv.reader(io.StringIO(read_csv_text(path))))
     header = [h.strip().lower() for h in rows[0]] if benchmark.has_header and rows else None
+    if header is not None:
+        missing = [c for c in REQUIRED_COLUMNS if c not in header and (answers or c != "answer")]
+        if missing:
+            raise LowlmError(
+                f"{path}:1: no column {', '.join(missing)} in the header ({', '.join(rows[0])}); "
+                f"{benchmark.name} files need question, A, B, C, D and answer columns."
+            )
+        extra = [h for h in header if len(h) == 1 and "e" <= h <= "z"]
+        if extra:
+            raise LowlmError(
+                f"{path}:1: choice column {extra[0].upper()} beyond A-D; {benchmark.name} is "
+                "scored on four choices as lm-evaluation-harness does, so lowlm will not drop "
+                "it: remove the column, or score the file as an `mc` task with its choices."
+            )
     body = rows[1:] if header else rows
     questions = []
     for offset, row in enumerate(body):
@@ -424,24 +463,29 @@ def _parse_rows(path: Path, benchmark: Benchmark, subject: str) -> list[Question
                 )
             values = [record.get("question", ""), *(record.get(x.lower(), "") for x in LETTERS)]
             answer = record.get("answer", "").strip()
+            key = record.get("id")
         else:
             if len(row) != 6:
                 raise LowlmError(
                     f"{path}:{line}: {len(row)} columns, expected 6 (question,A,B,C,D,answer)."
                 )
-            values, answer = row[:5], row[5].strip()
-        if answer not in LETTERS:
+            values, answer, key = row[:5], row[5].strip(), None
+        if not values[0].strip():
+            raise LowlmError(f"{path}:{line}: the question is empty; fix or remove the row.")
+        if answers and answer not in LETTERS:
             raise LowlmError(f"{path}:{line}: answer {answer!r} is not one of A, B, C, D.")
-        questions.append(Question(subject, offset, values[0], list(values[1:5]), answer))
+        questions.append(Question(subject, offset, values[0], list(values[1:5]), answer, key))
     return questions
 
 
-def load_local(benchmark: Benchmark, path: Path, subject: str, split: str) -> list[Question]:
+def load_local(
+    benchmark: Benchmark, path: Path, subject: str, split: str, answers: bool = True
+) -> list[Question]:
     root = _root(path, benchmark, split)
     file = root / benchmark.file_pattern.format(split=split, subject=subject)
     if not file.exists():
         raise LowlmError(f"{benchmark.name}: subject file {file} is missing.")
-    return _parse_rows(file, benchmark, subject)
+    return _parse_rows(file, benchmark, subject, answers)
 
 
 def local_subjects(benchmark: Benchmark, path: Path, split: str) -> list[str]:
@@ -456,7 +500,9 @@ def local_subjects(benchmark: Benchmark, path: Path, split: str) -> list[str]:
     return present
 
 
-def load_hub(benchmark: Benchmark, subject: str, split: str) -> list[Question]:
+def load_hub(
+    benchmark: Benchmark, subject: str, split: str, answers: bool = True
+) -> list[Question]:
     """The same questions from the Hugging Face copy of the benchmark (needs a connection)."""
     import datasets
 
@@ -476,5 +522,15 @@ def load_hub(benchmark: Benchmark, subject: str, split: str) -> list[Question]:
             choices = [row[letter] for letter in LETTERS]
             answer = str(row.get("answer", row.get("Answer", ""))).strip()
         question = row.get("question", row.get("Question", ""))
-        questions.append(Question(subject, index, question, choices, answer))
+        if not isinstance(question, str) or not question.strip():
+            raise LowlmError(
+                f"{benchmark.hf_dataset} ({subject}, {split}) row {index}: no question text."
+            )
+        if answers and answer not in LETTERS:
+            raise LowlmError(
+                f"{benchmark.hf_dataset} ({subject}, {split}) row {index}: answer {answer!r} is "
+                "not one of A, B, C, D."
+            )
+        key = str(row["id"]) if "id" in row else None
+        questions.append(Question(subject, index, question, choices, answer, key))
     return questions

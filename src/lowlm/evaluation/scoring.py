@@ -6,6 +6,12 @@ continuation is the difference, and the input is the last max_length tokens of
 context + continuation minus its last token. When every choice is one token after the
 same context, one forward pass of the context scores all four; otherwise each choice is a
 sequence of its own. Requests are batched, longest first.
+
+Two things the harness does not do, which change no score beyond float rounding:
+- all texts are tokenised in one batched call of the fast tokenizer, not one by one;
+- requests of one `group` (a subject: the same description and few-shot examples) share
+  the key/value cache of their longest common token prefix, computed once; each question
+  then runs only its own tokens (most of a 5-shot prompt is the shared prefix).
 """
 
 from __future__ import annotations
@@ -20,21 +26,54 @@ import torch.nn.functional as F
 class Request:
     context: str
     continuations: list[str]
+    group: str | None = None  # requests that share a prompt prefix (a subject's few-shot text)
+
+
+MIN_SHARED_PREFIX = 8  # tokens; below this a group's cache is not worth its copy
+
+
+def _split_spaces(context: str, continuation: str) -> tuple[str, str]:
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        return context[:-spaces], context[-spaces:] + continuation
+    return context, continuation
+
+
+def _start_id(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tuple[list, list]:
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context, continuation = _split_spaces(context, continuation)
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     continuation_ids = whole[len(context_ids) :]
     if add_bos or not context_ids:
-        start = (
-            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        )
-        context_ids = [start, *context_ids]
+        context_ids = [_start_id(tokenizer), *context_ids]
     return context_ids, continuation_ids
+
+
+def encode_requests(tokenizer, requests: list[Request], add_bos: bool) -> list[list[tuple]]:
+    """encode_pair for every choice of every request, in two batched tokenizer calls."""
+    contexts, wholes, index = [], [], []
+    for i, request in enumerate(requests):
+        for j, continuation in enumerate(request.continuations):
+            context, moved = _split_spaces(request.context, continuation)
+            contexts.append(context)
+            wholes.append(context + moved)
+            index.append((i, j))
+    if not contexts:
+        return [[] for _ in requests]
+    context_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer(wholes, add_special_tokens=False)["input_ids"]
+    encoded: list[list[tuple]] = [[] for _ in requests]
+    start = _start_id(tokenizer)
+    for (i, _), ctx, whole in zip(index, context_ids, whole_ids, strict=True):
+        continuation = whole[len(ctx) :]
+        if add_bos or not ctx:
+            ctx = [start, *ctx]
+        encoded[i].append((list(ctx), list(continuation)))
+    return encoded
 
 
 def _model_device(model) -> torch.device:
@@ -81,6 +120,71 @@ def _forward_spans(model, rows: list[tuple[list[int], list[int]]]) -> list[tuple
     return results
 
 
+def _common_prefix(rows: list[list[int]]) -> int:
+    first = rows[0]
+    length = min(len(r) for r in rows) - 1  # every row keeps at least one token of its own
+    for row in rows[1:]:
+        n = 0
+        while n < length and row[n] == first[n]:
+            n += 1
+        length = n
+    return max(length, 0)
+
+
+def _forward_last_cached(model, prefix_cache, prefix_len: int, suffixes: list[list[int]]):
+    """Log-probabilities after each suffix, on top of a shared prefix's key/value cache.
+
+    Suffixes are left-padded so that every row ends at the last position; the padding sits
+    between the prefix and the suffix and is masked out, and position ids continue from the
+    prefix, so each row computes exactly what the whole prompt would."""
+    import copy
+
+    device = _model_device(model)
+    width = max(len(r) for r in suffixes)
+    ids = torch.zeros((len(suffixes), width), dtype=torch.long)
+    mask = torch.zeros((len(suffixes), prefix_len + width), dtype=torch.long)
+    positions = torch.zeros((len(suffixes), width), dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    for i, row in enumerate(suffixes):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, prefix_len + width - len(row) :] = 1
+        positions[i, width - len(row) :] = torch.arange(prefix_len, prefix_len + len(row))
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(len(suffixes))
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    return F.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _score_group_cached(model, rows: list[list[int]], batch_size: int) -> torch.Tensor | None:
+    """Last-position log-probabilities of rows that share a long token prefix, or None when
+    their common prefix is too short to be worth a cache."""
+    prefix_len = _common_prefix(rows)
+    if len(rows) < 2 or prefix_len < MIN_SHARED_PREFIX:
+        return None
+    device = _model_device(model)
+    prefix = torch.tensor([rows[0][:prefix_len]], device=device)
+    prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
+    if prefix_cache is None:
+        return None
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    results: dict[int, torch.Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        log_probs = _forward_last_cached(
+            model, prefix_cache, prefix_len, [rows[i][prefix_len:] for i in chunk]
+        )
+        for row, i in enumerate(chunk):
+            results[i] = log_probs[row]
+    return torch.stack([results[i] for i in range(len(rows))])
+
+
 @torch.no_grad()
 def score_requests(
     model,
@@ -90,19 +194,17 @@ def score_requests(
     max_length: int,
     add_bos: bool = False,
     progress=None,
+    prefix_cache: bool = True,
 ) -> list[list[float]]:
     """Summed log-likelihood of every continuation of every request, in request order."""
     model.eval()
     encoded = []
-    for request in requests:
-        pairs = []
-        for continuation in request.continuations:
-            context_ids, continuation_ids = encode_pair(
-                tokenizer, request.context, continuation, add_bos
-            )
+    for pairs in encode_requests(tokenizer, requests, add_bos):
+        kept = []
+        for context_ids, continuation_ids in pairs:
             overflow = len(context_ids) + len(continuation_ids) - (max_length + 1)
-            pairs.append((context_ids[max(0, overflow) :], continuation_ids))  # keep the end
-        encoded.append(pairs)
+            kept.append((context_ids[max(0, overflow) :], continuation_ids))  # keep the end
+        encoded.append(kept)
     scores: list[list[float] | None] = [None] * len(requests)
     fast = [
         i
@@ -110,6 +212,20 @@ def score_requests(
         if all(len(k) == 1 for _, k in pairs) and len({tuple(c) for c, _ in pairs}) == 1
     ]
     slow = [i for i in range(len(requests)) if i not in set(fast)]
+    if prefix_cache:
+        groups: dict[str, list[int]] = {}
+        for i in fast:
+            if requests[i].group is not None:
+                groups.setdefault(requests[i].group, []).append(i)
+        for members in groups.values():
+            log_probs = _score_group_cached(model, [encoded[i][0][0] for i in members], batch_size)
+            if log_probs is None:
+                continue
+            for row, i in enumerate(members):
+                scores[i] = [log_probs[row, k[0]].item() for _, k in encoded[i]]
+            if progress is not None:
+                progress.update(len(members))
+        fast = [i for i in fast if scores[i] is None]
     fast.sort(key=lambda i: -len(encoded[i][0][0]))
     for start in range(0, len(fast), batch_size):
         chunk = fast[start : start + batch_size]

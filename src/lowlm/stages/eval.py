@@ -8,27 +8,20 @@ lm-evaluation-harness; see `lowlm.evaluation`.
 
 from __future__ import annotations
 
-import csv
-import io
+import gzip
 import json
 import math
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
 from lowlm import __version__
 from lowlm.config import EvalTask, LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.evaluation.benchmarks import (
-    BENCHMARKS,
-    LETTERS,
-    Question,
-    build_context,
-    load_hub,
-    load_local,
-    local_subjects,
-)
+from lowlm.evaluation.benchmarks import BENCHMARKS, LETTERS, build_context
 from lowlm.evaluation.scoring import Request, auto_batch_size, score_requests
+from lowlm.evaluation.tasks import HARNESS_PROTOCOL, aggregate, benchmark_questions, mc_questions
 from lowlm.graph import StageRun, execute, folder
 from lowlm.models.load import load_for_inference, tokenizer_hash
 from lowlm.models.metrics import text_nll
@@ -36,113 +29,6 @@ from lowlm.rundir import atomic_dir
 
 STAGE = "eval"
 KNOWN_TASKS = [*BENCHMARKS, "mc", "ppl"]
-
-
-def _questions(
-    task: EvalTask,
-) -> tuple[dict[str, list[Question]], dict[str, list[Question]], object]:
-    """(eval questions by subject, few-shot pool by subject, benchmark) of a benchmark task."""
-    benchmark = BENCHMARKS[task.name]
-    split = task.split or benchmark.default_split
-    fewshot_split = task.fewshot_split or benchmark.fewshot_split
-    if task.name == "ceval" and split == "test":
-        raise LowlmError("C-Eval's test answers are not public; evaluate split 'val'.")
-    path = Path(task.path) if task.path else None
-    if path is not None and not path.exists():
-        raise LowlmError(f"{task.name}: path {path} does not exist.")
-    subjects = local_subjects(benchmark, path, split) if path else list(benchmark.subjects)
-    if task.subjects:
-        unknown = [s for s in task.subjects if s not in subjects]
-        if unknown:
-            raise LowlmError(f"{task.name}: unknown or missing subjects {', '.join(unknown)}.")
-        subjects = list(task.subjects)
-    evaluated, pools = {}, {}
-    for subject in subjects:
-        load = (
-            (lambda s, sp: load_local(benchmark, path, s, sp))
-            if path
-            else (lambda s, sp: load_hub(benchmark, s, sp))
-        )
-        evaluated[subject] = load(subject, split)[: task.limit]
-        if task.shots:
-            try:
-                pools[subject] = load(subject, fewshot_split)[: task.shots]
-            except LowlmError:
-                if task.name != "tmmluplus":
-                    raise
-                pools[subject] = load(subject, "dev")[: task.shots]  # the harness's copy
-        else:
-            pools[subject] = []
-    return evaluated, pools, benchmark
-
-
-def _mc_questions(task: EvalTask) -> dict[str, list[Question]]:
-    """A local CSV (with header) or JSONL multiple-choice file, with configurable fields."""
-    if not task.path or not Path(task.path).is_file():
-        raise LowlmError(f"mc: path {task.path!r} is not a file; point it at a .csv or .jsonl.")
-    path, fields = Path(task.path), task.fields
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise LowlmError(f"{path}:{number}: not valid JSON ({exc.msg}).") from None
-    else:
-        rows = [
-            (number, row) for number, row in enumerate(csv.DictReader(io.StringIO(text)), start=2)
-        ]
-    by_subject: dict[str, list[Question]] = defaultdict(list)
-    for index, (number, row) in enumerate(rows):
-        try:
-            choices = [str(row[name]) for name in fields.choices]
-            question = str(row[fields.question])
-            raw_answer = str(row[fields.answer]).strip()
-        except KeyError as exc:
-            raise LowlmError(f"{path}:{number}: no field {exc}; set the task's fields.") from None
-        letters = LETTERS[: len(choices)]
-        answer = (
-            letters[int(raw_answer)]
-            if raw_answer.isdigit() and int(raw_answer) < len(letters)
-            else raw_answer
-        )
-        if answer not in letters:
-            raise LowlmError(
-                f"{path}:{number}: answer {raw_answer!r} is not one of {', '.join(letters)}."
-            )
-        subject = str(row.get(fields.subject, "all")) if fields.subject else "all"
-        by_subject[subject].append(Question(subject, index, question, choices, answer))
-    if not by_subject:
-        raise LowlmError(f"{path} holds no question.")
-    return dict(by_subject)
-
-
-def _aggregate(samples: list[dict], categories: dict[str, str]) -> dict:
-    per_subject: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for sample in samples:
-        tally = per_subject[sample["subject"]]
-        tally[0] += sample["correct"]
-        tally[1] += sample["correct_norm"]
-        tally[2] += 1
-    subjects = {
-        s: {"acc": c / n, "acc_norm": cn / n, "n": n} for s, (c, cn, n) in per_subject.items()
-    }
-    total = sum(v["n"] for v in subjects.values())
-    by_category: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for subject, (correct, _, n) in per_subject.items():
-        category = categories.get(subject, "other")
-        by_category[category][0] += correct
-        by_category[category][1] += n
-    return {
-        "acc": sum(v["acc"] * v["n"] for v in subjects.values()) / total,
-        "acc_norm": sum(v["acc_norm"] * v["n"] for v in subjects.values()) / total,
-        "acc_macro": sum(v["acc"] for v in subjects.values()) / len(subjects),
-        "n": total,
-        "subjects": subjects,
-        "categories": {c: {"acc": k / n, "n": n} for c, (k, n) in sorted(by_category.items())},
-    }
 
 
 def run_multiple_choice(
@@ -154,27 +40,24 @@ def run_multiple_choice(
     add_bos: bool,
     progress_factory,
 ) -> tuple[dict, list[dict]]:
-    if task.name == "mc":
-        evaluated = _mc_questions(task)
-        pools = {s: [] for s in evaluated}
-        if task.shots:  # mc: the first n questions of each subject are the examples
-            pools = {s: qs[: task.shots] for s, qs in evaluated.items()}
-            evaluated = {s: qs[task.shots :] for s, qs in evaluated.items()}
-        describe, cue, categories = (lambda s: task.description), task.answer_cue, {}
-        split = "file"
-    else:
-        evaluated, pools, benchmark = _questions(task)
-        describe, cue = benchmark.description, benchmark.answer_cue
-        categories, split = benchmark.subjects, task.split or benchmark.default_split
-    questions = [q for qs in evaluated.values() for q in qs]
+    loaded = mc_questions(task) if task.name == "mc" else benchmark_questions(task)
+    for subject in loaded.empty_subjects:
+        print(
+            f"{task.name}: subject {subject} has no question in split '{loaded.split}'; "
+            "it is left out of the averages (listed as empty_subjects in results.json)."
+        )
+    questions = [q for qs in loaded.evaluated.values() for q in qs]
     requests = []
     for q in questions:
-        context = build_context(describe(q.subject), pools[q.subject], q, cue)
+        context = build_context(
+            loaded.describe(q.subject), loaded.pools[q.subject], q, loaded.answer_cue
+        )
         if task.chat_template:
             context = tokenizer.apply_chat_template(
                 [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
             )
-        requests.append(Request(context, [f" {letter}" for letter in LETTERS[: len(q.choices)]]))
+        choices = [f" {letter}" for letter in LETTERS[: len(q.choices)]]
+        requests.append(Request(context, choices, group=q.subject))
     progress = progress_factory(len(requests), task.name)
     started = time.perf_counter()
     scores = score_requests(model, tokenizer, requests, batch_size, max_length, add_bos, progress)
@@ -186,41 +69,71 @@ def run_multiple_choice(
         prediction = letters[max(range(len(lls)), key=lambda i: lls[i])]
         lengths = [len(letter) for letter in letters]  # the harness normalises by choice length
         normalised = letters[max(range(len(lls)), key=lambda i: lls[i] / lengths[i])]
-        samples.append(
-            {
-                "subject": q.subject,
-                "index": q.index,
-                "target": q.answer,
-                "prediction": prediction,
-                "scores": lls,
-                "correct": int(prediction == q.answer),
-                "correct_norm": int(normalised == q.answer),
-            }
-        )
-    result = _aggregate(samples, categories)
+        sample = {
+            "subject": q.subject,
+            "index": q.index,
+            "target": q.answer,
+            "prediction": prediction,
+            "scores": lls,
+            "correct": int(prediction == q.answer),
+            "correct_norm": int(normalised == q.answer),
+        }
+        if q.key is not None:
+            sample["id"] = q.key
+        samples.append(sample)
+    if loaded.submission:
+        result: dict = {"n": len(samples), "submission": True}
+    else:
+        result = aggregate(samples, loaded.categories)
     result.update(
         task=task.name,
-        split=split,
+        split=loaded.split,
         shots=task.shots,
+        empty_subjects=loaded.empty_subjects,
         seconds=round(seconds, 2),
         questions_per_s=round(len(samples) / max(seconds, 1e-9), 2),
         template="lm-evaluation-harness" + (" + chat template" if task.chat_template else ""),
         fewshot="first_n" if task.shots else None,
         aggregation="acc: micro (questions, as the harness's groups); acc_macro: mean of subjects",
+        protocol={
+            "reproduces": HARNESS_PROTOCOL,
+            "template": "description + first-n examples + question, continuations ' A'..' D'"
+            + (" inside the tokenizer's chat template" if task.chat_template else ""),
+            "shots": task.shots,
+            "fewshot_source": loaded.fewshot_source,
+            "scoring": "sum of continuation log-likelihoods; highest wins",
+            "normalisation": "acc: none; acc_norm: divided by the choice's length in characters",
+            "aggregation": "acc: micro (questions, as the harness's groups); "
+            "acc_macro: mean of subjects",
+        },
         example_prompt=requests[0].context if requests else None,
     )
     return result, samples
+
+
+def ceval_submission(samples: list[dict]) -> dict:
+    """The C-Eval leaderboard's format: {subject: {id: letter}}."""
+    submission: dict[str, dict[str, str]] = defaultdict(dict)
+    for sample in samples:
+        key = sample.get("id", str(sample["index"]))
+        submission[sample["subject"]][str(key)] = sample["prediction"]
+    return dict(submission)
 
 
 def run_ppl(model, tokenizer, task: EvalTask) -> dict:
     if not task.path or not Path(task.path).is_file():
         raise LowlmError(f"ppl: path {task.path!r} is not a file; point it at a text file.")
     try:
-        lines = [
-            line for line in Path(task.path).read_text(encoding="utf-8").split("\n") if line.strip()
-        ]
+        raw = Path(task.path).read_bytes()
+        if task.path.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        lines = [line for line in raw.decode("utf-8").split("\n") if line.strip()]
     except UnicodeDecodeError as exc:
-        raise LowlmError(f"{task.path} is not UTF-8 ({exc}).") from None
+        raise LowlmError(
+            f"{task.path}: invalid UTF-8 at byte {exc.start}; re-encode it as UTF-8."
+        ) from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise LowlmError(f"cannot read {task.path} ({exc}); is the file complete?") from None
     if not lines:
         raise LowlmError(f"{task.path} holds no text.")
     started = time.perf_counter()
@@ -247,6 +160,11 @@ def markdown(results: dict) -> str:
     for name, r in results["tasks"].items():
         if r["task"] == "ppl":
             rows.append(f"| {name} | - | - | {r['lines']} | - | - | - | {r['bits_per_char']:.4f} |")
+        elif r.get("submission"):
+            rows.append(
+                f"| {name} | {r['split']} | {r['shots']} | {r['n']} | (no public answers: "
+                f"{r['submission_file']}) | - | - | - |"
+            )
         else:
             rows.append(
                 f"| {name} | {r['split']} | {r['shots']} | {r['n']} | {r['acc']:.4f} | "
@@ -310,9 +228,21 @@ def _work(run: StageRun) -> dict:
         "batch_size": batch_size,
         "max_length": max_length,
         "add_bos": cfg.add_bos,
+        # How the scores were computed, so that a figure can be reproduced.
+        "execution": {
+            "device": str(next(model.parameters()).device),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "batch_size": batch_size,
+            "batch_size_auto": cfg.batch_size == "auto",
+            "shared_prefix_cache": True,
+            "batching": "longest first; one forward pass per question when every choice is "
+            "one token",
+            "tokenization": "one batched fast-tokenizer call per task",
+        },
         "tasks": {},
     }
-    samples_by_task = {}
+    samples_by_task, submissions = {}, {}
     for task in cfg.tasks:
         name = _task_key(task, results["tasks"])
         if task.name == "ppl":
@@ -321,6 +251,9 @@ def _work(run: StageRun) -> dict:
             result, samples = run_multiple_choice(
                 model, tokenizer, task, batch_size, max_length, cfg.add_bos, _progress
             )
+            if result.get("submission"):
+                result["submission_file"] = f"submission-{name}.json"
+                submissions[result["submission_file"]] = ceval_submission(samples)
             results["tasks"][name] = result
             samples_by_task[name] = samples
     # One artifact: results, table and samples appear together or not at all.
@@ -331,11 +264,19 @@ def _work(run: StageRun) -> dict:
                     "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples),
                     encoding="utf-8",
                 )
+        for file_name, submission in submissions.items():
+            (out / file_name).write_text(
+                json.dumps(submission, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         (out / "results.json").write_text(
             json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         (out / "results.md").write_text(markdown(results), encoding="utf-8")
-    metrics = {name: r.get("acc", r.get("bits_per_char")) for name, r in results["tasks"].items()}
+    metrics = {
+        name: r.get("acc", r.get("bits_per_char"))
+        for name, r in results["tasks"].items()
+        if not r.get("submission")
+    }
     print(markdown(results), end="")
     print(f"eval: wrote {run.folder / 'results.json'}")
     return {"metrics": metrics}
