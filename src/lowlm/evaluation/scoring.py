@@ -155,11 +155,19 @@ def _forward_last_cached(model, prefix_cache, prefix_len: int, suffixes: list[li
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{_cache_argument(model): cache},
     ).logits[:, -1]
     return F.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes a key/value cache: `cache` in recent transformers 5
+    releases, `past_key_values` before (and in models with their own code)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _score_group_cached(model, rows: list[list[int]], batch_size: int) -> torch.Tensor | None:
@@ -170,7 +178,8 @@ def _score_group_cached(model, rows: list[list[int]], batch_size: int) -> torch.
         return None
     device = _model_device(model)
     prefix = torch.tensor([rows[0][:prefix_len]], device=device)
-    prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
+    output = model(input_ids=prefix, use_cache=True)
+    prefix_cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
     if prefix_cache is None:
         return None
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
