@@ -7,11 +7,10 @@ reported with file and line; none is dropped silently, and no valid record is an
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from lowlm.data.corpus import Source, resolve_sources
+from lowlm.data.corpus import resolve_sources
+from lowlm.data.records import iter_records
 from lowlm.errors import LowlmError
 
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
@@ -29,43 +28,6 @@ class ReadReport:
         self.invalid += 1
         if len(self.problems) < SHOWN_PROBLEMS:
             self.problems.append(f"{where}: {reason}")
-
-
-def _records(source: Source, split: str) -> Iterator[tuple[str, object]]:
-    """(where, record) pairs; a record that is not JSON comes back as an exception."""
-    if source.hf_name is not None:
-        import datasets
-
-        name, _, subset = source.hf_name.partition(":")
-        try:
-            rows = datasets.load_dataset(name, subset or None, split=split, streaming=True)
-        except Exception as exc:  # the hub raises many kinds; all mean "could not load"
-            raise LowlmError(
-                f"could not load Hugging Face dataset '{source.hf_name}': {exc}"
-            ) from None
-        for index, row in enumerate(rows):
-            yield f"{source.hf_name}[{index}]", row
-        return
-    path = source.path
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LowlmError(
-                f"{path} is not a valid JSON file ({exc}); fix it or use JSONL."
-            ) from None
-        rows = data if isinstance(data, list) else [data]
-        for index, row in enumerate(rows):
-            yield f"{path}[{index}]", row
-        return
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(raw.decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield f"{path}:{number}", ValueError(f"not valid JSON or UTF-8 ({exc})")
 
 
 def _conversation(record: object, fields) -> list[dict] | str:
@@ -126,7 +88,7 @@ def read_conversations(
     for source in resolve_sources(patterns):
         if source.path is not None and source.path.suffix not in (".json", ".jsonl"):
             raise LowlmError(f"{source.path}: instruction data must be .json or .jsonl.")
-        for where, record in _records(source, split):
+        for where, record in iter_records(source, split):
             report.records += 1
             result = _conversation(record, fields)
             if isinstance(result, str):

@@ -8,14 +8,12 @@ averaged away silently.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowlm.config import EvalTask
+from lowlm.data.records import read_records
 from lowlm.errors import LowlmError
 from lowlm.evaluation.benchmarks import (
     BENCHMARKS,
@@ -25,7 +23,6 @@ from lowlm.evaluation.benchmarks import (
     load_hub,
     load_local,
     local_subjects,
-    read_csv_text,
 )
 
 # The lm-evaluation-harness release whose prompts and scoring these tasks reproduce.
@@ -110,40 +107,6 @@ def benchmark_questions(task: EvalTask) -> TaskQuestions:
     )
 
 
-def _mc_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line or row number, record) of a .jsonl, .csv (with header) or .parquet file."""
-    if path.suffix == ".jsonl":
-        try:
-            text = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise LowlmError(f"{path}: invalid UTF-8 at byte {exc.start}; re-encode it.") from None
-        rows = []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LowlmError(f"{path}:{number}: not valid JSON ({exc.msg}).") from None
-            if not isinstance(record, dict):
-                raise LowlmError(
-                    f"{path}:{number}: a JSON {type(record).__name__}, not an object with the "
-                    "question, choice and answer fields."
-                )
-            rows.append((number, record))
-        return rows
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise LowlmError(f"cannot read parquet file {path}: {exc}") from None
-        return list(enumerate(table.to_pylist()))
-    reader = csv.DictReader(io.StringIO(read_csv_text(path)))
-    return list(enumerate(reader, start=2))
-
-
 def mc_questions(task: EvalTask) -> TaskQuestions:
     """A local multiple-choice file, with configurable fields; the first `shots` questions of
     each subject are its examples."""
@@ -153,8 +116,7 @@ def mc_questions(task: EvalTask) -> TaskQuestions:
         )
     path, fields = Path(task.path), task.fields
     by_subject: dict[str, list[Question]] = defaultdict(list)
-    for index, (number, row) in enumerate(_mc_rows(path)):
-        where = f"{path}:{number}" if path.suffix != ".parquet" else f"{path} row {number}"
+    for index, (where, row) in enumerate(read_records(str(path))):
         values = {}
         for name in [fields.question, *fields.choices, fields.answer]:
             if name not in row:

@@ -1,0 +1,88 @@
+"""Records (one dict each) from .jsonl, .json, .csv (with header) or .parquet files, or a
+Hugging Face dataset name: the shared reader of instruction data, preference pairs,
+labelled sets and local multiple-choice files.
+
+Each record comes with where it is (`file:line`, `file row N`, `name[N]`); a line that is
+not JSON (or not UTF-8) comes back as an exception in place of the record, so a caller can
+count it (instructions) or stop on it (everything else) with the place it happened.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+
+from lowlm.data.corpus import Source, resolve_sources
+from lowlm.errors import LowlmError
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, object]]:
+    if source.hf_name is not None:
+        import datasets
+
+        name, _, subset = source.hf_name.partition(":")
+        try:
+            rows = datasets.load_dataset(name, subset or None, split=split, streaming=True)
+        except Exception as exc:  # the hub raises many kinds; all mean "could not load"
+            raise LowlmError(
+                f"could not load Hugging Face dataset '{source.hf_name}': {exc}"
+            ) from None
+        for index, row in enumerate(rows):
+            yield f"{source.hf_name}[{index}]", row
+        return
+    path = source.path
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LowlmError(
+                f"{path} is not a valid JSON file ({exc}); fix it or use JSONL."
+            ) from None
+        rows = data if isinstance(data, list) else [data]
+        for index, row in enumerate(rows):
+            yield f"{path}[{index}]", row
+        return
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise LowlmError(f"cannot read parquet file {path}: {exc}") from None
+        for index, row in enumerate(table.to_pylist()):
+            yield f"{path} row {index}", row
+        return
+    if path.suffix == ".csv":
+        from lowlm.evaluation.benchmarks import read_csv_text
+
+        for number, row in enumerate(csv.DictReader(io.StringIO(read_csv_text(path))), start=2):
+            yield f"{path}:{number}", row
+        return
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                yield f"{path}:{number}", ValueError(f"not valid JSON or UTF-8 ({exc})")
+
+
+def read_records(pattern: str, split: str = "train") -> list[tuple[str, dict]]:
+    """Every record of a file, glob or dataset name; a record that is not a JSON object stops
+    with its place."""
+    records = []
+    for source in resolve_sources([pattern]):
+        for where, record in iter_records(source, split):
+            if isinstance(record, Exception):
+                raise LowlmError(f"{where}: {record}; fix the line.")
+            if not isinstance(record, dict):
+                raise LowlmError(
+                    f"{where}: a JSON {type(record).__name__}, not an object with named fields."
+                )
+            records.append((where, record))
+    return records
