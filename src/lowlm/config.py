@@ -25,6 +25,11 @@ class RunConfig(Section):
     name: str = Field("lowlm-run", description="Artifacts go to <root>/<name>/.")
     root: str = Field("runs", description="Folder that holds run directories.")
     seed: int = Field(1234, description="Seed for sampling, shuffling and initialisation.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Live trackers the training stages also log to (tensorboard writes to "
+        "<run>/tracking/<stage>/); log.jsonl stays the record.",
+    )
 
 
 class ModelConfig(Section):

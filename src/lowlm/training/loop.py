@@ -425,7 +425,8 @@ def train(
                     last.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
             if accelerator.is_main_process:
                 with log_path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(last) + "\n")
+                    handle.write(json.dumps({**last, "time": round(time.time(), 3)}) + "\n")
+                accelerator.log(_scalars(last), step=done)  # the trackers of run.report_to
                 shown = "-" if last["loss"] is None else f"{last['loss']:.4f}"
                 progress.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}")
                 progress.write(
@@ -437,8 +438,10 @@ def train(
         elif done % plan.eval_every == 0:
             eval_loss = evaluate(accelerator, model, eval_data, plan)
             if eval_loss is not None and accelerator.is_main_process:
+                entry = {"step": done, "eval_loss": eval_loss, "time": round(time.time(), 3)}
                 with log_path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"step": done, "eval_loss": eval_loss}) + "\n")
+                    handle.write(json.dumps(entry) + "\n")
+                accelerator.log(_scalars(entry), step=done)
         if done % plan.save_every == 0 and done < plan.steps:
             _save_checkpoint(
                 accelerator,
@@ -461,6 +464,18 @@ def train(
     if scaler is not None:
         final["fp16_overflow_steps"] = overflows
     return final
+
+
+def _scalars(entry: dict) -> dict[str, float]:
+    """The finite numbers of a log line, for the trackers (log.jsonl keeps everything)."""
+    return {
+        key: float(value)
+        for key, value in entry.items()
+        if key not in ("step", "time")
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
 
 
 def _finite_or_none(value) -> float | None:

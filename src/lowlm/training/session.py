@@ -1,20 +1,25 @@
 """What every training stage does around the loop: the accelerator, LoRA, the plan, energy,
-and saving the result into its run folder (with log.jsonl and checkpoints) atomically."""
+live trackers, and saving the result into its run folder (with log.jsonl and checkpoints)
+atomically."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 from lowlm.config import LoraSection, TrainingSection
 from lowlm.errors import LowlmError
 from lowlm.models.load import save_model_folder
 from lowlm.rundir import atomic_dir
 from lowlm.training.energy import track_energy
-from lowlm.training.loop import TrainPlan, train
+from lowlm.training.loop import TrainPlan, latest_checkpoint, train
+
+TRACKING_FOLDER = "tracking"  # <run>/tracking/<stage>/ for trackers that write files
 
 
 def make_accelerator(dtype: str):
@@ -40,6 +45,71 @@ def make_accelerator(dtype: str):
         AcceleratorState._reset_state()
     # cpu=True without CUDA: otherwise accelerate ignores torchrun's ranks on such a machine.
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Stop, before any training, when a tracker named in run.report_to is not installed
+    (accelerate would only warn and train without it)."""
+    import accelerate.utils
+
+    missing = [n for n in report_to if not getattr(accelerate.utils, f"is_{n}_available")()]
+    if missing:
+        names = " ".join(missing)
+        raise LowlmError(
+            f"run.report_to names {', '.join(missing)}, which is not installed; "
+            f"pip install {names} (or pip install 'lowlm[tracking]'), or remove it from "
+            "run.report_to."
+        )
+
+
+def run_report_to(run_dir: Path) -> list[str]:
+    """run.report_to of the run in `run_dir`, from the resolved config.yaml the manifest's
+    start record wrote just before this stage's work began."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    return list(((config.get("run") or {}).get("report_to")) or [])
+
+
+def start_tracking(
+    accelerator, report_to: list[str], run_dir: Path, stage: str, plan: TrainPlan, fresh: bool
+) -> None:
+    """Open accelerate's trackers for one stage: the project is the run, each tracker's run is
+    the stage, and TensorBoard writes to <run>/tracking/<stage>/ (emptied when the stage starts
+    over, as log.jsonl is). accelerate opens and feeds them on the main process only."""
+    if not report_to:
+        return
+    check_trackers(report_to)
+    from accelerate.tracking import TensorBoardTracker, filter_trackers
+
+    folder = run_dir / TRACKING_FOLDER
+    if fresh and accelerator.is_main_process:
+        shutil.rmtree(folder / stage, ignore_errors=True)
+    # The stages build the accelerator before the run's config reaches this point; accelerate
+    # reads `log_with` only in init_trackers, so setting it here equals passing it to
+    # Accelerator(). TensorBoard goes in as an instance: its folder is then the stage's while
+    # the other trackers' project is the run.
+    chosen = [TensorBoardTracker(stage, folder) if n == "tensorboard" else n for n in report_to]
+    accelerator.log_with = filter_trackers(chosen, str(folder))
+    hyperparameters = {k: v for k, v in dataclasses.asdict(plan).items() if v is not None}
+    accelerator.init_trackers(
+        run_dir.name,
+        config={"stage": stage, **hyperparameters},
+        init_kwargs={
+            "wandb": {"name": stage},
+            "trackio": {"name": stage},
+            "mlflow": {"run_name": stage},
+        },
+    )
+
+
+def stop_tracking(accelerator) -> None:
+    """Close the stage's trackers. Not accelerator.end_training(): that also destroys the
+    process group, which the barriers after training and the next stage of `lowlm run` need."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
 
 
 def apply_lora(model, lora: LoraSection, **extra):
@@ -97,30 +167,41 @@ def train_and_save(
     resume: bool,
     after_backward: Callable[[], None] | None = None,
     final_metrics: Callable[[object], dict] | None = None,
+    report_to: list[str] | None = None,
     **card: object,
 ) -> tuple[dict, dict, dict | None]:
     """Train, then (main process) write `folder`: the weights of `kind`, the tokenizer, the card,
-    log.jsonl and checkpoints. Returns (metrics, energy record, card; None off the main rank)."""
+    log.jsonl and checkpoints. Returns (metrics, energy record, card; None off the main rank).
+
+    The loop's scalars also go to the trackers of `report_to` (default: the run's
+    run.report_to; `folder` is <run>/<stage>)."""
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     work = folder.with_name(f".{folder.name}.train")  # checkpoints and log while training
-    with track_energy(
-        section.energy.enabled and accelerator.is_main_process,
-        section.energy.country_iso_code,
-        work,
-    ) as energy:
-        metrics = train(
-            accelerator,
-            model,
-            train_data,
-            eval_data,
-            plan,
+    if report_to is None:
+        report_to = run_report_to(folder.parent)
+    fresh = not (resume and latest_checkpoint(work) is not None)  # as train() decides
+    start_tracking(accelerator, report_to, folder.parent, folder.name, plan, fresh)
+    try:
+        with track_energy(
+            section.energy.enabled and accelerator.is_main_process,
+            section.energy.country_iso_code,
             work,
-            resume=resume,
-            after_backward=after_backward,
-        )
+        ) as energy:
+            metrics = train(
+                accelerator,
+                model,
+                train_data,
+                eval_data,
+                plan,
+                work,
+                resume=resume,
+                after_backward=after_backward,
+            )
+    finally:
+        stop_tracking(accelerator)
     metrics["trainable_parameters"] = trainable
     saved = None
     if accelerator.is_main_process:
