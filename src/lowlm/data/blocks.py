@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import deque
 from collections.abc import Iterator
 from multiprocessing import Pool
 from pathlib import Path
@@ -27,6 +28,7 @@ from lowlm.rundir import atomic_write_bytes, atomic_write_json, fingerprint
 DOCS_PER_BATCH = 256
 CACHE_FORMAT = 3  # part of the key: a change of layout never reuses an old cache
 SHARD_BLOCKS = 4096
+PLAIN_SUFFIXES = {".txt", ".text", ".md"}  # a document per line: the file size is the text's
 
 
 def cache_key(
@@ -86,6 +88,23 @@ class _Packer:
             full = len(self.buffer) // self.block_size
 
 
+def _progress_bar(sources: list[Source]):
+    """Bytes read, with rate and ETA: the total is known when every source is a plain text
+    file (other formats' sizes are not their text's); otherwise bytes and rate alone."""
+    from tqdm.auto import tqdm
+
+    plain = all(s.path is not None and s.path.suffix in PLAIN_SUFFIXES for s in sources)
+    total = sum(s.path.stat().st_size for s in sources) if plain else None
+    return tqdm(
+        total=total,
+        desc="reading and packing the corpus",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        dynamic_ncols=True,
+    )
+
+
 def build_cache(
     folder: Path,
     tokenizer_folder: Path,
@@ -130,26 +149,36 @@ def build_cache(
         for split in ("train", "eval")
     }
 
+    # Bytes read per batch, in order: the bar advances as batches come back encoded (imap
+    # reads ahead of the workers, so counting where documents are read would run ahead).
+    batch_bytes: deque[int] = deque()
+
     def batches() -> Iterator[list[str]]:
         batch: list[str] = []
+        size = 0
         for index, document in enumerate(iter_documents(sources, data)):
+            size += len(document.encode("utf-8")) + 1
             if index < progress["documents"]:
                 continue  # consumed before the interruption
             batch.append(document)
             if len(batch) == DOCS_PER_BATCH:
+                batch_bytes.append(size)
                 yield batch
-                batch = []
+                batch, size = [], 0
         if batch:
+            batch_bytes.append(size)
             yield batch
 
     worker_args = (str(tokenizer_folder), seed, data.heldout_fraction)
     pool = Pool(num_proc, _init_worker, worker_args) if num_proc > 1 else None
     if pool is None:
         _init_worker(*worker_args)
+    bar = _progress_bar(sources)
     try:
         encoded = pool.imap(_encode, batches()) if pool else map(_encode, batches())
         documents = progress["documents"]
         for rows in encoded:
+            bar.update(batch_bytes.popleft() if batch_bytes else 0)
             for held_out, row in rows:
                 if row and row[-1] == eos:  # tokenizers that add EOS themselves
                     row = row[:-1]
@@ -160,7 +189,10 @@ def build_cache(
                 packer.flush()
             if packers["train"].shards + packers["eval"].shards != before:
                 _save_progress(progress_path, documents, packers)
+        if bar.total and bar.n < bar.total:
+            bar.update(bar.total - bar.n)  # lines filtered out or stripped were read too
     finally:
+        bar.close()
         if pool:
             pool.close()
             pool.join()
