@@ -275,12 +275,17 @@ def train(
     folder: Path,
     resume: bool = False,
     after_backward: Callable[[], None] | None = None,
+    collate: Callable[[Sequence[dict], object], dict] | None = None,
+    loss_fn: Callable[[object, dict], torch.Tensor] | None = None,
 ) -> dict:
     """Train `model` (its trainable parameters) for plan.steps optimizer steps.
 
-    `train_data[i]` returns {"input_ids", "labels"} arrays (labels -100 where no loss). Writes
-    checkpoints and log.jsonl into `folder`; returns the final metrics.
+    `train_data[i]` returns {"input_ids", "labels"} arrays (labels -100 where no loss), or
+    whatever `collate(examples, device)` turns into a batch; the loss is the model's own, or
+    `loss_fn(model, batch)` (DPO). Writes checkpoints and log.jsonl into `folder`; returns
+    the final metrics.
     """
+    collate = collate or _collate
     from tqdm.auto import tqdm
 
     if len(train_data) == 0:
@@ -342,14 +347,14 @@ def train(
             first = (
                 step * global_batch + (micro * world + accelerator.process_index) * plan.batch_size
             )
-            batch = _collate(
+            batch = collate(
                 [train_data[order(first + b)] for b in range(plan.batch_size)], accelerator.device
             )
             # Gradients are all-reduced only on the last micro-step of an optimizer step.
             last_micro = micro == plan.grad_accum - 1
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    loss = model(**batch).loss
+                    loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
                 accelerator.backward(loss / plan.grad_accum)
             step_loss += loss.detach() / plan.grad_accum
             mask = batch.get("attention_mask")

@@ -112,8 +112,9 @@ def stop_tracking(accelerator) -> None:
     accelerator.trackers.clear()
 
 
-def apply_lora(model, lora: LoraSection, **extra):
-    """Wrap the model with a fresh LoRA adapter (extra: modules_to_save, trainable tokens)."""
+def apply_lora(model, lora: LoraSection, task_type: str = "CAUSAL_LM", **extra):
+    """Wrap the model with a fresh LoRA adapter (extra: modules_to_save, trainable tokens).
+    task_type SEQ_CLS (classifiers) also trains the new classification head in full."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -121,7 +122,7 @@ def apply_lora(model, lora: LoraSection, **extra):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         **extra,
     )
     try:
@@ -168,10 +169,13 @@ def train_and_save(
     after_backward: Callable[[], None] | None = None,
     final_metrics: Callable[[object], dict] | None = None,
     report_to: list[str] | None = None,
+    collate: Callable | None = None,
+    loss_fn: Callable | None = None,
+    files: Callable[[], dict[str, str]] | None = None,
     **card: object,
 ) -> tuple[dict, dict, dict | None]:
     """Train, then (main process) write `folder`: the weights of `kind`, the tokenizer, the card,
-    log.jsonl and checkpoints. Returns (metrics, energy record, card; None off the main rank).
+    the stage's own `files`, log.jsonl and checkpoints. Returns (metrics, energy record, card; None off the main rank).
 
     The loop's scalars also go to the trackers of `report_to` (default: the run's
     run.report_to; `folder` is <run>/<stage>)."""
@@ -199,6 +203,8 @@ def train_and_save(
                 work,
                 resume=resume,
                 after_backward=after_backward,
+                collate=collate,
+                loss_fn=loss_fn,
             )
     finally:
         stop_tracking(accelerator)
@@ -211,6 +217,8 @@ def train_and_save(
                 metrics.update(final_metrics(unwrapped))
         with atomic_dir(folder) as out:
             saved = save_model_folder(unwrapped, tokenizer, out, kind, parent, **card)
+            for name, text in (files() if files is not None else {}).items():
+                (out / name).write_text(text, encoding="utf-8")  # e.g. a stage's results
             for item in ("log.jsonl", "checkpoints"):
                 if (work / item).exists():
                     (work / item).rename(out / item)
