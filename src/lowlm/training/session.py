@@ -175,7 +175,8 @@ def train_and_save(
     **card: object,
 ) -> tuple[dict, dict, dict | None]:
     """Train, then (main process) write `folder`: the weights of `kind`, the tokenizer, the card,
-    the stage's own `files`, log.jsonl and checkpoints. Returns (metrics, energy record, card; None off the main rank).
+    the stage's own `files`, log.jsonl and checkpoints. Returns (metrics, energy record, card;
+    None off the main rank).
 
     The loop's scalars also go to the trackers of `report_to` (default: the run's
     run.report_to; `folder` is <run>/<stage>)."""
