@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -35,10 +37,93 @@ def _fail(exc: LowlmError) -> None:
     raise typer.Exit(1)
 
 
+def _main_process() -> bool:
+    """Rank 0 (or a single process): the one that prints summaries and writes the report."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _finished(resolved: LowlmConfig) -> dict[str, str | None]:
+    from lowlm.rundir import RunDir
+
+    stages = RunDir(resolved).read_manifest()["stages"]
+    return {name: (record or {}).get("finished") for name, record in stages.items()}
+
+
+@contextlib.contextmanager
+def _summarised(resolved: LowlmConfig):
+    """After the body: the short summary table of every stage it finished (main process)."""
+    before = _finished(resolved)
+    yield
+    if not _main_process():
+        return
+    from lowlm.graph import ORDER
+    from lowlm.report import stage_summary
+
+    after = _finished(resolved)
+    for name in ORDER:
+        if after.get(name) and after.get(name) != before.get(name):
+            typer.echo(stage_summary(resolved, name))
+
+
+@contextlib.contextmanager
+def _tokenizer_spinner(resolved: LowlmConfig, force: bool):
+    """Tokenizer training is one SentencePiece call with no progress to report: say so, with a
+    spinner and the time elapsed on a terminal, unless the stage will be skipped."""
+    from lowlm.graph import Graph
+
+    if not _main_process() or (not force and Graph(resolved).state("tokenize").status == "done"):
+        yield
+        return
+    message = "tokenize: reading the corpus, training and merging the tokenizer"
+    if not sys.stderr.isatty():
+        typer.echo(f"{message} (one SentencePiece call: no progress bar)...", err=True)
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn(message),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        progress.add_task(message, total=None)
+        yield
+
+
+@contextlib.contextmanager
+def _no_spinner(resolved: LowlmConfig, force: bool):
+    yield
+
+
+def _check_trackers(resolved: LowlmConfig) -> None:
+    """A tracker named in run.report_to that is not installed stops before any stage runs."""
+    if resolved.run.report_to:
+        from lowlm.training.session import check_trackers
+
+        check_trackers(resolved.run.report_to)
+
+
 def _call(function, config: Path, overrides: list[str] | None, **kwargs) -> None:
-    """Load the config and run a stage; bad input becomes one line on stderr and exit 1."""
+    """Load the config and run a stage, then print the summary of what it finished; bad input
+    becomes one line on stderr and exit 1."""
     try:
-        function(_load(config, overrides), **kwargs)
+        resolved = _load(config, overrides)
+        with _summarised(resolved):
+            function(resolved, **kwargs)
+    except LowlmError as exc:
+        _fail(exc)
+
+
+def _call_training(function, config: Path, overrides: list[str] | None, **kwargs) -> None:
+    """_call for the training stages: the trackers of run.report_to are checked first."""
+    try:
+        resolved = _load(config, overrides)
+        _check_trackers(resolved)
+        with _summarised(resolved):
+            function(resolved, **kwargs)
     except LowlmError as exc:
         _fail(exc)
 
@@ -59,7 +144,11 @@ def tokenize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) ->
     """Train a target-language tokenizer and merge it into the base vocabulary."""
     from lowlm.stages import tokenize as stage
 
-    _call(stage.run, config, set_, force=force)
+    def run(resolved: LowlmConfig, force: bool) -> None:
+        with _tokenizer_spinner(resolved, force):
+            stage.run(resolved, force=force)
+
+    _call(run, config, set_, force=force)
 
 
 @app.command()
@@ -93,7 +182,7 @@ def pretrain(
     """Pre-train: stage 1 (embeddings), stage 2 (LoRA + embeddings) or full; accelerate-aware."""
     from lowlm.stages import pretrain as pretrain_stage
 
-    _call(pretrain_stage.run, config, set_, stage=stage, force=force, resume=resume)
+    _call_training(pretrain_stage.run, config, set_, stage=stage, force=force, resume=resume)
 
 
 @app.command()
@@ -123,7 +212,7 @@ def sft(
     """Instruction-tune the run's newest model (or sft.model) with LoRA."""
     from lowlm.stages import sft as stage
 
-    _call(stage.run, config, set_, force=force, resume=resume)
+    _call_training(stage.run, config, set_, force=force, resume=resume)
 
 
 ModelOpt = Annotated[
@@ -224,7 +313,9 @@ def evaluate(
             return
         if len(paths) != 1:
             raise LowlmError("lowlm eval takes one config (or --compare A.json B.json).")
-        stage.run(_load(paths[0], set_), force=force)
+        resolved = _load(paths[0], set_)
+        with _summarised(resolved):
+            stage.run(resolved, force=force)
     except LowlmError as exc:
         _fail(exc)
 
@@ -247,13 +338,53 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
 
     Stages done with the same inputs are skipped; a killed stage resumes."""
     from lowlm.graph import Graph
+    from lowlm.report import write_report
 
     try:
         resolved = _load(config, set_)
-        for name in Graph(resolved).enabled():
-            _runner(name)(resolved, force=force)
+        _check_trackers(resolved)
     except LowlmError as exc:
         _fail(exc)
+    try:
+        for name in Graph(resolved).enabled():
+            spinner = _tokenizer_spinner if name == "tokenize" else _no_spinner
+            with _summarised(resolved), spinner(resolved, force):
+                _runner(name)(resolved, force=force)
+    except LowlmError as exc:
+        if _main_process():
+            with contextlib.suppress(Exception):  # the report shows the failed stage too
+                write_report(resolved)
+        _fail(exc)
+    if _main_process():
+        try:
+            typer.echo(f"report: {write_report(resolved)}")
+        except LowlmError as exc:
+            _fail(exc)
+
+
+@app.command()
+def report(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline", help="A base model's eval/results.json to compare the eval table with."
+        ),
+    ] = None,
+) -> None:
+    """Write <run>/report.html: every stage's status, time, figures and energy, the tokenizer,
+    loss and eval charts, in one self-contained page; reads the run directory only."""
+    import time
+
+    from lowlm.report import write_report
+
+    started = time.perf_counter()
+    try:
+        path = write_report(_load(config, set_), baseline)
+    except LowlmError as exc:
+        _fail(exc)
+    typer.echo(f"report: {path} ({time.perf_counter() - started:.1f} s)")
 
 
 @app.command()
@@ -292,6 +423,11 @@ def status(config: ConfigArg, set_: SetOpt = None) -> None:
             f"{name:<17}{state.status:<13}{record.get('finished', '') if record else '':<26}"
             f"{detail}"
         )
+    from lowlm.report import REPORT_FILE
+
+    page = graph.run_dir.path / REPORT_FILE
+    if page.is_file():
+        typer.echo(f"report: {page} (`lowlm report` rewrites it)")
 
 
 if __name__ == "__main__":
