@@ -272,6 +272,60 @@ class SftConfig(TrainingSection):
     )
 
 
+class FinetuneConfig(TrainingSection):
+    """Downstream classification (TeenyTinyLlama's evaluation): the model as a sequence
+    classifier on a labelled set."""
+
+    model: str | None = Field(
+        None, description="Model to fine-tune (default: the run's model, as for sft)."
+    )
+    train: str | None = Field(
+        None, description="Labelled training set: .jsonl, .csv, .parquet or an HF dataset name."
+    )
+    test: str | None = Field(None, description="Test set, same formats (else test_fraction).")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of train held out as the test set when test is unset."
+    )
+    hf_split: str = Field("train", description="Split of an HF training set.")
+    hf_test_split: str = Field("test", description="Split of an HF test set.")
+    text_field: str = Field("text", description="Field with the text.")
+    text_pair_field: str | None = Field(
+        None, description="Field with the second text of pair tasks (entailment, NLI)."
+    )
+    label_field: str = Field("label", description="Field with the label (string or integer).")
+    method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA.")
+    epochs: float = Field(3, gt=0, description="Passes over the training set.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    max_length: int = Field(256, ge=8, description="Longest input in tokens (longer: cut).")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class DpoConfig(TrainingSection):
+    """Direct Preference Optimization of a LoRA adapter on {prompt, chosen, rejected} pairs."""
+
+    data: list[str] = Field(
+        default_factory=list, description="JSONL files (or HF dataset names) of preference pairs."
+    )
+    hf_split: str = Field("train", description="Split used for Hugging Face dataset names.")
+    prompt_field: str = Field("prompt", description="Field with the prompt.")
+    chosen_field: str = Field("chosen", description="Field with the preferred answer.")
+    rejected_field: str = Field("rejected", description="Field with the other answer.")
+    template: str | None = Field(
+        None, description="Template around the prompt (default: the model's sft template)."
+    )
+    model: str | None = Field(
+        None, description="Model to align (default: the sft adapter, merged, else as sft)."
+    )
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far from the reference.")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of pairs held out for reward accuracy."
+    )
+    max_length: int = Field(512, ge=8, description="Longest prompt + answer in tokens.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lr: float = Field(5e-6, gt=0, description="Peak learning rate.")
+    lora: SftLoraSection = Field(default_factory=SftLoraSection)
+
+
 class ExportConfig(Section):
     tolerance: float = Field(
         1e-3, gt=0, description="Largest merged-vs-adapter logit difference accepted."
@@ -335,6 +389,8 @@ class LowlmConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property

@@ -114,6 +114,22 @@ def _sft_config(c: LowlmConfig) -> dict:
     }
 
 
+def _finetune_config(c: LowlmConfig) -> dict:
+    return {
+        "config.finetune": _dump(c.finetune, exclude=_BOOKKEEPING),
+        "config.model": _dump(c.model),
+        "config.run.seed": str(c.run.seed),
+    }
+
+
+def _dpo_config(c: LowlmConfig) -> dict:
+    return {
+        "config.dpo": _dump(c.dpo, exclude=_BOOKKEEPING),
+        "config.model": _dump(c.model),
+        "config.run.seed": str(c.run.seed),
+    }
+
+
 def _eval_config(c: LowlmConfig) -> dict:
     return {"config.eval": _dump(c.eval), "config.model": _dump(c.model)}
 
@@ -156,6 +172,17 @@ def _pretrain_files(c: LowlmConfig) -> dict:
 
 def _sft_files(c: LowlmConfig) -> dict:
     return _sources("data", c.sft.data) if c.sft.data else {}
+
+
+def _finetune_files(c: LowlmConfig) -> dict:
+    files = _sources("train", [c.finetune.train]) if c.finetune.train else {}
+    if c.finetune.test:
+        files.update(_sources("test", [c.finetune.test]))
+    return files
+
+
+def _dpo_files(c: LowlmConfig) -> dict:
+    return _sources("data", c.dpo.data) if c.dpo.data else {}
 
 
 def _eval_files(c: LowlmConfig) -> dict:
@@ -279,13 +306,35 @@ STAGES: dict[str, Stage] = {
             override=lambda c: c.sft.model,
         ),
         Stage(
+            "dpo",
+            "dpo",
+            "lowlm dpo",
+            lambda c: bool(c.dpo.data),
+            _dpo_config,
+            _dpo_files,
+            models_from=("sft", "export", *_MODELS),
+            base_fallback=True,
+            override=lambda c: c.dpo.model,
+        ),
+        Stage(
+            "finetune",
+            "finetune",
+            "lowlm finetune",
+            lambda c: bool(c.finetune.train),
+            _finetune_config,
+            _finetune_files,
+            models_from=("export", *_MODELS),
+            base_fallback=True,
+            override=lambda c: c.finetune.model,
+        ),
+        Stage(
             "eval",
             "eval",
             "lowlm eval",
             lambda c: bool(c.eval.tasks),
             _eval_config,
             _eval_files,
-            models_from=("sft", "export", *_MODELS),
+            models_from=("dpo", "sft", "export", *_MODELS),
             base_fallback=True,
             override=lambda c: c.eval.model,
         ),
@@ -293,7 +342,7 @@ STAGES: dict[str, Stage] = {
 }
 ORDER = list(STAGES)
 # Stages whose folder is a model (or adapter / embeddings) that generate and eval can load.
-MODEL_STAGES = ("sft", "export", *_MODELS)
+MODEL_STAGES = ("dpo", "sft", "export", *_MODELS)
 INFERENCE = "eval"  # generate and chat use the model eval would use
 
 
