@@ -258,6 +258,7 @@ def test_chinese_llama_2_recipe_runs_scaled_down(tmp_path, tiny_base, local_data
 def test_teenytinyllama_recipes_run_scaled_down_with_a_downstream_finetune(
     recipe, tmp_path, local_data
 ):
+    heldout = tmp_path / "runs" / recipe.removesuffix(".yaml") / "tokenizer" / "heldout.txt"
     stages = run_recipe(
         recipe,
         tmp_path,
@@ -272,7 +273,7 @@ def test_teenytinyllama_recipes_run_scaled_down_with_a_downstream_finetune(
             "finetune.batch_size=8",
             "finetune.max_length=32",
             "finetune.energy.enabled=false",
-            f"eval.tasks=[{{name: ppl, path: '{tmp_path}/runs/{recipe[:-5]}/tokenizer/heldout.txt'}}]",
+            f"eval.tasks=[{{name: ppl, path: '{heldout}'}}]",
         ],
     )
     for stage in ("tokenize", "init", "pretrain-full", "export", "finetune", "eval"):
