@@ -93,7 +93,7 @@ def run(tmp_path_factory, tiny_base) -> Path:
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     # `lowlm run` prints each stage's summary when it finishes and the report's path at the end
-    assert "pretrain-stage2: done" in result.output and "held-out loss" in result.output
+    assert "pretrain-stage2 done (" in result.output and "held-out loss" in result.output
     assert result.output.strip().endswith(str(root / "runs" / "r" / "report.html"))
     return path
 

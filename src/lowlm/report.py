@@ -236,7 +236,8 @@ def stage_summary(config: LowlmConfig, name: str) -> str:
     view = next((v for v in stage_views(Graph(config)) if v.name == name), None)
     if view is None:
         return f"{name}: not configured and never run."
-    head = f"{name}: {view.status}" + (f", {fmt_seconds(view.seconds)}" if view.seconds else "")
+    # Not "name: ...": stages print their own "name: ..." lines, which callers count.
+    head = f"{name} {view.status}" + (f" ({fmt_seconds(view.seconds)})" if view.seconds else "")
     rows = key_figures(name, view.metrics)
     if view.reason:
         rows.insert(0, ("reason", view.reason))

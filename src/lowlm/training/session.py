@@ -92,7 +92,9 @@ def start_tracking(
     # the other trackers' project is the run.
     chosen = [TensorBoardTracker(stage, folder) if n == "tensorboard" else n for n in report_to]
     accelerator.log_with = filter_trackers(chosen, str(folder))
-    hyperparameters = {k: v for k, v in dataclasses.asdict(plan).items() if v is not None}
+    hyperparameters = {  # trackers take plain values only
+        k: v for k, v in dataclasses.asdict(plan).items() if isinstance(v, bool | int | float | str)
+    }
     accelerator.init_trackers(
         run_dir.name,
         config={"stage": stage, **hyperparameters},
