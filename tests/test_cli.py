@@ -107,3 +107,47 @@ def test_resize_command(write_config, tiny_base, tmp_path):
     result = runner.invoke(app, ["resize", str(path), "--set", "resize.init=mean"])
     assert result.exit_code == 0, result.output
     assert "init mean" in result.stdout
+
+
+def test_finetune_and_dpo_commands(write_config, tmp_path):
+    import json
+
+    from .conftest import pipeline_config
+
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(
+        "".join(
+            json.dumps({"text": f"第{i}句" + ("好" if i % 2 else "壞"), "label": i % 2}) + "\n"
+            for i in range(24)
+        )
+    )
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"問題{i}", "chosen": "是的。", "rejected": "不是。"}) + "\n"
+            for i in range(12)
+        )
+    )
+    path = write_config(
+        **pipeline_config(
+            None,
+            init={"size": "tiny"},
+            finetune={"train": str(labelled), "epochs": 1, "energy": {"enabled": False}},
+            dpo={
+                "data": [str(pairs)],
+                "template": "alpaca",
+                "steps": 2,
+                "batch_size": 2,
+                "energy": {"enabled": False},
+            },
+        )
+    )
+    for command in ("tokenize", "init", "finetune", "dpo"):
+        result = runner.invoke(app, [command, str(path)])
+        assert result.exit_code == 0, (command, result.output)
+    run = tmp_path / "runs" / "t"
+    assert (run / "finetune" / "results.json").exists() and (
+        run / "dpo" / "adapter_config.json"
+    ).exists()
+    result = runner.invoke(app, ["dpo", str(path), "--set", "dpo.beta=-1"])
+    assert result.exit_code == 1 and "dpo.beta" in result.output

@@ -209,8 +209,38 @@ def sft(
     ] = True,
     force: ForceOpt = False,
 ) -> None:
-    """Instruction-tune the run's newest model (or sft.model) with LoRA."""
+    """Instruction-tune the run's model (or sft.model) with LoRA."""
     from lowlm.stages import sft as stage
+
+    _call_training(stage.run, config, set_, force=force, resume=resume)
+
+
+@app.command()
+def dpo(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
+    ] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Preference-tune the run's sft model (or dpo.model) with DPO on {prompt, chosen, rejected}."""
+    from lowlm.stages import dpo as stage
+
+    _call_training(stage.run, config, set_, force=force, resume=resume)
+
+
+@app.command()
+def finetune(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
+    ] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Fine-tune the run's model (or finetune.model) as a classifier on a labelled set."""
+    from lowlm.stages import finetune as stage
 
     _call_training(stage.run, config, set_, force=force, resume=resume)
 

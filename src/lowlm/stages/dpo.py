@@ -271,6 +271,7 @@ def _work(run: StageRun, accelerator) -> dict:
         append_input=bool(card.get("append_input", False)),
         beta=cfg.beta,
         stage_key=run.key,
+        report_to=config.run.report_to,
         parent_key=model_identity(source),
     )
     if before:

@@ -307,6 +307,7 @@ def _work(run: StageRun, accelerator) -> dict:
                 "results.json": json.dumps(test, indent=2, ensure_ascii=False) + "\n",
             },
             stage_key=run.key,
+            report_to=config.run.report_to,
             parent_key=model_identity(source),
             trained_from=source,
             labels=labels,

@@ -259,6 +259,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         new_token_ids=[new_ids[0], new_ids[-1] + 1] if new_ids else None,
         trained_from=parent,
         stage_key=run.key,
+        report_to=config.run.report_to,
         parent_key=model_identity(parent),
     )
     if accelerator.is_main_process:

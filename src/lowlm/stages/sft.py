@@ -144,6 +144,7 @@ def _work(run: StageRun, accelerator) -> dict:
         system=cfg.system,
         append_input=cfg.append_input,
         stage_key=run.key,
+        report_to=config.run.report_to,
         parent_key=model_identity(source),
     )
     metrics.update(

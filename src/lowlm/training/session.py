@@ -129,7 +129,7 @@ def apply_lora(model, lora: LoraSection, task_type: str = "CAUSAL_LM", **extra):
     )
     try:
         return get_peft_model(model, config)
-    except ValueError as exc:
+    except (ValueError, AttributeError) as exc:  # peft raises both for models it cannot wrap
         raise LowlmError(f"cannot apply LoRA to this model: {exc}") from None
 
 
