@@ -477,7 +477,7 @@ class Graph:
         self._states[(name, override)] = state
         return state
 
-    def require_parents(self, plan: Plan) -> None:
+    def require_parents(self, plan: Plan, reader: str | None = None) -> None:
         """Refuse to build on a parent that is not done with its current inputs."""
         for parent in plan.parents:
             state = self.state(parent)
@@ -492,8 +492,9 @@ class Graph:
                 "error": f"cannot be checked ({state.reason})",
             }[state.status]
             raise LowlmError(
-                f"{plan.name} reads {parent}, which {what}; run `{STAGES[parent].command} "
-                f"CONFIG` first, or `lowlm run CONFIG` to rebuild what is needed."
+                f"{reader or plan.name} reads {parent}, which {what}; run "
+                f"`{STAGES[parent].command} CONFIG` first, or `lowlm run CONFIG` to rebuild what "
+                "is needed."
             )
 
 
@@ -627,15 +628,13 @@ def _processes(accelerator) -> tuple[bool, Callable[[], None]]:
     return True, lambda: None
 
 
-def current_model(config: LowlmConfig, model: str | None = None, stage: str = INFERENCE) -> str:
-    """The model `stage` would use (default: eval's, which generate and chat share), refused
-    when it is a run stage that is not done with its current inputs."""
+def current_model(config: LowlmConfig, model: str | None = None, reader: str = "generate") -> str:
+    """The model generate and chat use: --model, else the one eval would score; refused when
+    it is a run stage that is not done with its current inputs."""
     graph = Graph(config)
-    model_stage, source = graph.model_source(stage, model)
+    model_stage, source = graph.model_source(INFERENCE, model)
     if model_stage is not None:
-        state = graph.state(model_stage)
-        if state.status != "done":
-            graph.require_parents(Plan(stage, {}, "", [model_stage]))
+        graph.require_parents(Plan(INFERENCE, {}, "", [model_stage]), reader)
     if not source:
         raise LowlmError(
             "there is no model to use; pass --model, set model.base, or configure and run a stage."

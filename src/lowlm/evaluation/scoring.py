@@ -29,7 +29,11 @@ class Request:
     group: str | None = None  # requests that share a prompt prefix (a subject's few-shot text)
 
 
-MIN_SHARED_PREFIX = 8  # tokens; below this a group's cache is not worth its copy
+# A group's cache is used when its shared prefix is at least this share of its prompts
+# (5-shot: most of each prompt; 0-shot: only the description, where batching questions of
+# every subject together by length is faster than a cache per subject, measured).
+MIN_SHARED_SHARE = 0.5
+MIN_SHARED_PREFIX = 8  # tokens
 
 
 def _split_spaces(context: str, continuation: str) -> tuple[str, str]:
@@ -174,7 +178,8 @@ def _score_group_cached(model, rows: list[list[int]], batch_size: int) -> torch.
     """Last-position log-probabilities of rows that share a long token prefix, or None when
     their common prefix is too short to be worth a cache."""
     prefix_len = _common_prefix(rows)
-    if len(rows) < 2 or prefix_len < MIN_SHARED_PREFIX:
+    mean_length = sum(len(r) for r in rows) / len(rows)
+    if len(rows) < 2 or prefix_len < max(MIN_SHARED_PREFIX, MIN_SHARED_SHARE * mean_length):
         return None
     device = _model_device(model)
     prefix = torch.tensor([rows[0][:prefix_len]], device=device)

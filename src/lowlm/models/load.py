@@ -245,18 +245,23 @@ def model_record(card: dict) -> dict:
     return {"tokenizer_hash": card["tokenizer_hash"], "vocab_size": card["vocab_size"]}
 
 
-def load_for_inference(source: str, model_config):
-    """(model, tokenizer, card) ready to generate or score: adapters merged, on the GPU when
-    there is one (in model.dtype, bf16 by default there), in eval mode. The tokenizer is the
-    folder's, else the base's (model.tokenizer or model.base)."""
+def tokenizer_for(source: str | Path, model_config):
+    """The tokenizer of a model: its folder's, else the base's (model.tokenizer or model.base:
+    hub ids, .gguf files and bare tokenizer.model files included)."""
     from lowlm.tokenization.base import resolve_base_tokenizer
 
     folder = Path(source)
     if folder.is_dir() and (folder / "tokenizer.json").exists():
-        tokenizer = load_tokenizer(folder, model_config.trust_remote_code)
-    else:
-        base = resolve_base_tokenizer(model_config)
-        tokenizer = base.load_hf(model_config.trust_remote_code)
+        return load_tokenizer(folder, model_config.trust_remote_code)
+    return resolve_base_tokenizer(model_config).load_hf(model_config.trust_remote_code)
+
+
+def load_for_inference(source: str, model_config):
+    """(model, tokenizer, card) ready to generate or score: adapters merged, on the GPU when
+    there is one (in model.dtype, bf16 by default there), in eval mode. The tokenizer is the
+    folder's, else the base's (model.tokenizer or model.base)."""
+    folder = Path(source)
+    tokenizer = tokenizer_for(source, model_config)
     model = load_model(
         source, model_config.trust_remote_code, resolve_load_dtype(model_config.dtype)
     )

@@ -29,18 +29,18 @@ from lowlm.data.records import read_records
 from lowlm.data.sft_examples import IGNORE, truncate
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute
+from lowlm.graph import StageRun
 from lowlm.models.load import (
     check_vocab,
     load_model,
-    load_tokenizer,
     model_identity,
     model_record,
     read_card,
     resolve_load_dtype,
+    tokenizer_for,
 )
 from lowlm.training.loop import seed_everything
-from lowlm.training.session import apply_lora, make_accelerator, plan_from, train_and_save
+from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGE = "dpo"
 
@@ -166,28 +166,8 @@ def _split(pairs: list[dict], fraction: float, seed: int) -> tuple[list, list]:
     return train, held
 
 
-class _Pairs:
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
-
-
 def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:
-    accelerator = make_accelerator(config.model.dtype)
-    return execute(
-        config,
-        STAGE,
-        lambda run: _work(run, accelerator),
-        force=force,
-        resume=resume,
-        say=accelerator.print,
-        accelerator=accelerator,
-    )
+    return run_training_stage(config, STAGE, _work, force, resume)
 
 
 def _work(run: StageRun, accelerator) -> dict:
@@ -201,13 +181,7 @@ def _work(run: StageRun, accelerator) -> dict:
         raise LowlmError(
             f"{source} was not tuned with a template; set dpo.template (alpaca, chatml, ...)."
         )
-    folder = Path(source)
-    if not (folder / "tokenizer.json").exists():
-        from lowlm.tokenization.base import resolve_base_tokenizer
-
-        tokenizer = resolve_base_tokenizer(config.model).load_hf(config.model.trust_remote_code)
-    else:
-        tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
+    tokenizer = tokenizer_for(source, config.model)
     system = card.get("system") if not cfg.template else None
     template = Template(template_name, tokenizer, system, bool(card.get("append_input", False)))
     encoded, dropped = [], 0
@@ -253,7 +227,7 @@ def _work(run: StageRun, accelerator) -> dict:
         accelerator,
         model,
         tokenizer,
-        _Pairs(train_pairs),
+        train_pairs,
         None,
         plan,
         cfg,

@@ -24,17 +24,17 @@ import torch
 from lowlm.config import LowlmConfig
 from lowlm.data.records import read_records
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute
+from lowlm.graph import StageRun
 from lowlm.models.load import (
     check_vocab,
     load_model,
-    load_tokenizer,
     model_identity,
     model_record,
     read_card,
+    tokenizer_for,
 )
 from lowlm.training.loop import seed_everything
-from lowlm.training.session import apply_lora, make_accelerator, plan_from, train_and_save
+from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGE = "finetune"
 
@@ -118,17 +118,6 @@ def scores(gold: list[int], predicted: list[int], names: list[str]) -> dict:
     }
 
 
-class _Encoded:
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
-
-
 def _encode(tokenizer, examples: list, label_ids: dict, max_length: int) -> list[dict]:
     texts = [e[1] for e in examples]
     pairs = [e[2] for e in examples] if examples and examples[0][2] is not None else None
@@ -204,16 +193,7 @@ def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:
     cfg = config.finetune
     if not cfg.train:
         raise LowlmError("finetune.train is not set; name the labelled training set.")
-    accelerator = make_accelerator(config.model.dtype)
-    return execute(
-        config,
-        STAGE,
-        lambda run: _work(run, accelerator),
-        force=force,
-        resume=resume,
-        say=accelerator.print,
-        accelerator=accelerator,
-    )
+    return run_training_stage(config, STAGE, _work, force, resume)
 
 
 def _work(run: StageRun, accelerator) -> dict:
@@ -242,14 +222,7 @@ def _work(run: StageRun, accelerator) -> dict:
         raise LowlmError("the test set is empty; set finetune.test or raise test_fraction.")
     label_ids = {label: i for i, label in enumerate(labels)}
 
-    folder = Path(source)
-    tokenizer_folder = folder if (folder / "tokenizer.json").exists() else None
-    if tokenizer_folder is None:
-        from lowlm.tokenization.base import resolve_base_tokenizer
-
-        tokenizer = resolve_base_tokenizer(config.model).load_hf(config.model.trust_remote_code)
-    else:
-        tokenizer = load_tokenizer(tokenizer_folder, config.model.trust_remote_code)
+    tokenizer = tokenizer_for(source, config.model)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -290,7 +263,7 @@ def _work(run: StageRun, accelerator) -> dict:
             accelerator,
             model,
             tokenizer,
-            _Encoded(train_rows),
+            train_rows,
             None,
             plan,
             cfg,

@@ -21,7 +21,7 @@ from lowlm.config import LowlmConfig
 from lowlm.data.blocks import BlockDataset, build_cache, cache_key
 from lowlm.data.corpus import resolve_sources
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute, folder
+from lowlm.graph import StageRun, folder
 from lowlm.models.load import (
     check_vocab,
     load_model,
@@ -35,7 +35,7 @@ from lowlm.models.load import (
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.tokenization.base import resolve_base_tokenizer
 from lowlm.training.loop import seed_everything
-from lowlm.training.session import apply_lora, make_accelerator, plan_from, train_and_save
+from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
 
@@ -157,16 +157,8 @@ def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool
         raise LowlmError(
             f"pretrain stage {stage} has 0 steps; set pretrain.{_section(stage)}.steps."
         )
-    accelerator = make_accelerator(config.model.dtype)
-    return execute(
-        config,
-        STAGES[stage],
-        lambda run: _work(run, stage, accelerator),
-        force=force,
-        resume=resume,
-        say=accelerator.print,
-        accelerator=accelerator,
-    )
+    work = lambda run, accelerator: _work(run, stage, accelerator)  # noqa: E731
+    return run_training_stage(config, STAGES[stage], work, force, resume)
 
 
 def _work(run: StageRun, stage: str, accelerator) -> dict:

@@ -10,7 +10,6 @@ shared ones of `lowlm pretrain`.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from lowlm.config import LowlmConfig
 from lowlm.data.heldout import heldout_set
@@ -18,30 +17,19 @@ from lowlm.data.instructions import describe, read_conversations
 from lowlm.data.sft_examples import build_examples, pack
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute, folder
+from lowlm.graph import StageRun, folder
 from lowlm.models.load import (
     check_vocab,
     load_model,
-    load_tokenizer,
     model_identity,
     model_record,
     resolve_load_dtype,
+    tokenizer_for,
 )
 from lowlm.training.loop import seed_everything
-from lowlm.training.session import apply_lora, make_accelerator, plan_from, train_and_save
+from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGE = "sft"
-
-
-def _tokenizer_folder(config: LowlmConfig, source: str) -> Path:
-    if (Path(source) / "tokenizer.json").exists():
-        return Path(source)
-    from lowlm.tokenization.base import resolve_base_tokenizer
-
-    base = resolve_base_tokenizer(config.model)
-    if base.folder is None or not (base.folder / "tokenizer.json").exists():
-        raise LowlmError(f"no tokenizer.json for {source}; set model.tokenizer to its folder.")
-    return base.folder
 
 
 def _split(examples: list[dict], fraction: float, seed: int) -> tuple[list, list]:
@@ -76,16 +64,7 @@ def _without_heldout(conversations: list, heldout: frozenset[str]) -> tuple[list
 
 
 def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:
-    accelerator = make_accelerator(config.model.dtype)
-    return execute(
-        config,
-        STAGE,
-        lambda run: _work(run, accelerator),
-        force=force,
-        resume=resume,
-        say=accelerator.print,
-        accelerator=accelerator,
-    )
+    return run_training_stage(config, STAGE, _work, force, resume)
 
 
 def _work(run: StageRun, accelerator) -> dict:
@@ -96,12 +75,11 @@ def _work(run: StageRun, accelerator) -> dict:
             "there is no model to tune; set sft.model or model.base, or configure a stage "
             "that writes one."
         )
-    tokenizer_folder = _tokenizer_folder(config, source)
     conversations, read_report = read_conversations(cfg.data, cfg.fields, cfg.hf_split)
     conversations, excluded = _without_heldout(
         conversations, heldout_set(folder(config, "tokenize"))
     )
-    tokenizer = load_tokenizer(tokenizer_folder, config.model.trust_remote_code)
+    tokenizer = tokenizer_for(source, config.model)
     template = Template(cfg.template, tokenizer, cfg.system, cfg.append_input)
     examples, encode_report = build_examples(
         conversations, template, cfg.max_length, cfg.train_on_inputs

@@ -330,6 +330,8 @@ def train(
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     window_steps = 0
     last = {}
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     progress = tqdm(
         total=plan.steps,
         initial=start_step,
@@ -465,6 +467,8 @@ def train(
     final["steps"] = plan.steps
     final["tokens"] = tokens_seen
     final["world_size"] = world
+    if accelerator.device.type == "cuda":
+        final["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
     final["skipped_steps"] = skipped
     if scaler is not None:
         final["fp16_overflow_steps"] = overflows

@@ -228,3 +228,20 @@ def train_and_save(
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return metrics, energy, saved
+
+
+def run_training_stage(config, name: str, work, force: bool = False, resume: bool = True):
+    """A training stage through the stage skeleton: its accelerator (precision from
+    model.dtype) built first, every rank working, `work(run, accelerator)` doing the stage."""
+    from lowlm.graph import execute
+
+    accelerator = make_accelerator(config.model.dtype)
+    return execute(
+        config,
+        name,
+        lambda run: work(run, accelerator),
+        force=force,
+        resume=resume,
+        say=accelerator.print,
+        accelerator=accelerator,
+    )
