@@ -234,7 +234,8 @@ def main() -> None:
         ]
         cached = score_requests(model, tokenizer, requests, 8, 2048)
         plain = score_requests(model, tokenizer, requests, 8, 2048, prefix_cache=False)
-        worst = max(abs(a - b) for x, y in zip(cached, plain) for a, b in zip(x, y))
+        pairs = zip(cached, plain, strict=True)
+        worst = max(abs(a - b) for x, y in pairs for a, b in zip(x, y, strict=True))
         say("eval prefix cache", "ok" if worst < 1e-3 else "FAIL", note=f"max |diff| {worst:.2e}")
     except Exception as exc:
         say("eval prefix cache", "FAIL", note=str(exc)[:200])
