@@ -162,3 +162,30 @@ def test_lowlm_run_under_two_ranks_builds_every_stage_once(tmp_path):
     assert all(stages[s]["status"] == "done" for s in expected)
     assert stages["pretrain-full"]["metrics"]["world_size"] == 2
     assert result.stdout.count("tokenize: ") == 1  # one rank did the work
+
+
+def test_a_checkpoint_that_needs_unpickling_code_is_refused_not_run(tmp_path):
+    """Resume loads optimizer, scheduler and RNG state with weights_only=True: a run directory
+    copied from someone else cannot run code on this machine."""
+    path = make_run(tmp_path, "evil", full={"steps": 6}, save_every=2)
+    config = load_config(path)
+    pretrain.run(config, resume=False)
+    work = tmp_path / "runs" / "evil"
+    # a killed run leaves its checkpoints in .pretrain-full.train; plant one with a payload
+    done = work / "pretrain-full" / "checkpoints"
+    target = work / ".pretrain-full.train" / "checkpoints"
+    shutil.copytree(done, target)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for checkpoint in target.iterdir():
+        torch.save({"python": Payload()}, checkpoint / "rng-0.pt")
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"]["pretrain-full"]["status"] = "failed"  # as if it had been killed
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="only unpickling code could restore"):
+        pretrain.run(config)
+    assert not marker.exists()

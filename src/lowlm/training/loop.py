@@ -153,9 +153,10 @@ def _save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rng = {
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    rng = {  # tensors and plain Python values only, so that it loads with weights_only=True
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -186,6 +187,21 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def _load_plain(path: Path):
+    """torch.load with weights_only=True: tensors and plain values, never code. A checkpoint
+    that needs unpickling beyond that (a copied or tampered run directory, or one written by
+    an older lowlm) is refused, not executed."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError) as exc:
+        raise LowlmError(
+            f"{path} holds objects that only unpickling code could restore ({str(exc)[:120]}); "
+            "lowlm will not run it. Start the stage over with --no-resume."
+        ) from None
+
+
 def _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -201,11 +217,12 @@ def _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path)
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-    rng = torch.load(checkpoint / f"rng-{accelerator.process_index}.pt", weights_only=False)
+    optimizer.load_state_dict(_load_plain(checkpoint / "optimizer.pt"))
+    scheduler.load_state_dict(_load_plain(checkpoint / "scheduler.pt"))
+    rng = _load_plain(checkpoint / f"rng-{accelerator.process_index}.pt")
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    name, keys, position, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
