@@ -459,3 +459,49 @@ def test_ceval_test_split_writes_the_leaderboard_submission(releases, write_conf
     assert set(submission["logic"].values()) <= set("ABCD")
     task = json.loads((out / "results.json").read_text())["tasks"]["ceval_0shot"]
     assert task["submission"] and "acc" not in task
+
+
+def test_pretrain_and_sft_score_eval_tasks_every_eval_every_steps(write_config, tmp_path):
+    from lowlm.stages import init, pretrain, sft, tokenize
+
+    from .conftest import DEMO, pipeline_config
+
+    mc = tmp_path / "mc.csv"
+    write_csv(
+        mc, [q[:5] + [q[5]] for q in QUESTIONS * 4], ["question", "A", "B", "C", "D", "answer"]
+    )
+    text = tmp_path / "ppl.txt"
+    text.write_text("第一行文字。\n第二行文字。\n", encoding="utf-8")
+    tasks = [{"name": "mc", "path": str(mc), "limit": 5}, {"name": "ppl", "path": str(text)}]
+    config = load_config(
+        write_config(
+            **pipeline_config(
+                None,
+                init={"size": "tiny"},
+                pretrain={"full": {"steps": 4}, "eval_every": 2, "eval_tasks": tasks},
+                sft={
+                    "data": [str(DEMO / "instructions.jsonl")],
+                    "steps": 2,
+                    "batch_size": 2,
+                    "eval_every": 2,
+                    "eval_fraction": 0,
+                    "lora": {"r": 2, "alpha": 4},
+                    "eval_tasks": tasks[:1],
+                    "energy": {"enabled": False},
+                },
+            )
+        )
+    )
+    tokenize.run(config)
+    init.run(config)
+    pretrain.run(config)
+    log = [json.loads(x) for x in (config.run_dir / "pretrain-full" / "log.jsonl").open()]
+    scored = [entry for entry in log if "eval/mc_0shot" in entry]
+    assert [entry["step"] for entry in scored] == [2, 4]
+    assert all(0 <= e["eval/mc_0shot"] <= 1 and e["eval/ppl_ppl"] > 0 for e in scored)
+    from lowlm.stages import export
+
+    export.run(config)
+    sft.run(config)
+    log = [json.loads(x) for x in (config.run_dir / "sft" / "log.jsonl").open()]
+    assert any("eval/mc_0shot" in entry for entry in log)

@@ -172,7 +172,7 @@ class EnergyConfig(Section):
 
 
 class TrainingSection(Section):
-    """Fields every training stage shares (pretrain and sft)."""
+    """Fields every training stage shares (pretrain, sft, dpo, finetune)."""
 
     batch_size: int = Field(8, ge=1, description="Examples per device per micro-step.")
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
@@ -199,6 +199,11 @@ class TrainingSection(Section):
 
 
 class PretrainConfig(TrainingSection):
+    eval_tasks: list[EvalTask] = Field(
+        default_factory=list,
+        description="Eval tasks scored every eval_every steps on the model being trained "
+        "(e.g. {name: mmlu, path: data/mmlu, limit: 10}), logged with the loss.",
+    )
     corpus: list[str] = Field(
         default_factory=list, description="Training text (default: tokenize.corpus)."
     )
@@ -240,6 +245,11 @@ class SftLoraSection(LoraSection):
 
 
 class SftConfig(TrainingSection):
+    eval_tasks: list[EvalTask] = Field(
+        default_factory=list,
+        description="Eval tasks scored every eval_every steps on the model being trained "
+        "(e.g. {name: ceval, path: data/ceval, limit: 10}), logged with the loss.",
+    )
     eval_fraction: float = Field(
         0.01, ge=0, lt=1, description="Share of instruction examples kept for validation loss."
     )
@@ -486,6 +496,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LowlmCo
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
         raise LowlmError(" ".join(problems)) from None
+
+
+# The training sections name eval tasks, defined below them.
+PretrainConfig.model_rebuild()
+SftConfig.model_rebuild()
+LowlmConfig.model_rebuild()
 
 
 def config_to_yaml(config: LowlmConfig) -> str:

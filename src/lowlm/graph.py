@@ -41,6 +41,7 @@ _BOOKKEEPING = {
     "peak_tflops",
     "energy",
     "max_skipped_steps",  # only when to give up; a raised limit resumes the same run
+    "eval_tasks",  # benchmark figures logged while training; the weights are the same
 }
 _PRETRAIN_STAGES = {
     "pretrain-stage1": "stage1",

@@ -171,7 +171,8 @@ def _cache_argument(model) -> str:
     releases, `past_key_values` before (and in models with their own code)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _score_group_cached(model, rows: list[list[int]], batch_size: int) -> torch.Tensor | None:

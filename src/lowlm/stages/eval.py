@@ -111,6 +111,37 @@ def run_multiple_choice(
     return result, samples
 
 
+class _Quiet:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def periodic_eval(tasks: list[EvalTask], tokenizer, max_length: int = 2048):
+    """What a training stage runs every eval_every steps: each task's accuracy (or bits per
+    character), keyed `eval/<task>` in the log; None when no task is configured."""
+    if not tasks:
+        return None
+
+    def run(model) -> dict:
+        model.eval()
+        results: dict = {}
+        for task in tasks:
+            name = _task_key(task, results)
+            if task.name == "ppl":
+                results[f"eval/{name}"] = run_ppl(model, tokenizer, task)["bits_per_char"]
+                continue
+            result, _ = run_multiple_choice(
+                model, tokenizer, task, 8, max_length, False, lambda *a: _Quiet()
+            )
+            results[f"eval/{name}"] = result.get("acc")
+        return results
+
+    return run
+
+
 def ceval_submission(samples: list[dict]) -> dict:
     """The C-Eval leaderboard's format: {subject: {id: letter}}."""
     submission: dict[str, dict[str, str]] = defaultdict(dict)

@@ -33,6 +33,7 @@ from lowlm.models.load import (
     tokenizer_hash,
 )
 from lowlm.models.metrics import heldout_lines, loss_per_char
+from lowlm.stages.eval import periodic_eval
 from lowlm.tokenization.base import resolve_base_tokenizer
 from lowlm.training.loop import seed_everything
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
@@ -252,6 +253,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         trained_from=parent,
         stage_key=run.key,
         report_to=config.run.report_to,
+        periodic=periodic_eval(cfg.eval_tasks, tokenizer),
         parent_key=model_identity(parent),
     )
     if accelerator.is_main_process:

@@ -26,6 +26,7 @@ from lowlm.models.load import (
     resolve_load_dtype,
     tokenizer_for,
 )
+from lowlm.stages.eval import periodic_eval
 from lowlm.training.loop import seed_everything
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
@@ -123,6 +124,7 @@ def _work(run: StageRun, accelerator) -> dict:
         append_input=cfg.append_input,
         stage_key=run.key,
         report_to=config.run.report_to,
+        periodic=periodic_eval(cfg.eval_tasks, tokenizer),
         parent_key=model_identity(source),
     )
     metrics.update(

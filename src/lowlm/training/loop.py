@@ -294,12 +294,14 @@ def train(
     after_backward: Callable[[], None] | None = None,
     collate: Callable[[Sequence[dict], object], dict] | None = None,
     loss_fn: Callable[[object, dict], torch.Tensor] | None = None,
+    periodic: Callable[[object], dict] | None = None,
 ) -> dict:
     """Train `model` (its trainable parameters) for plan.steps optimizer steps.
 
     `train_data[i]` returns {"input_ids", "labels"} arrays (labels -100 where no loss), or
     whatever `collate(examples, device)` turns into a batch; the loss is the model's own, or
-    `loss_fn(model, batch)` (DPO). Writes checkpoints and log.jsonl into `folder`; returns
+    `loss_fn(model, batch)` (DPO). Every eval_every steps, `periodic(model)` adds its figures
+    (benchmark scores) to the log. Writes checkpoints and log.jsonl into `folder`; returns
     the final metrics.
     """
     collate = collate or _collate
@@ -447,6 +449,7 @@ def train(
                 eval_loss = evaluate(accelerator, model, eval_data, plan)
                 if eval_loss is not None and math.isfinite(eval_loss):
                     last.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                last.update(_run_periodic(accelerator, model, periodic))
             if accelerator.is_main_process:
                 with log_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps({**last, "time": round(time.time(), 3)}) + "\n")
@@ -461,8 +464,11 @@ def train(
                 )
         elif done % plan.eval_every == 0:
             eval_loss = evaluate(accelerator, model, eval_data, plan)
-            if eval_loss is not None and accelerator.is_main_process:
-                entry = {"step": done, "eval_loss": eval_loss, "time": round(time.time(), 3)}
+            entry = {"step": done, **_run_periodic(accelerator, model, periodic)}
+            if eval_loss is not None:
+                entry["eval_loss"] = eval_loss
+            if len(entry) > 1 and accelerator.is_main_process:
+                entry["time"] = round(time.time(), 3)
                 with log_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(entry) + "\n")
                 accelerator.log(_scalars(entry), step=done)
@@ -502,6 +508,21 @@ def _scalars(entry: dict) -> dict[str, float]:
         and not isinstance(value, bool)
         and math.isfinite(value)
     }
+
+
+def _run_periodic(accelerator, model, periodic) -> dict:
+    """Benchmark figures of the model being trained, computed on the main process while the
+    others wait (the unwrapped model: no collective operation runs)."""
+    if periodic is None:
+        return {}
+    results: dict = {}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with torch.no_grad(), accelerator.autocast():
+            results = periodic(unwrapped)
+        unwrapped.train()
+    accelerator.wait_for_everyone()
+    return results
 
 
 def _finite_or_none(value) -> float | None:

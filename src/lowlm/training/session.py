@@ -174,6 +174,7 @@ def train_and_save(
     collate: Callable | None = None,
     loss_fn: Callable | None = None,
     files: Callable[[], dict[str, str]] | None = None,
+    periodic: Callable[[object], dict] | None = None,
     **card: object,
 ) -> tuple[dict, dict, dict | None]:
     """Train, then (main process) write `folder`: the weights of `kind`, the tokenizer, the card,
@@ -208,6 +209,7 @@ def train_and_save(
                 after_backward=after_backward,
                 collate=collate,
                 loss_fn=loss_fn,
+                periodic=periodic,
             )
     finally:
         stop_tracking(accelerator)
