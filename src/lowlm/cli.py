@@ -26,6 +26,9 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun a stage that is already done.")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
+]
 
 
 def _load(config: Path, overrides: list[str] | None) -> LowlmConfig:
@@ -174,9 +177,7 @@ def pretrain(
     stage: Annotated[
         str | None, typer.Option("--stage", help="1, 2 or full (default: every stage with steps).")
     ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
-    ] = True,
+    resume: ResumeOpt = True,
     force: ForceOpt = False,
 ) -> None:
     """Pre-train: stage 1 (embeddings), stage 2 (LoRA + embeddings) or full; accelerate-aware."""
@@ -204,9 +205,7 @@ def export(
 def sft(
     config: ConfigArg,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
-    ] = True,
+    resume: ResumeOpt = True,
     force: ForceOpt = False,
 ) -> None:
     """Instruction-tune the run's model (or sft.model) with LoRA."""
@@ -219,9 +218,7 @@ def sft(
 def dpo(
     config: ConfigArg,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
-    ] = True,
+    resume: ResumeOpt = True,
     force: ForceOpt = False,
 ) -> None:
     """Preference-tune the run's sft model (or dpo.model) with DPO on {prompt, chosen, rejected}."""
@@ -234,9 +231,7 @@ def dpo(
 def finetune(
     config: ConfigArg,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
-    ] = True,
+    resume: ResumeOpt = True,
     force: ForceOpt = False,
 ) -> None:
     """Fine-tune the run's model (or finetune.model) as a classifier on a labelled set."""

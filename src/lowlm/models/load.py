@@ -161,6 +161,16 @@ def load_model(
     raise LowlmError(f"{folder / MODEL_CARD} has unknown kind '{card['kind']}'.")
 
 
+def load_merged(source: str | Path, model_config, dtype: torch.dtype | None = None):
+    """load_model with any adapter folded into the weights (a plain model to train on)."""
+    model = load_model(
+        source,
+        model_config.trust_remote_code,
+        dtype if dtype is not None else resolve_load_dtype(model_config.dtype),
+    )
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def check_same_tokenizer(card: dict, other: dict | None, folder, other_folder) -> None:
     """Refuse to combine artifacts built for different tokenizers, saying which two differ."""
     if other is None:

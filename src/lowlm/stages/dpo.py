@@ -32,11 +32,10 @@ from lowlm.errors import LowlmError
 from lowlm.graph import StageRun
 from lowlm.models.load import (
     check_vocab,
-    load_model,
+    load_merged,
     model_identity,
     model_record,
     read_card,
-    resolve_load_dtype,
     tokenizer_for,
 )
 from lowlm.training.loop import seed_everything
@@ -213,11 +212,7 @@ def _work(run: StageRun, accelerator) -> dict:
         f"({dropped} dropped by max_length), template {template_name}, beta {cfg.beta}"
     )
     seed_everything(config.run.seed)
-    model = load_model(
-        source, config.model.trust_remote_code, resolve_load_dtype(config.model.dtype)
-    )
-    if hasattr(model, "merge_and_unload"):  # the sft adapter becomes the reference weights
-        model = model.merge_and_unload()
+    model = load_merged(source, config.model)  # the sft adapter: the reference weights
     check_vocab(model, tokenizer, source)
     model = apply_lora(model, cfg.lora)
     plan = plan_from(cfg, cfg.steps, cfg.lr, config.run.seed, frozen_base=True)

@@ -27,7 +27,7 @@ from lowlm.errors import LowlmError
 from lowlm.graph import StageRun
 from lowlm.models.load import (
     check_vocab,
-    load_model,
+    load_merged,
     model_identity,
     model_record,
     read_card,
@@ -169,10 +169,7 @@ def _classifier(source: str, config: LowlmConfig, labels: list[str], work: Path,
     folder = Path(source)
     card = read_card(folder) if folder.is_dir() else None
     if card is not None and card.get("kind") != "model":
-        merged = load_model(folder, config.model.trust_remote_code, torch.float32)
-        if hasattr(merged, "merge_and_unload"):
-            merged = merged.merge_and_unload()
-        merged.save_pretrained(work / "merged")
+        load_merged(folder, config.model, torch.float32).save_pretrained(work / "merged")
         source = str(work / "merged")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -24,7 +24,7 @@ from lowlm.errors import LowlmError
 from lowlm.graph import StageRun, folder
 from lowlm.models.load import (
     check_vocab,
-    load_model,
+    load_merged,
     load_tokenizer,
     model_identity,
     model_record,
@@ -214,9 +214,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     tokenizer = load_tokenizer(tokenizer_folder)
     seed_everything(config.run.seed)
     dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
-    model = load_model(parent, config.model.trust_remote_code, dtype)
-    if hasattr(model, "merge_and_unload"):  # a peft adapter as parent: fold it in first
-        model = model.merge_and_unload()
+    model = load_merged(parent, config.model, dtype)  # an adapter parent: folded in first
     check_vocab(model, tokenizer, parent)
     new_ids = _new_token_ids(parent, tokenizer)
     after_backward = None

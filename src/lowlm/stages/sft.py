@@ -20,10 +20,9 @@ from lowlm.errors import LowlmError
 from lowlm.graph import StageRun, folder
 from lowlm.models.load import (
     check_vocab,
-    load_model,
+    load_merged,
     model_identity,
     model_record,
-    resolve_load_dtype,
     tokenizer_for,
 )
 from lowlm.stages.eval import periodic_eval
@@ -98,11 +97,7 @@ def _work(run: StageRun, accelerator) -> dict:
         f"template {cfg.template}"
     )
     seed_everything(config.run.seed)
-    model = load_model(
-        source, config.model.trust_remote_code, resolve_load_dtype(config.model.dtype)
-    )
-    if hasattr(model, "merge_and_unload"):  # tune on top of a merged adapter
-        model = model.merge_and_unload()
+    model = load_merged(source, config.model)  # tune on top of a merged adapter
     check_vocab(model, tokenizer, source)
     extra = {"modules_to_save": list(cfg.modules_to_save)} if cfg.modules_to_save else {}
     model = apply_lora(model, cfg.lora, **extra)
