@@ -285,3 +285,25 @@ def test_a_kill_between_the_two_moves_keeps_the_previous_artifact(tmp_path, monk
         (out / "weights").write_text("new")
     assert (target / "weights").read_text() == "new"
     assert not any(p.name.endswith(".old") for p in tmp_path.iterdir())
+
+
+def test_a_tokenizer_left_by_an_earlier_config_is_not_read(write_config, tiny_base):
+    """The run folder still holds a merged tokenizer from before; this config builds none, so
+    stage 2 trains on the base with the base's own tokenizer, not the leftover."""
+    from lowlm.stages import pretrain
+
+    first = load_config(write_config(**pipeline_config(tiny_base)))
+    tokenize.run(first)
+    assert (first.run_dir / "tokenizer" / "tokenizer.json").exists()
+    sections = pipeline_config(
+        tiny_base,
+        tokenize={"corpus": [], "merge": False},
+        pretrain={
+            "corpus": [str(DEMO / "zh-tw.txt")],
+            "stage2": {"steps": 1, "train_embeddings": "none", "lora": {"r": 2, "alpha": 4}},
+        },
+    )
+    second = load_config(write_config(**sections))
+    pretrain.run(second)
+    card = json.loads((second.run_dir / "pretrain-stage2" / "lowlm_model.json").read_text())
+    assert card["vocab_size"] == 800  # the base's vocabulary, not the leftover merge's

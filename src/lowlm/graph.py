@@ -351,6 +351,12 @@ def folder(config: LowlmConfig, name: str) -> Path:
     return config.run_dir / STAGES[name].folder
 
 
+def tokenizer_folder(config: LowlmConfig) -> Path | None:
+    """The run's tokenizer folder when this config builds one; None otherwise, so that a
+    folder left by an earlier config is never read as if it were current."""
+    return folder(config, "tokenize") if STAGES["tokenize"].enabled(config) else None
+
+
 # ----- keys and states ------------------------------------------------------------------------
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 
-def heldout_lines(tokenizer_folder: Path, limit: int) -> list[str]:
-    """The first `limit` lines the tokenize stage held out of training."""
+def heldout_lines(tokenizer_folder: Path | None, limit: int) -> list[str]:
+    """The first `limit` lines the tokenize stage held out of training (none without one)."""
+    if tokenizer_folder is None:
+        return []
     path = Path(tokenizer_folder) / "heldout.txt"
     if not path.exists() or limit == 0:
         return []

@@ -13,7 +13,7 @@ import torch
 
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute, folder
+from lowlm.graph import StageRun, execute, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_model,
@@ -32,7 +32,7 @@ CHECK_TOKENS = 128
 
 
 def _check_texts(config: LowlmConfig, tokenizer, count: int) -> list[list[int]]:
-    lines = heldout_lines(folder(config, "tokenize"), count) or ["The quick brown fox."]
+    lines = heldout_lines(tokenizer_folder(config), count) or ["The quick brown fox."]
     return [
         tokenizer(line, truncation=True, max_length=CHECK_TOKENS)["input_ids"] for line in lines
     ]

@@ -21,7 +21,7 @@ from lowlm.config import LowlmConfig
 from lowlm.data.blocks import BlockDataset, build_cache, cache_key
 from lowlm.data.corpus import resolve_sources
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, folder
+from lowlm.graph import StageRun, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_merged,
@@ -70,8 +70,9 @@ def configured_stages(config: LowlmConfig) -> list[str]:
 
 def _tokenizer_folder(config: LowlmConfig, parent: str) -> Path:
     """The run's tokenizer, else the parent's, else the base's (hub ids and .gguf included)."""
-    if (folder(config, "tokenize") / "tokenizer.json").exists():
-        return folder(config, "tokenize")
+    run_tokenizer = tokenizer_folder(config)
+    if run_tokenizer is not None and (run_tokenizer / "tokenizer.json").exists():
+        return run_tokenizer
     if (Path(parent) / "tokenizer.json").exists():
         return Path(parent)
     if config.model.base or config.model.tokenizer:
@@ -173,19 +174,19 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
             f"pretrain stage {stage} has no model to start from; configure `resize` (model.base "
             "and tokenize.corpus) or `init` (init.size) and run it first."
         )
-    tokenizer_folder = _tokenizer_folder(config, parent)
+    tokenizer_dir = _tokenizer_folder(config, parent)
     corpus_hashes = {
         label.removeprefix("corpus:"): value
         for label, value in run.plan.inputs.items()
         if label.startswith("corpus:")
     }
     sources = resolve_sources(cfg.corpus or config.tokenize.corpus)
-    tokenizer_id = tokenizer_hash(tokenizer_folder)
+    tokenizer_id = tokenizer_hash(tokenizer_dir)
     parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
     if parent_card is not None and parent_card["tokenizer_hash"] != tokenizer_id:
         raise LowlmError(
             f"{parent} was built for another tokenizer (hash {parent_card['tokenizer_hash'][:12]}) "
-            f"than the run's {tokenizer_folder} (hash {tokenizer_id[:12]}); rerun "
+            f"than the run's {tokenizer_dir} (hash {tokenizer_id[:12]}); rerun "
             "`lowlm resize` or `lowlm init` after `lowlm tokenize`."
         )
     corpus_key = cache_key(
@@ -195,7 +196,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     if accelerator.is_main_process:
         meta = build_cache(
             cache,
-            tokenizer_folder,
+            tokenizer_dir,
             sources,
             config.data,
             cfg.block_size,
@@ -211,7 +212,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     eval_blocks = BlockDataset(cache, "eval")
     eval_data = Blocks(eval_blocks) if len(eval_blocks) else None
 
-    tokenizer = load_tokenizer(tokenizer_folder)
+    tokenizer = load_tokenizer(tokenizer_dir)
     seed_everything(config.run.seed)
     dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
     model = load_merged(parent, config.model, dtype)  # an adapter parent: folded in first
@@ -226,7 +227,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         for param in model.parameters():
             param.requires_grad_(True)
     plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
-    lines = heldout_lines(folder(config, "tokenize"), cfg.eval_lines)
+    lines = heldout_lines(tokenizer_folder(config), cfg.eval_lines)
 
     def heldout_loss(model) -> dict:
         # Comparable with resize's before/after figures: did this stage help?

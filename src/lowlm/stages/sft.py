@@ -17,7 +17,7 @@ from lowlm.data.instructions import describe, read_conversations
 from lowlm.data.sft_examples import build_examples, pack
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, folder
+from lowlm.graph import StageRun, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_merged,
@@ -77,7 +77,7 @@ def _work(run: StageRun, accelerator) -> dict:
         )
     conversations, read_report = read_conversations(cfg.data, cfg.fields, cfg.hf_split)
     conversations, excluded = _without_heldout(
-        conversations, heldout_set(folder(config, "tokenize"))
+        conversations, heldout_set(tokenizer_folder(config))
     )
     tokenizer = tokenizer_for(source, config.model)
     template = Template(cfg.template, tokenizer, cfg.system, cfg.append_input)
