@@ -76,9 +76,7 @@ def _work(run: StageRun, accelerator) -> dict:
             "that writes one."
         )
     conversations, read_report = read_conversations(cfg.data, cfg.fields, cfg.hf_split)
-    conversations, excluded = _without_heldout(
-        conversations, heldout_set(tokenizer_folder(config))
-    )
+    conversations, excluded = _without_heldout(conversations, heldout_set(tokenizer_folder(config)))
     tokenizer = tokenizer_for(source, config.model)
     template = Template(cfg.template, tokenizer, cfg.system, cfg.append_input)
     examples, encode_report = build_examples(
