@@ -26,12 +26,16 @@ def is_held_out(document: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-def heldout_set(tokenizer_folder: Path | None) -> frozenset[str]:
-    """The lines of the run's heldout.txt (empty when the run has none)."""
+def read_heldout(tokenizer_folder: Path | None) -> list[str]:
+    """The non-empty lines of the run's heldout.txt (none when the run has no tokenizer)."""
     if tokenizer_folder is None:
-        return frozenset()
+        return []
     path = Path(tokenizer_folder) / HELDOUT_FILE
     if not path.exists():
-        return frozenset()
-    lines = path.read_text(encoding="utf-8").split("\n")
-    return frozenset(line.strip() for line in lines if line.strip())
+        return []
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
+def heldout_set(tokenizer_folder: Path | None) -> frozenset[str]:
+    """The lines of the run's heldout.txt, stripped (for matching against other text)."""
+    return frozenset(line.strip() for line in read_heldout(tokenizer_folder) if line.strip())

@@ -6,15 +6,12 @@ from pathlib import Path
 
 import torch
 
+from lowlm.data.heldout import read_heldout
+
 
 def heldout_lines(tokenizer_folder: Path | None, limit: int) -> list[str]:
     """The first `limit` lines the tokenize stage held out of training (none without one)."""
-    if tokenizer_folder is None:
-        return []
-    path = Path(tokenizer_folder) / "heldout.txt"
-    if not path.exists() or limit == 0:
-        return []
-    return [line for line in path.read_text(encoding="utf-8").split("\n") if line][:limit]
+    return read_heldout(tokenizer_folder)[:limit] if limit else []
 
 
 @torch.no_grad()

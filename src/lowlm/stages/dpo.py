@@ -17,7 +17,6 @@ accuracy (the share where the chosen answer's reward beats the rejected one's).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lowlm.config import LowlmConfig
+from lowlm.data.heldout import is_held_out
 from lowlm.data.records import read_records
 from lowlm.data.sft_examples import IGNORE, truncate
 from lowlm.data.templates import Template
@@ -158,10 +158,10 @@ def heldout_metrics(model, pairs: list[dict], pad_id: int, beta: float, batch_si
 
 
 def _split(pairs: list[dict], fraction: float, seed: int) -> tuple[list, list]:
+    """Held-out pairs chosen by the run's held-out rule over each pair's text."""
     train, held = [], []
     for pair in pairs:
-        digest = hashlib.blake2b(f"{seed}\0{pair['key']}".encode(), digest_size=8).digest()
-        (held if int.from_bytes(digest, "little") / 2**64 < fraction else train).append(pair)
+        (held if is_held_out(pair["key"], seed, fraction) else train).append(pair)
     return train, held
 
 

@@ -111,14 +111,6 @@ def run_multiple_choice(
     return result, samples
 
 
-class _Quiet:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def periodic_eval(tasks: list[EvalTask], tokenizer, max_length: int = 2048):
     """What a training stage runs every eval_every steps: each task's accuracy (or bits per
     character), keyed `eval/<task>` in the log; None when no task is configured."""
@@ -134,7 +126,7 @@ def periodic_eval(tasks: list[EvalTask], tokenizer, max_length: int = 2048):
                 results[f"eval/{name}"] = run_ppl(model, tokenizer, task)["bits_per_char"]
                 continue
             result, _ = run_multiple_choice(
-                model, tokenizer, task, 8, max_length, False, lambda *a: _Quiet()
+                model, tokenizer, task, 8, max_length, False, _quiet_progress
             )
             results[f"eval/{name}"] = result.get("acc")
         return results
@@ -211,6 +203,12 @@ def _task_key(task: EvalTask, taken: dict) -> str:
         else f"ppl_{Path(task.path or '').stem}"
     )
     return key if key not in taken else f"{key}_{len(taken)}"
+
+
+def _quiet_progress(total: int, name: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name, disable=True)
 
 
 def _progress(total: int, name: str):
