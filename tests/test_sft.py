@@ -163,9 +163,12 @@ def test_packing_keeps_every_label(sp_tokenizer):
     examples, _ = build_examples(conversations, Template("alpaca", sp_tokenizer), 256)
     blocks = pack(examples, 256)
     assert len(blocks) < len(examples) and all(len(b["input_ids"]) <= 256 for b in blocks)
+    # Every label an example trains alone (the model shifts: its first token is never a target).
+    alone = np.concatenate([np.concatenate(([IGNORE], e["labels"][1:])) for e in examples])
+    assert np.array_equal(np.concatenate([b["labels"] for b in blocks]), alone)
     assert np.array_equal(
-        np.concatenate([b["labels"] for b in blocks]),
-        np.concatenate([e["labels"] for e in examples]),
+        np.concatenate([b["position_ids"] for b in blocks]),
+        np.concatenate([np.arange(len(e["input_ids"])) for e in examples]),
     )
     assert np.array_equal(
         np.concatenate([b["input_ids"] for b in blocks]),

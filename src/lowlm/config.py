@@ -208,6 +208,12 @@ class PretrainConfig(TrainingSection):
         default_factory=list, description="Training text (default: tokenize.corpus)."
     )
     block_size: int = Field(512, ge=8, description="Tokens per packed training block.")
+    isolate_documents: bool = Field(
+        False,
+        description="Keep the documents packed into a block apart: positions restart after "
+        "each EOS and a document attends only to itself (off: the usual packed pre-training, "
+        "where a document sees the end of the one before it).",
+    )
     stage1: Stage1Config = Field(default_factory=Stage1Config)
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     full: FullConfig = Field(default_factory=FullConfig)
@@ -269,7 +275,12 @@ class SftConfig(TrainingSection):
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt and user tokens.")
     max_length: int = Field(1024, ge=8, description="Longest example in tokens.")
-    packing: bool = Field(False, description="Pack several examples into one max_length block.")
+    packing: bool = Field(
+        True,
+        description="Pack several examples into one max_length block, each kept apart from the "
+        "others (position ids restart at each; the loss is the same as unpacked, with less "
+        "padding).",
+    )
     model: str | None = Field(
         None, description="Model to tune (default: the run's newest model, or model.base)."
     )

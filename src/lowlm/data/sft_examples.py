@@ -72,17 +72,26 @@ def build_examples(
 def pack(examples: list[dict], max_length: int) -> list[dict]:
     """Concatenate whole examples into blocks of at most max_length tokens, in order.
 
-    Labels stay exactly as they were: a block trains on the same tokens as its examples.
-    (Attention is not isolated between the examples of a block.)
+    Each block carries `position_ids` that restart at 0 at every example, so the training
+    loop keeps the examples of a block apart (each attends only to itself) and each is
+    trained exactly as it would be alone: the same targets, the same positions. The first
+    token of an example is never a target (alone, nothing precedes it).
     """
-    blocks, ids, labels, length = [], [], [], 0
+    blocks, rows, length = [], [], 0
+
+    def close() -> None:
+        ids = np.concatenate([r["input_ids"] for r in rows])
+        labels = np.concatenate([r["labels"] for r in rows])
+        positions = np.concatenate([np.arange(len(r["input_ids"])) for r in rows])
+        labels[positions == 0] = IGNORE
+        blocks.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+
     for example in examples:
-        if ids and length + len(example["input_ids"]) > max_length:
-            blocks.append({"input_ids": np.concatenate(ids), "labels": np.concatenate(labels)})
-            ids, labels, length = [], [], 0
-        ids.append(example["input_ids"])
-        labels.append(example["labels"])
+        if rows and length + len(example["input_ids"]) > max_length:
+            close()
+            rows, length = [], 0
+        rows.append(example)
         length += len(example["input_ids"])
-    if ids:
-        blocks.append({"input_ids": np.concatenate(ids), "labels": np.concatenate(labels)})
+    if rows:
+        close()
     return blocks

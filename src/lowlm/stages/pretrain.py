@@ -35,24 +35,29 @@ from lowlm.models.load import (
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.stages.eval import periodic_eval
 from lowlm.tokenization.base import resolve_base_tokenizer
-from lowlm.training.loop import seed_everything
+from lowlm.training.loop import document_positions, seed_everything
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
 
 
 class Blocks:
-    """Packed blocks as training examples: labels are the inputs (the model shifts them)."""
+    """Packed blocks as training examples: labels are the inputs (the model shifts them).
+    With `eos` (pretrain.isolate_documents), each block also carries position ids that
+    restart after every EOS, so that its documents are kept apart."""
 
-    def __init__(self, blocks: BlockDataset):
-        self.blocks = blocks
+    def __init__(self, blocks: BlockDataset, eos: int | None = None):
+        self.blocks, self.eos = blocks, eos
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, index: int) -> dict:
         ids = self.blocks[index]
-        return {"input_ids": ids, "labels": ids}
+        if self.eos is None:
+            return {"input_ids": ids, "labels": ids}
+        positions, labels = document_positions(ids, ids, self.eos)
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def configured_stages(config: LowlmConfig) -> list[str]:
@@ -208,11 +213,12 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
             f"{meta['eval_blocks']} held-out ones in {cache}"
         )
     accelerator.wait_for_everyone()
-    train_data = Blocks(BlockDataset(cache, "train"))
-    eval_blocks = BlockDataset(cache, "eval")
-    eval_data = Blocks(eval_blocks) if len(eval_blocks) else None
-
     tokenizer = load_tokenizer(tokenizer_dir)
+    eos = tokenizer.eos_token_id if cfg.isolate_documents else None
+    train_data = Blocks(BlockDataset(cache, "train"), eos)
+    eval_blocks = BlockDataset(cache, "eval")
+    eval_data = Blocks(eval_blocks, eos) if len(eval_blocks) else None
+
     seed_everything(config.run.seed)
     dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
     model = load_merged(parent, config.model, dtype)  # an adapter parent: folded in first

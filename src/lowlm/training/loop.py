@@ -230,26 +230,98 @@ def _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path)
 
 
 def _collate(examples: Sequence[dict], device) -> dict[str, torch.Tensor]:
-    """Stack examples; unequal lengths are right-padded (labels -100, attention mask 0)."""
+    """Stack examples; unequal lengths are right-padded (labels -100).
+
+    Plain examples get an attention mask (0 on padding). Packed examples carry
+    `position_ids` that restart at 0 at each document: then no attention mask is passed, so
+    that transformers builds a mask that keeps the documents of a row apart (sdpa / eager from
+    the position ids, flash-attention as variable-length sequences), and the padding is one
+    more document of its own. `num_tokens` (popped by the loop) counts the real tokens.
+    """
     length = max(len(e["input_ids"]) for e in examples)
+    packed = "position_ids" in examples[0]
+    keys = ("input_ids", "labels", "position_ids") if packed else ("input_ids", "labels")
     if all(len(e["input_ids"]) == length for e in examples):
-        return {
+        batch = {
             key: torch.as_tensor(np.stack([e[key] for e in examples]), device=device)
-            for key in ("input_ids", "labels")
+            for key in keys
         }
+        batch["num_tokens"] = len(examples) * length
+        return batch
     input_ids = np.zeros((len(examples), length), dtype=np.int64)
     labels = np.full((len(examples), length), -100, dtype=np.int64)
+    positions = np.tile(np.arange(length, dtype=np.int64), (len(examples), 1))
     attention = np.zeros((len(examples), length), dtype=np.int64)
     for row, example in enumerate(examples):
         size = len(example["input_ids"])
         input_ids[row, :size] = example["input_ids"]
         labels[row, :size] = example["labels"]
         attention[row, :size] = 1
-    return {
+        if packed:
+            positions[row, :size] = example["position_ids"]
+            positions[row, size:] = np.arange(length - size)
+    batch = {
         "input_ids": torch.as_tensor(input_ids, device=device),
         "labels": torch.as_tensor(labels, device=device),
-        "attention_mask": torch.as_tensor(attention, device=device),
+        "num_tokens": int(attention.sum()),
     }
+    if packed:
+        batch["position_ids"] = torch.as_tensor(positions, device=device)
+    else:
+        batch["attention_mask"] = torch.as_tensor(attention, device=device)
+    return batch
+
+
+def document_positions(ids: np.ndarray, labels: np.ndarray, eos: int) -> tuple:
+    """(position_ids, labels) of a packed row of EOS-terminated documents: positions restart
+    after every EOS, and the first token of each later document is not a target (it would be
+    predicted from the document before it, which it cannot see)."""
+    starts = np.flatnonzero(ids[:-1] == eos) + 1
+    positions = np.arange(len(ids), dtype=np.int64)
+    if len(starts):
+        offsets = np.zeros(len(ids), dtype=np.int64)
+        offsets[starts] = starts - np.concatenate(([0], starts[:-1]))
+        positions -= np.cumsum(offsets)
+        labels = labels.copy()
+        labels[starts] = -100
+    return positions, labels
+
+
+@torch.no_grad()
+def check_isolation(model, vocab: int, device, precise: bool) -> None:
+    """Stop unless this model keeps packed documents apart when given restarting position ids
+    and no attention mask (models with their own attention code may ignore them): the second
+    of two packed random sequences must score as it does alone. Every rank runs it (a sharded
+    model's forward is collective)."""
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(0, vocab, (1, 7), generator=generator).to(device)
+    second = torch.randint(0, vocab, (1, 5), generator=generator).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=second, use_cache=False).logits.float().log_softmax(-1)
+        both = (
+            model(
+                input_ids=torch.cat([first, second], 1),
+                use_cache=False,  # transformers reads packed documents only when there is no cache
+                position_ids=torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device),
+            )
+            .logits.float()[:, 7:]
+            .log_softmax(-1)
+        )
+    finally:
+        model.train(was_training)
+    # fp32 agrees to rounding; bf16 / fp16 weights to their precision. A model that lets the
+    # second sequence see the first differs by whole nats on random tokens.
+    tolerance = 1e-3 if precise else 0.1
+    difference = (alone - both).abs().max().item()
+    if not difference <= tolerance:
+        raise LowlmError(
+            f"this model's attention does not keep packed examples apart (log-probabilities "
+            f"differ by {difference:.3g} packed and alone; its attention code ignores restarting "
+            "position ids); set packing off for this stage (sft.packing: false, "
+            "pretrain.isolate_documents: false)."
+        )
 
 
 @torch.no_grad()
@@ -268,6 +340,7 @@ def evaluate(accelerator, model, eval_data, plan: TrainPlan) -> float | None:
             accelerator.device,
         )
         labels = batch.pop("labels")
+        batch.pop("num_tokens", None)
         with accelerator.autocast():
             logits = model(**batch).logits.float()
         labels = labels[:, 1:]
@@ -319,8 +392,20 @@ def train(
         _param_groups(model, plan.weight_decay), lr=plan.lr, betas=(0.9, 0.95), eps=1e-8
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, plan))
+    precise = all(p.dtype == torch.float32 for p in model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    config = accelerator.unwrap_model(model).config
+    # Training needs no key/value cache, and transformers keeps packed documents apart only
+    # without one; restored before the model is saved.
+    use_cache, config.use_cache = getattr(config, "use_cache", None), False
+    if "position_ids" in train_data[0]:
+        vocab = getattr(config, "vocab_size", None) or getattr(
+            config.get_text_config(), "vocab_size", 2
+        )
+        check_isolation(
+            model, vocab, accelerator.device, precise and accelerator.mixed_precision == "no"
+        )
 
     start_step, tokens_seen = 0, 0
     checkpoint = latest_checkpoint(folder) if resume else None
@@ -371,6 +456,10 @@ def train(
             batch = collate(
                 [train_data[order(first + b)] for b in range(plan.batch_size)], accelerator.device
             )
+            real_tokens = batch.pop("num_tokens", None)
+            if real_tokens is None:  # a stage's own collate (DPO, classifiers)
+                mask = batch.get("attention_mask")
+                real_tokens = mask.sum() if mask is not None else batch["input_ids"].numel()
             # Gradients are all-reduced only on the last micro-step of an optimizer step.
             last_micro = micro == plan.grad_accum - 1
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
@@ -378,8 +467,7 @@ def train(
                     loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
                 accelerator.backward(loss / plan.grad_accum)
             step_loss += loss.detach() / plan.grad_accum
-            mask = batch.get("attention_mask")
-            step_tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+            step_tokens += real_tokens
         if after_backward is not None:
             after_backward()
         grad_norm = accelerator.clip_grad_norm_(trainable, plan.max_grad_norm)
@@ -484,6 +572,8 @@ def train(
                 {"loss": last.get("loss"), "tokens": tokens_seen, "skipped": skipped},
             )
     progress.close()
+    if use_cache is not None:
+        config.use_cache = use_cache
     if start_step >= plan.steps and accelerator.is_main_process:
         accelerator.print(f"{folder.name}: already at step {plan.steps}.")
     final = {k: v for k, v in last.items() if k != "step"}

@@ -185,7 +185,6 @@ def train_and_save(
     run.report_to; `folder` is <run>/<stage>)."""
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     work = folder.with_name(f".{folder.name}.train")  # checkpoints and log while training
     if report_to is None:
