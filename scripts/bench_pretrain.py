@@ -86,7 +86,7 @@ def run_lowlm(args, data, vocab_size) -> tuple[float, float, float]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with tempfile.TemporaryDirectory() as folder, PeakRss() as memory:
         started = time.perf_counter()
-        metrics = train(accelerator, model, data, None, plan, Path(folder))
+        metrics, _ = train(accelerator, model, data, None, plan, Path(folder))
         seconds = time.perf_counter() - started
     return args.steps * args.batch * args.block / seconds, metrics["loss"], memory.growth_mb
 

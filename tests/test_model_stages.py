@@ -332,7 +332,7 @@ def test_non_finite_steps_in_a_row_stop_with_the_last_good_checkpoint(write_conf
     record = json.loads((config.run_dir / "manifest.json").read_text())["stages"]["pretrain-full"]
     assert record["status"] == "failed" and not (config.run_dir / "pretrain-full").exists()
     checkpoint = config.run_dir / ".pretrain-full.train" / "checkpoints" / "step-2"
-    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    saved = load_file(str(checkpoint / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 

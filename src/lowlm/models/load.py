@@ -186,13 +186,22 @@ def check_same_tokenizer(card: dict, other: dict | None, folder, other_folder) -
         )
 
 
-def save_embeddings(model, folder: Path) -> None:
+def save_embeddings(model, folder: Path, state_dict: dict | None = None) -> None:
+    """The input (and untied output) embedding matrices; from `state_dict` when given (the
+    gathered state of a sharded model, whose own parameters are shards)."""
     from safetensors.torch import save_file
 
-    tensors = {"input": model.get_input_embeddings().weight.detach().float().contiguous().cpu()}
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is not model.get_input_embeddings().weight:
-        tensors["output"] = output.weight.detach().float().contiguous().cpu()
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def weight(module) -> torch.Tensor:
+        if state_dict is not None:
+            return state_dict[f"{names[id(module)]}.weight"]
+        return module.weight
+
+    inputs, output = model.get_input_embeddings(), model.get_output_embeddings()
+    tensors = {"input": weight(inputs).detach().float().contiguous().cpu()}
+    if output is not None and output.weight is not inputs.weight:
+        tensors["output"] = weight(output).detach().float().contiguous().cpu()
     save_file(tensors, str(Path(folder) / EMBEDDINGS_FILE))
 
 
@@ -212,10 +221,15 @@ def apply_embeddings(model, path: Path) -> None:
             model.get_output_embeddings().weight.copy_(tensors["output"].to(embedding.dtype))
 
 
-def save_model_folder(model, tokenizer, folder: Path, kind: str, parent, **extra: Any) -> dict:
-    """Write model (or adapter / embeddings), tokenizer and card into an existing folder."""
+def save_model_folder(
+    model, tokenizer, folder: Path, kind: str, parent, state_dict: dict | None = None, **extra: Any
+) -> dict:
+    """Write model (or adapter / embeddings), tokenizer and card into an existing folder.
+    `state_dict`: the model's whole state when its parameters are shards (FSDP, ZeRO-3)."""
     if kind == "embeddings":
-        save_embeddings(model, folder)
+        save_embeddings(model, folder, state_dict)
+    elif state_dict is not None:
+        model.save_pretrained(folder, state_dict=state_dict)
     else:
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

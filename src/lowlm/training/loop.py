@@ -110,10 +110,6 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     ]
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _peak_flops(device: torch.device, configured: float | None, dtype: torch.dtype) -> float:
     if configured:
         return configured * 1e12
@@ -124,8 +120,10 @@ def _peak_flops(device: torch.device, configured: float | None, dtype: torch.dty
                 return tflops * 1e12
     # Measure: a few matmuls in the training precision (CPU, or a GPU the table does not know).
     size = 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # Constant matrices: drawing random ones would move the global RNG after a resume restored
+    # it (dropout would then differ from the uninterrupted run).
+    a = torch.full((size, size), 0.5, device=device, dtype=dtype)
+    b = torch.full((size, size), 0.25, device=device, dtype=dtype)
     a @ b
     started = time.perf_counter()
     for _ in range(4):
@@ -141,39 +139,52 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _save_checkpoint(
-    accelerator, model, optimizer, scheduler, step: int, folder: Path, keep: int, extra: dict
-) -> None:
-    """All ranks write their RNG state, rank 0 the rest, then rank 0 renames it into place."""
-    from safetensors.torch import save_file
+CHECKPOINT_FORMAT = 2  # accelerate's save_state layout; 1 (lowlm's own files) is refused
 
+
+def _trainable_names(model) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def _keep_trainable(models, weights, output_dir) -> None:
+    """accelerate save_state pre-hook: a checkpoint of a LoRA or embedding stage holds the
+    weights that train, not a copy of the frozen base (a 7B base is 14 GB a checkpoint).
+    `weights` holds the state dicts accelerate gathered for plain and DDP models; FSDP and
+    DeepSpeed save the model their own (sharded) way and leave it empty."""
+    for index, (model, state) in enumerate(zip(models, weights, strict=False)):
+        names = _trainable_names(model)
+        weights[index] = {key: value for key, value in state.items() if key in names}
+
+
+def _save_checkpoint(
+    accelerator, model, scheduler, step: int, folder: Path, keep: int, extra: dict
+) -> None:
+    """accelerate's save_state (model and optimizer as the distributed setup needs them:
+    gathered for DDP, sharded for FSDP / DeepSpeed; GradScaler; every rank's RNG), plus the
+    scheduler and state.json (written last: the checkpoint is complete when it exists), in a
+    temporary folder the main process then renames into place."""
     checkpoints = folder / "checkpoints"
     tmp = checkpoints / f".step-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    rng = {  # tensors and plain Python values only, so that it loads with weights_only=True
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_file(
-            {k: v.contiguous() for k, v in trainable_state(unwrapped).items()},
-            str(tmp / "trainable.safetensors"),
-        )
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        # The scheduler is not accelerate-prepared (its wrapper would step once per process),
+        # so it is saved here; a LambdaLR's state is plain values.
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(
-            tmp / "state.json", {"step": step, "world_size": accelerator.num_processes, **extra}
+            tmp / "state.json",
+            {
+                "step": step,
+                "world_size": accelerator.num_processes,
+                "distributed": str(accelerator.distributed_type),
+                "format": CHECKPOINT_FORMAT,
+                **extra,
+            },
         )
         final = checkpoints / f"step-{step}"
         shutil.rmtree(final, ignore_errors=True)
@@ -193,39 +204,62 @@ def _load_plain(path: Path):
     an older lowlm) is refused, not executed."""
     import pickle
 
+    from accelerate.utils import load
+
     try:
-        return torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError) as exc:
+        return load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
         raise LowlmError(
             f"{path} holds objects that only unpickling code could restore ({str(exc)[:120]}); "
             "lowlm will not run it. Start the stage over with --no-resume."
         ) from None
 
 
-def _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) -> dict:
-    from safetensors.torch import load_file
-
+def _load_checkpoint(accelerator, model, scheduler, checkpoint: Path) -> dict:
     state = json.loads((checkpoint / "state.json").read_text())
-    if state["world_size"] != accelerator.num_processes:
+    if state.get("format") != CHECKPOINT_FORMAT:
         raise LowlmError(
-            f"{checkpoint} was written by {state['world_size']} processes, this run has "
-            f"{accelerator.num_processes}; resume with the same number of processes."
+            f"{checkpoint} was written by an older lowlm in another layout; start the stage "
+            "over with --no-resume."
         )
-    unwrapped = accelerator.unwrap_model(model)
-    saved = load_file(str(checkpoint / "trainable.safetensors"))
-    params = dict(unwrapped.named_parameters())
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(_load_plain(checkpoint / "optimizer.pt"))
+    if state["world_size"] != accelerator.num_processes or state["distributed"] != str(
+        accelerator.distributed_type
+    ):
+        raise LowlmError(
+            f"{checkpoint} was written by {state['world_size']} process(es) under "
+            f"{state['distributed']}, this run has {accelerator.num_processes} under "
+            f"{accelerator.distributed_type}; resume with the same launch configuration "
+            "(the global batch and the sharded state depend on it), or --no-resume."
+        )
+    from accelerate.utils import DistributedType
+
+    own_format = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    options = {}
+    if not own_format:
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as handle:
+            saved = set(handle.keys())
+        expected = _trainable_names(model)
+        if saved != expected:
+            raise LowlmError(
+                f"{checkpoint} holds other trainable weights than this stage trains "
+                f"({len(saved ^ expected)} differ, e.g. {sorted(saved ^ expected)[0]}); "
+                "start the stage over with --no-resume."
+            )
+        options["strict"] = False  # the frozen weights are not in it, on purpose
+    # accelerate swallows an RNG file it cannot load; check it here so a tampered one stops.
+    _load_plain(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+    import pickle
+
+    try:
+        accelerator.load_state(str(checkpoint), **options)
+    except pickle.UnpicklingError as exc:
+        raise LowlmError(
+            f"{checkpoint} holds objects that only unpickling code could restore "
+            f"({str(exc)[:120]}); lowlm will not run it. Start the stage over with --no-resume."
+        ) from None
     scheduler.load_state_dict(_load_plain(checkpoint / "scheduler.pt"))
-    rng = _load_plain(checkpoint / f"rng-{accelerator.process_index}.pt")
-    random.setstate(rng["python"])
-    name, keys, position, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
@@ -332,13 +366,18 @@ def evaluate(accelerator, model, eval_data, plan: TrainPlan) -> float | None:
         return None
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
-    for start in range(
-        accelerator.process_index * plan.batch_size, n, plan.batch_size * accelerator.num_processes
-    ):
-        batch = _collate(
-            [eval_data[i] for i in range(start, min(n, start + plan.batch_size))],
-            accelerator.device,
-        )
+    world, rank, size = accelerator.num_processes, accelerator.process_index, plan.batch_size
+    # Every rank runs the same number of forward passes: a DDP forward syncs buffers and a
+    # sharded one gathers weights, so a rank with nothing left scores a stand-in example
+    # whose targets are all masked (it adds nothing).
+    for round_start in range(0, n, size * world):
+        start = round_start + rank * size
+        examples = [eval_data[i] for i in range(start, min(n, start + size))]
+        if not examples:
+            stand_in = dict(eval_data[0])
+            stand_in["labels"] = np.full_like(np.asarray(stand_in["labels"]), -100)
+            examples = [stand_in]
+        batch = _collate(examples, accelerator.device)
         labels = batch.pop("labels")
         batch.pop("num_tokens", None)
         with accelerator.autocast():
@@ -368,14 +407,15 @@ def train(
     collate: Callable[[Sequence[dict], object], dict] | None = None,
     loss_fn: Callable[[object, dict], torch.Tensor] | None = None,
     periodic: Callable[[object], dict] | None = None,
-) -> dict:
+) -> tuple[dict, object]:
     """Train `model` (its trainable parameters) for plan.steps optimizer steps.
 
     `train_data[i]` returns {"input_ids", "labels"} arrays (labels -100 where no loss), or
     whatever `collate(examples, device)` turns into a batch; the loss is the model's own, or
     `loss_fn(model, batch)` (DPO). Every eval_every steps, `periodic(model)` adds its figures
     (benchmark scores) to the log. Writes checkpoints and log.jsonl into `folder`; returns
-    the final metrics.
+    the final metrics and the model as accelerate prepared it (wrapped for DDP / FSDP /
+    DeepSpeed: what accelerator.get_state_dict takes).
     """
     collate = collate or _collate
     from tqdm.auto import tqdm
@@ -394,6 +434,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, plan))
     precise = all(p.dtype == torch.float32 for p in model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
+    hook = accelerator.register_save_state_pre_hook(_keep_trainable)
     model.train()
     config = accelerator.unwrap_model(model).config
     # Training needs no key/value cache, and transformers keeps packed documents apart only
@@ -412,7 +453,7 @@ def train(
     if resume and checkpoint is None:
         accelerator.print(f"no checkpoint in {folder / 'checkpoints'}; starting from step 0.")
     if checkpoint is not None:
-        restored = _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint)
+        restored = _load_checkpoint(accelerator, model, scheduler, checkpoint)
         start_step, tokens_seen = restored["step"], restored.get("tokens", 0)
         accelerator.print(f"resuming from {checkpoint} at step {start_step}.")
     elif accelerator.is_main_process:
@@ -449,13 +490,28 @@ def train(
     for step in range(start_step, plan.steps):
         step_loss = torch.zeros((), device=accelerator.device)
         step_tokens = torch.zeros((), device=accelerator.device)
+        batches = []
         for micro in range(plan.grad_accum):
             first = (
                 step * global_batch + (micro * world + accelerator.process_index) * plan.batch_size
             )
-            batch = collate(
-                [train_data[order(first + b)] for b in range(plan.batch_size)], accelerator.device
+            batches.append(
+                collate(
+                    [train_data[order(first + b)] for b in range(plan.batch_size)],
+                    accelerator.device,
+                )
             )
+        if loss_fn is None and batches[0]["labels"].ndim == 2:  # next-token targets
+            # The step's loss is the mean over every target token of the global batch, not a
+            # mean of per-micro-batch means: batches of unequal target counts (SFT) then train
+            # the same under any split over ranks and micro-steps. Each micro-batch's mean is
+            # scaled by its share of the global count (times the ranks, which DDP averages).
+            counts = [(b["labels"][:, 1:] != -100).sum() for b in batches]
+            total = accelerator.reduce(torch.stack(counts).sum().float(), "sum").clamp(min=1)
+            scales = [count * world / total for count in counts]
+        else:
+            scales = [1.0 / plan.grad_accum] * plan.grad_accum
+        for micro, batch in enumerate(batches):
             real_tokens = batch.pop("num_tokens", None)
             if real_tokens is None:  # a stage's own collate (DPO, classifiers)
                 mask = batch.get("attention_mask")
@@ -465,8 +521,8 @@ def train(
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
-                accelerator.backward(loss / plan.grad_accum)
-            step_loss += loss.detach() / plan.grad_accum
+                accelerator.backward(loss * scales[micro])
+            step_loss += loss.detach() * scales[micro]
             step_tokens += real_tokens
         if after_backward is not None:
             after_backward()
@@ -564,7 +620,6 @@ def train(
             _save_checkpoint(
                 accelerator,
                 model,
-                optimizer,
                 scheduler,
                 done,
                 folder,
@@ -572,6 +627,7 @@ def train(
                 {"loss": last.get("loss"), "tokens": tokens_seen, "skipped": skipped},
             )
     progress.close()
+    hook.remove()
     if use_cache is not None:
         config.use_cache = use_cache
     if start_step >= plan.steps and accelerator.is_main_process:
@@ -585,7 +641,7 @@ def train(
     final["skipped_steps"] = skipped
     if scaler is not None:
         final["fp16_overflow_steps"] = overflows
-    return final
+    return final, model
 
 
 def _scalars(entry: dict) -> dict[str, float]:

@@ -197,7 +197,7 @@ def train_and_save(
             section.energy.country_iso_code,
             work,
         ) as energy:
-            metrics = train(
+            metrics, prepared = train(
                 accelerator,
                 model,
                 train_data,
@@ -213,14 +213,21 @@ def train_and_save(
     finally:
         stop_tracking(accelerator)
     metrics["trainable_parameters"] = trainable
+    unwrapped = accelerator.unwrap_model(prepared)
+    if final_metrics is not None:
+        # Every rank scores the same texts (a sharded model's forward is collective); the
+        # figures are the same on each, the main process records them.
+        with accelerator.autocast():
+            metrics.update(final_metrics(unwrapped))
+    # The whole state, gathered from every rank's shard under FSDP / DeepSpeed ZeRO-3 (every
+    # rank takes part); the model as it is under one process or DDP.
+    state = accelerator.get_state_dict(prepared)
     saved = None
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if final_metrics is not None:
-            with accelerator.autocast():
-                metrics.update(final_metrics(unwrapped))
         with atomic_dir(folder) as out:
-            saved = save_model_folder(unwrapped, tokenizer, out, kind, parent, **card)
+            saved = save_model_folder(
+                unwrapped, tokenizer, out, kind, parent, state_dict=state, **card
+            )
             for name, text in (files() if files is not None else {}).items():
                 (out / name).write_text(text, encoding="utf-8")  # e.g. a stage's results
             for item in ("log.jsonl", "checkpoints"):
