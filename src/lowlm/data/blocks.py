@@ -6,14 +6,31 @@ never reuses a stale cache (a cache keyed by file name once reused another block
 Building streams in bounded memory: documents are tokenised in batches, EOS-separated,
 and written in shards; `progress.json` records the documents consumed after every shard,
 so an interrupted build resumes there. The cache is complete when `meta.json` exists.
+
+The token ids are always the HF tokenizer's (`tokenizer(batch)["input_ids"]`, BOS
+included when the tokenizer adds it). For a SentencePiece tokenizer (a `tokenizer.model`
+beside `tokenizer.json`) the `sentencepiece` library computes them, each distinct word once,
+when a static check shows that it computes the same BPE (`_sentencepiece_stand_in`) and the
+corpus's first documents agree; every VERIFY_EVERY-th batch is still encoded by both and
+compared. Otherwise the HF tokenizer encodes, through its backend's batch call. Workers
+return each batch as numpy arrays, and shards are cut from arrays: no per-token Python work
+in the main process. meta.json's "build" record says which encoder ran and why, with the
+build's MB/s and peak memory; `build_cache` returns meta.json without it.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import json
+import os
+import re
+import sys
+import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -29,6 +46,28 @@ DOCS_PER_BATCH = 256
 CACHE_FORMAT = 3  # part of the key: a change of layout never reuses an old cache
 SHARD_BLOCKS = 4096
 PLAIN_SUFFIXES = {".txt", ".text", ".md"}  # a document per line: the file size is the text's
+# The corpus's first documents (up to both limits) are encoded by sentencepiece and by the
+# HF tokenizer before sentencepiece is trusted with the build.
+SAMPLE_DOCS = 4096
+SAMPLE_BYTES = 2_000_000
+# Then every VERIFY_EVERY-th batch of a sentencepiece build is encoded by both and compared
+# (about 3% of the text, costing about 6% of the build's time).
+VERIFY_EVERY = 32
+# Left in the cache folder when a verified batch disagreed: the next build uses HF.
+MISMATCH_FILE = "sentencepiece-mismatch.json"
+# Words' ids kept per worker process (a few tens of MB; emptied when full).
+SEGMENT_CACHE = 100_000
+
+# SentencePiece piece types (sentencepiece_model.proto).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_SPACES = (" ", "\u2581")  # a space, and SentencePiece's "▁" that stands for it
+_LEGACY_NORMALIZER = {
+    "type": "Sequence",
+    "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+    ],
+}
 
 
 def cache_key(
@@ -39,53 +78,514 @@ def cache_key(
     return fingerprint(*parts, seed)[:20]
 
 
-_worker: dict = {}
+# Choosing the encoder
+#
+# Why a SentencePiece model can stand in for the HF tokenizer built from it. Both run the
+# same greedy BPE over the text's characters (after "▁" replaces spaces and, with a dummy
+# prefix, leads the text): repeatedly merge the adjacent pair of symbols with the best
+# priority, the leftmost on a tie, until no pair forms a mergeable piece. They differ in
+# three places, each checked or neutralised in `_sentencepiece_stand_in`:
+# 1. Which pairs merge: sentencepiece merges any pair whose concatenation is a piece, HF only
+#    the pairs listed in its merges. Every split of a piece into two vocabulary pieces must
+#    be a listed merge and every merge must give a normal piece; a piece where this fails,
+#    and a character inside a piece that is not itself a piece, make a "trigger".
+# 2. Priority: sentencepiece ranks a pair by its piece's score, HF by its merge's rank.
+#    transformers 5 orders merges by piece id, not score (Mistral's and Llama's whitespace
+#    pieces score -1e9 but have small ids: runs of spaces tokenise differently), so the
+#    model that encodes gets a copy of the scores rewritten to HF's order of pieces (each
+#    piece's merges must be contiguous in HF's list; scores stay exact in float32). Between
+#    pieces the orders are then the same and strict. Within one piece HF ranks its splits
+#    while sentencepiece cannot, but that never matters: a pair of symbols spanning a
+#    piece's text was formed by merges inside that text alone, in an order fixed by the
+#    text, so every pair forming a given piece at a given time is the same split (the
+#    same merge), and both take the leftmost.
+# 3. Around the model: the normaliser (identity, no whitespace removal, the same dummy
+#    prefix), the pre-tokeniser (Metaspace without splitting, or the legacy Prepend/Replace
+#    normaliser), byte fallback on both sides, the same ids for the same pieces, and
+#    special tokens around a document (derived from the HF tokenizer, then checked).
+# Documents that could meet a trigger are encoded by HF instead: those containing an added
+# token's text (`<s>` written in the text is the BOS token to HF, three pieces to
+# sentencepiece), a user-defined piece, a piece from point 1, or starting with a space (HF's
+# Metaspace adds no dummy prefix before a leading space; sentencepiece always does).
+# 4. Words: when no piece holds another character followed by "▁" (true of Llama, Mistral
+#    and what lowlm merges into them), no merge crosses the start of a word ("▁"s and the
+#    characters up to the next "▁"), so by the argument of point 2 a text's ids are its
+#    words' ids one after another. Each distinct word is then encoded once (a model
+#    without the dummy prefix, fed the text as it stands after normalisation) and its ids
+#    reused: about twice as fast on natural text.
+#
+# Residual risk: the argument is about the algorithms as sentencepiece 0.2 and tokenizers
+# 0.2x implement them; a behaviour outside it (a change in a later version, a bug) would show
+# only on documents outside the sample and outside the verified batches. A systematic
+# difference is caught at once; one confined to a rare pattern could slip through, which
+# the verified share of batches (not all of them) leaves possible.
 
 
-def _init_worker(tokenizer_folder: str, seed: int, heldout_fraction: float) -> None:
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class EncoderPlan:
+    """How this build encodes documents; `_init_worker` turns it into an `_Encoder`."""
 
-    _worker.update(
-        tokenizer=AutoTokenizer.from_pretrained(tokenizer_folder),
-        seed=seed,
-        heldout_fraction=heldout_fraction,
+    kind: str  # "sentencepiece" or "hf"
+    reason: str
+    model: bytes | None = None  # the SentencePiece model with HF's merge order as scores
+    prefix: tuple[int, ...] = ()  # special tokens the HF tokenizer puts around a document
+    suffix: tuple[int, ...] = ()
+    route: str | None = None  # regex over "▁" + text: documents it finds are encoded by HF
+    separator: str = "\x00"  # a character in no trigger: joins a batch's texts for `route`
+    dummy_prefix: bool = True
+    words: bool = False  # ids cached per word (point 4 above)
+    hf_fast: bool = True  # HF through its backend's encode_batch_fast (same ids, no offsets)
+
+
+class _EncoderMismatch(LowlmError):
+    """sentencepiece and the HF tokenizer gave different ids for a verified document."""
+
+
+def _merges(model: dict) -> list[tuple[str, str]] | None:
+    merges = []
+    for entry in model.get("merges") or []:
+        if isinstance(entry, str):
+            if entry.count(" ") != 1:
+                return None
+            entry = entry.split(" ")
+        merges.append((entry[0], entry[1]))
+    return merges
+
+
+def _dummy_prefix(state: dict) -> bool | str:
+    """Whether HF's pipeline puts "▁" before the text, or why it is not SentencePiece's."""
+    normalizer, pre_tokenizer = state.get("normalizer"), state.get("pre_tokenizer")
+    if normalizer == _LEGACY_NORMALIZER and pre_tokenizer is None:
+        return True
+    if normalizer is not None:
+        return f"the HF tokenizer has a normaliser ({normalizer.get('type')}) of its own"
+    if not pre_tokenizer or pre_tokenizer.get("type") != "Metaspace":
+        kind = pre_tokenizer.get("type") if pre_tokenizer else None
+        return f"the HF tokenizer's pre-tokeniser is {kind}, not Metaspace"
+    if pre_tokenizer.get("replacement") != "\u2581" or pre_tokenizer.get("split", False):
+        return "the HF tokenizer's Metaspace splits the text or replaces spaces otherwise"
+    scheme = pre_tokenizer.get("prepend_scheme")
+    if scheme is None:
+        return bool(pre_tokenizer.get("add_prefix_space", True))
+    return scheme in ("first", "always")
+
+
+def _sentencepiece_stand_in(tokenizer, folder: Path) -> tuple[EncoderPlan, str] | str:
+    """(plan, note) when the folder's tokenizer.model computes the HF tokenizer's BPE (see
+    the comment above), else the reason it does not. The note counts the triggers."""
+    path = folder / "tokenizer.model"
+    if not path.exists():
+        return "no tokenizer.model beside tokenizer.json (not a SentencePiece tokenizer)"
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as exc:  # protobuf raises DecodeError and others
+        return f"tokenizer.model cannot be read ({type(exc).__name__})"
+    if proto.trainer_spec.model_type != 2:  # BPE
+        return "tokenizer.model is not a BPE model"
+    norm = proto.normalizer_spec
+    if norm.precompiled_charsmap or norm.name not in ("identity", ""):
+        return f"tokenizer.model normalises text ({norm.name}), which HF does not"
+    if norm.remove_extra_whitespaces or not norm.escape_whitespaces:
+        return "tokenizer.model removes extra whitespace or keeps spaces unescaped"
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        return "tokenizer.model treats whitespace as a suffix"
+    types = [piece.type for piece in proto.pieces]
+    if _UNUSED in types:
+        return "tokenizer.model has unused pieces (sentencepiece re-segments them)"
+    if not proto.trainer_spec.byte_fallback or types.count(_BYTE) != 256:
+        return "tokenizer.model has no byte fallback (unknown characters differ)"
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state.get("model") or {}
+    if model.get("type") != "BPE":
+        return f"the HF tokenizer's model is {model.get('type')}, not BPE"
+    for key, wanted in (
+        ("dropout", None),
+        ("continuing_subword_prefix", None),
+        ("end_of_word_suffix", None),
+        ("ignore_merges", False),
+        ("byte_fallback", True),
+    ):
+        if model.get(key, wanted) != wanted:
+            return f"the HF tokenizer's BPE has {key}={model.get(key)!r}"
+    prefix = _dummy_prefix(state)
+    if isinstance(prefix, str):
+        return prefix
+    if prefix != norm.add_dummy_prefix:
+        return "HF and tokenizer.model disagree on the dummy prefix"
+    vocab = model.get("vocab") or {}
+    pieces = [piece.piece for piece in proto.pieces]
+    if len(vocab) != len(pieces) or any(vocab.get(p) != i for i, p in enumerate(pieces)):
+        return "tokenizer.json's vocabulary is not tokenizer.model's"
+    merges = _merges(model)
+    if merges is None:
+        return "tokenizer.json's merges cannot be read"
+
+    kind = dict(zip(pieces, types, strict=True))
+    byte_pieces = {p for p, t in kind.items() if t == _BYTE}
+    order: dict[str, int] = {}  # piece -> position of its merges in HF's list
+    last = None
+    for left, right in merges:
+        if left in byte_pieces or right in byte_pieces:
+            return "tokenizer.json merges byte-fallback pieces"
+        piece = left + right
+        if piece != last:
+            if piece in order:
+                return "tokenizer.json's merges of one piece are not contiguous"
+            order[piece] = len(order)
+            last = piece
+    triggers = {content for content in _added_texts(tokenizer)}
+    triggers.update(p for p, t in kind.items() if t == _USER_DEFINED)
+    triggers.update(p for p in order if kind.get(p) != _NORMAL)
+    merge_set = set(merges)
+    single = {p for p, t in kind.items() if t == _NORMAL and len(p) == 1}
+    for piece, piece_type in kind.items():
+        if piece_type != _NORMAL or len(piece) < 2:
+            continue
+        if any(ch not in single for ch in piece):
+            triggers.update(ch for ch in piece if ch not in single)
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in kind and right in kind and (left, right) not in merge_set:
+                triggers.add(piece)
+                break
+    if "" in triggers:
+        return "the HF tokenizer has an empty added token"
+    unreachable = -float(len(order) + 1)
+    for piece in proto.pieces:
+        if piece.type == _NORMAL and len(piece.piece) > 1:
+            piece.score = -float(order[piece.piece]) if piece.piece in order else unreachable
+    words = not any(
+        piece[i] == "\u2581" and piece[i - 1] != "\u2581"
+        for piece in itertools.chain(order, (p for p, t in kind.items() if t == _NORMAL))
+        for i in range(1, len(piece))
+    )
+    separator = next(
+        (ch for ch in "\x00\x01\uffff\U0010ffff" if not _in_triggers(ch, triggers)), ""
+    )
+    if not separator:
+        return "the trigger strings use every separator character"
+    plan = EncoderPlan(
+        kind="sentencepiece",
+        reason="",
+        model=proto.SerializeToString(),
+        route=_route_pattern(triggers),
+        separator=separator,
+        dummy_prefix=prefix,
+        words=words,
+    )
+    note = f"{len(triggers)} trigger strings route documents to HF"
+    return plan, note + (", ids cached per word" if words else "")
+
+
+def _in_triggers(ch: str, triggers: set[str]) -> bool:
+    return ch in _SPACES or any(ch in trigger for trigger in triggers)
+
+
+def _added_texts(tokenizer) -> set[str]:
+    added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+    return {token.content for token in added.values()}
+
+
+def _route_pattern(triggers: set[str]) -> str | None:
+    """A regex finding any trigger in "▁" + text, a space standing for "▁" and the reverse."""
+    if not triggers:
+        return None
+    spaces = "[ \u2581]"
+    alternatives = sorted(
+        ("".join(spaces if ch in _SPACES else re.escape(ch) for ch in t) for t in triggers),
+        key=lambda alternative: (-len(alternative), alternative),
+    )
+    return "|".join(alternatives)
+
+
+def _special_frame(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+    """The ids the HF tokenizer puts before and after a document's own, the same for all."""
+    frames = set()
+    for probe in ("a", "Hello world", "x y z", "1"):
+        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        found = [k for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare]
+        if not bare or not found:
+            return "the HF tokenizer's special tokens change a document's own ids"
+        frames.add((tuple(full[: found[0]]), tuple(full[found[0] + len(bare) :])))
+    if len(frames) != 1:
+        return "the HF tokenizer puts different special tokens around different documents"
+    prefix, suffix = frames.pop()
+    if tokenizer("", add_special_tokens=True)["input_ids"] != [*prefix, *suffix]:
+        return "the HF tokenizer's special tokens around an empty document differ"
+    return prefix, suffix
+
+
+def _sample(sources: list[Source], data: DataConfig) -> list[str]:
+    docs, size = [], 0
+    for document in itertools.islice(iter_documents(sources, data), SAMPLE_DOCS):
+        docs.append(document)
+        size += len(document.encode("utf-8"))
+        if size >= SAMPLE_BYTES:
+            break
+    return docs
+
+
+def _first_difference(got: list, wanted: list) -> int | None:
+    """The first index where two lists differ (a list's end counts), None if equal."""
+    if got == wanted:
+        return None
+    unequal = (i for i, (a, b) in enumerate(zip(got, wanted, strict=False)) if a != b)
+    return next(unequal, min(len(got), len(wanted)))
+
+
+def choose_encoder(
+    tokenizer, tokenizer_folder: Path, sample: list[str], refused: str = ""
+) -> EncoderPlan:
+    """sentencepiece where it provably gives the HF tokenizer's ids and does on `sample`
+    (unless `refused` says why not); the HF tokenizer otherwise (through its backend's batch
+    call where that agrees too). Documents are encoded one call each here: the main process
+    encodes no batch before it forks its workers (tokenizers would turn their parallelism off)."""
+    wanted = [tokenizer(doc, add_special_tokens=True)["input_ids"] for doc in sample]
+    hf = EncoderPlan(kind="hf", reason="")
+    fast = _Encoder(tokenizer, hf)
+    if _first_difference([fast.hf_one(doc) for doc in sample], wanted) is not None:
+        hf = replace(hf, hf_fast=False)
+    if refused:
+        return _with_reason(hf, refused)
+    found = _sentencepiece_stand_in(tokenizer, Path(tokenizer_folder))
+    if isinstance(found, str):
+        return _with_reason(hf, found)
+    plan, note = found
+    frame = _special_frame(tokenizer)
+    if isinstance(frame, str):
+        return _with_reason(hf, frame)
+    plan = replace(plan, prefix=frame[0], suffix=frame[1])
+    got, _ = _Encoder(tokenizer, plan).sentencepiece(sample, single_calls=True)
+    wrong = _first_difference(got, wanted)
+    if wrong is not None:
+        return _with_reason(
+            hf, f"sentencepiece gave other ids for sample document {wrong} ({sample[wrong][:60]!r})"
+        )
+    return _with_reason(
+        plan, f"tokenizer.model computes the HF BPE, {len(sample)} sample documents agree, {note}"
     )
 
 
-def _encode(batch: list[str]) -> list[tuple[bool, list[int]]]:
-    """(held out?, token ids) for each document of a batch (lowlm.data.heldout), with BOS when
-    the tokenizer adds it (as at inference); EOS is appended by the packer."""
-    ids = _worker["tokenizer"](batch, add_special_tokens=True)["input_ids"]
-    return [
-        (is_held_out(doc, _worker["seed"], _worker["heldout_fraction"]), row)
-        for doc, row in zip(batch, ids, strict=True)
-    ]
+def _with_reason(plan: EncoderPlan, reason: str) -> EncoderPlan:
+    if plan.kind == "hf" and not plan.hf_fast:
+        reason += "; the HF backend's batch call disagreed on the sample, the full call encodes"
+    return replace(plan, reason=reason)
+
+
+class _Encoder:
+    """A document's ids as `tokenizer(batch)["input_ids"]` gives them, by the plan's means."""
+
+    def __init__(self, tokenizer, plan: EncoderPlan):
+        self.tokenizer, self.plan = tokenizer, plan
+        self.backend = tokenizer.backend_tokenizer
+        # What tokenizer(batch) sets before it calls the backend.
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", 0))
+        self.batch_fast = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        self.processor = None
+        self.route = re.compile(plan.route) if plan.route else None
+        self.prefix, self.suffix = list(plan.prefix), list(plan.suffix)
+        self.words: dict[str, list[int]] = {}
+        self.split_words = re.compile("\u2581*[^\u2581]+|\u2581+").findall
+        if plan.kind == "sentencepiece":
+            import sentencepiece as spm
+
+            model = plan.model
+            if plan.words:  # fed normalised words: no dummy prefix of its own
+                from sentencepiece import sentencepiece_model_pb2
+
+                proto = sentencepiece_model_pb2.ModelProto()
+                proto.ParseFromString(model)
+                proto.normalizer_spec.add_dummy_prefix = False
+                model = proto.SerializeToString()
+            self.processor = spm.SentencePieceProcessor(model_proto=model)
+
+    def reference(self, docs: list[str]) -> list[list[int]]:
+        return self.tokenizer(docs, add_special_tokens=True)["input_ids"]
+
+    def hf(self, docs: list[str]) -> list[list[int]]:
+        if not self.plan.hf_fast:
+            return self.reference(docs)
+        return [encoding.ids for encoding in self.batch_fast(docs, add_special_tokens=True)]
+
+    def hf_one(self, doc: str) -> list[int]:
+        return self.backend.encode(doc, add_special_tokens=True).ids
+
+    def routed(self, docs: list[str]) -> list[int]:
+        """Indices of the documents HF must encode (see the comment above)."""
+        indices = {i for i, doc in enumerate(docs) if doc[:1] in _SPACES}
+        if self.route is not None:
+            # One scan of the batch: no trigger holds the separator, so none spans two texts.
+            lead = "\u2581" if self.plan.dummy_prefix else ""
+            head = self.plan.separator + lead
+            joined = "".join(head + doc for doc in docs)
+            ends = list(itertools.accumulate(len(head) + len(doc) for doc in docs))
+            for match in self.route.finditer(joined):
+                indices.add(bisect.bisect_right(ends, match.start()))
+        return sorted(indices)
+
+    def sentencepiece(
+        self, docs: list[str], single_calls: bool = False
+    ) -> tuple[list[list[int]], int]:
+        """(ids, how many documents HF encoded); HF one document per call if asked."""
+        hf_call = self._reference_one if single_calls else self.reference
+        routed = self.routed(docs)
+        skip = set(routed)
+        plain = [d for i, d in enumerate(docs) if i not in skip] if skip else docs
+        try:
+            ids = self._by_words(plain) if self.plan.words else self._by_text(plain)
+        except (RuntimeError, TypeError, ValueError):  # text sentencepiece cannot take (a lone
+            # surrogate from a JSON escape): the HF tokenizer's behaviour decides
+            return hf_call(docs), len(docs)
+        if self.prefix or self.suffix:
+            ids = [[*self.prefix, *row, *self.suffix] for row in ids]
+        if not routed:
+            return ids, 0
+        by_hf = dict(zip(routed, hf_call([docs[i] for i in routed]), strict=True))
+        plain_rows = iter(ids)
+        rows = [by_hf[i] if i in by_hf else next(plain_rows) for i in range(len(docs))]
+        return rows, len(routed)
+
+    def _by_text(self, docs: list[str]) -> list[list[int]]:
+        return self.processor.encode(docs, num_threads=1)
+
+    def _by_words(self, docs: list[str]) -> list[list[int]]:
+        """Each document's ids as its words' ids, each distinct word encoded once (point 4)."""
+        lead = "\u2581" if self.plan.dummy_prefix else ""
+        split = self.split_words
+        texts = [split(lead + doc.replace(" ", "\u2581")) if doc else [] for doc in docs]
+        needed = set(itertools.chain.from_iterable(texts))
+        missing = needed.difference(self.words)
+        if len(self.words) + len(missing) > SEGMENT_CACHE:
+            self.words.clear()
+            missing = needed
+        if missing:
+            missing = list(missing)
+            encoded = self.processor.encode(missing, num_threads=1)
+            self.words.update(zip(missing, encoded, strict=True))
+        ids = self.words.__getitem__
+        return [list(itertools.chain.from_iterable(map(ids, words))) for words in texts]
+
+    def encode(self, docs: list[str]) -> tuple[list[list[int]], int]:
+        if self.processor is None:
+            return self.hf(docs), len(docs)
+        return self.sentencepiece(docs)
+
+    def _reference_one(self, docs: list[str]) -> list[list[int]]:
+        return [self.tokenizer(doc, add_special_tokens=True)["input_ids"] for doc in docs]
+
+
+_worker: dict = {}
+
+
+def _init_worker(
+    tokenizer_folder: str,
+    seed: int,
+    heldout_fraction: float,
+    plan: EncoderPlan,
+    eos: int,
+    dtype,
+    in_pool: bool = False,
+) -> None:
+    if in_pool:  # one thread per worker process: num_proc says how many run
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from transformers import AutoTokenizer
+
+    _worker.update(
+        encoder=_Encoder(AutoTokenizer.from_pretrained(tokenizer_folder), plan),
+        seed=seed,
+        heldout_fraction=heldout_fraction,
+        eos=eos,
+        dtype=dtype,
+    )
+
+
+@dataclass
+class _Encoded:
+    """One batch, packed: the EOS-separated ids of its training and held-out documents."""
+
+    documents: int
+    train: np.ndarray
+    held_out: np.ndarray
+    by_hf: int  # documents the HF tokenizer encoded
+    verified: bool
+
+
+def _encode(task: tuple[int, list[str]]) -> _Encoded:
+    """Encode a batch (each document's ids as the HF tokenizer gives them, BOS included when it
+    adds one) and pack it per split (lowlm.data.heldout), EOS after each document."""
+    index, batch = task
+    encoder: _Encoder = _worker["encoder"]
+    rows, by_hf = encoder.encode(batch)
+    verified = encoder.processor is not None and index % VERIFY_EVERY == 0
+    if verified:
+        for position, (row, wanted) in enumerate(zip(rows, encoder.reference(batch), strict=True)):
+            if row != wanted:
+                at = _first_difference(row, wanted)
+                raise _EncoderMismatch(
+                    f"sentencepiece and the HF tokenizer gave different ids for document "
+                    f"{position} of batch {index} ({batch[position][:80]!r}, first at token "
+                    f"{at}): {row[:12]} vs {wanted[:12]}"
+                )
+    eos, seed, fraction = _worker["eos"], _worker["seed"], _worker["heldout_fraction"]
+    train: list[int] = []
+    held_out: list[int] = []
+    for doc, row in zip(batch, rows, strict=True):
+        out = held_out if is_held_out(doc, seed, fraction) else train
+        out += row
+        if not row or row[-1] != eos:  # tokenizers that add EOS themselves keep theirs
+            out.append(eos)
+    dtype = _worker["dtype"]
+    return _Encoded(
+        len(batch), np.array(train, dtype=dtype), np.array(held_out, dtype=dtype), by_hf, verified
+    )
 
 
 class _Packer:
-    """Accumulates EOS-separated token streams and writes full blocks as shards."""
+    """Accumulates EOS-separated token arrays and writes full blocks as shards."""
 
     def __init__(
-        self, folder: Path, prefix: str, block_size: int, dtype, carry: list[int], shards: int
+        self, folder: Path, prefix: str, block_size: int, dtype, carry: np.ndarray, shards: int
     ):
         self.folder, self.prefix, self.block_size, self.dtype = folder, prefix, block_size, dtype
-        self.buffer: list[int] = list(carry)
+        self.chunks: list[np.ndarray] = [carry.astype(dtype)] if len(carry) else []
+        self.size = len(carry)
         self.shards = shards
 
-    def add(self, ids: list[int]) -> None:
-        self.buffer.extend(ids)
+    @property
+    def buffer(self) -> np.ndarray:
+        """The tokens not yet in a shard."""
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=self.dtype)
+
+    def add(self, ids: np.ndarray) -> None:
+        if len(ids):
+            self.chunks.append(ids)
+            self.size += len(ids)
 
     def flush(self, final: bool = False) -> None:
-        full = len(self.buffer) // self.block_size
+        full = self.size // self.block_size
+        if not (full >= SHARD_BLOCKS or (final and full > 0)):
+            return
+        tokens = self.buffer
+        start = 0
         while full >= SHARD_BLOCKS or (final and full > 0):
             take = min(full, SHARD_BLOCKS) * self.block_size
-            array = np.asarray(self.buffer[:take], dtype=self.dtype)
             atomic_write_bytes(
-                self.folder / f"{self.prefix}-{self.shards:05d}.bin", array.tobytes()
+                self.folder / f"{self.prefix}-{self.shards:05d}.bin",
+                tokens[start : start + take].tobytes(),
             )
-            self.buffer = self.buffer[take:]
+            start += take
             self.shards += 1
-            full = len(self.buffer) // self.block_size
+            full = (len(tokens) - start) // self.block_size
+        rest = tokens[start:].copy()  # a copy: the shard's tokens are freed
+        self.chunks = [rest] if len(rest) else []
+        self.size = len(rest)
 
 
 def _progress_bar(sources: list[Source]):
@@ -105,6 +605,22 @@ def _progress_bar(sources: list[Source]):
     )
 
 
+def _peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory (getrusage) of this process, or of its largest finished child."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    peak = peak.ru_maxrss
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10, 1)
+
+
+def _public(meta: dict) -> dict:
+    """The cache's description, without the record of how this build went."""
+    return {key: value for key, value in meta.items() if key != "build"}
+
+
 def build_cache(
     folder: Path,
     tokenizer_folder: Path,
@@ -114,12 +630,14 @@ def build_cache(
     seed: int,
     num_proc: int = 1,
 ) -> dict:
-    """Build (or finish building) the cache in `folder`; returns its meta."""
+    """Build (or finish building) the cache in `folder`; returns its meta (meta.json keeps the
+    build's record too: encoder, MB/s, peak memory)."""
     from transformers import AutoTokenizer
 
     meta_path = folder / "meta.json"
     if meta_path.exists():
-        return json.loads(meta_path.read_text())
+        return _public(json.loads(meta_path.read_text()))
+    started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     eos = tokenizer.eos_token_id
@@ -137,6 +655,11 @@ def build_cache(
             "shards": {"train": 0, "eval": 0},
         }
     )
+    refused = ""
+    if (folder / MISMATCH_FILE).exists():
+        refused = f"an earlier build found sentencepiece wrong (see {folder / MISMATCH_FILE})"
+    plan = choose_encoder(tokenizer, Path(tokenizer_folder), _sample(sources, data), refused)
+    print(f"packing with the {_encoder_name(plan)}: {plan.reason}")
     packers = {
         split: _Packer(
             folder,
@@ -152,38 +675,45 @@ def build_cache(
     # Bytes read per batch, in order: the bar advances as batches come back encoded (imap
     # reads ahead of the workers, so counting where documents are read would run ahead).
     batch_bytes: deque[int] = deque()
+    encoded_bytes = 0
 
-    def batches() -> Iterator[list[str]]:
+    def batches() -> Iterator[tuple[int, list[str]]]:
+        nonlocal encoded_bytes
         batch: list[str] = []
         size = 0
+        count = itertools.count()
         for index, document in enumerate(iter_documents(sources, data)):
-            size += len(document.encode("utf-8")) + 1
+            length = len(document.encode("utf-8")) + 1
+            size += length
             if index < progress["documents"]:
                 continue  # consumed before the interruption
+            encoded_bytes += length
             batch.append(document)
             if len(batch) == DOCS_PER_BATCH:
                 batch_bytes.append(size)
-                yield batch
+                yield next(count), batch
                 batch, size = [], 0
         if batch:
             batch_bytes.append(size)
-            yield batch
+            yield next(count), batch
 
-    worker_args = (str(tokenizer_folder), seed, data.heldout_fraction)
-    pool = Pool(num_proc, _init_worker, worker_args) if num_proc > 1 else None
+    worker_args = (str(tokenizer_folder), seed, data.heldout_fraction, plan, eos, dtype)
+    pool = Pool(num_proc, _init_worker, (*worker_args, True)) if num_proc > 1 else None
     if pool is None:
         _init_worker(*worker_args)
     bar = _progress_bar(sources)
+    documents = progress["documents"]
+    by_hf = verified = 0
+    finished = False
     try:
         encoded = pool.imap(_encode, batches()) if pool else map(_encode, batches())
-        documents = progress["documents"]
-        for rows in encoded:
+        for batch in encoded:
             bar.update(batch_bytes.popleft() if batch_bytes else 0)
-            for held_out, row in rows:
-                if row and row[-1] == eos:  # tokenizers that add EOS themselves
-                    row = row[:-1]
-                packers["eval" if held_out else "train"].add([*row, eos])
-            documents += len(rows)
+            packers["train"].add(batch.train)
+            packers["eval"].add(batch.held_out)
+            documents += batch.documents
+            by_hf += batch.by_hf
+            verified += batch.verified
             before = packers["train"].shards + packers["eval"].shards
             for packer in packers.values():
                 packer.flush()
@@ -191,10 +721,21 @@ def build_cache(
                 _save_progress(progress_path, documents, packers)
         if bar.total and bar.n < bar.total:
             bar.update(bar.total - bar.n)  # lines filtered out or stripped were read too
+        finished = True
+    except _EncoderMismatch as exc:
+        _discard(folder, plan, str(exc))
+        raise LowlmError(
+            f"{exc}. The build stopped and removed its shards (it trusted sentencepiece, which "
+            f"a check had found exact); rerun to build {folder.name} with the HF tokenizer, "
+            "and please report the document."
+        ) from None
     finally:
         bar.close()
         if pool:
-            pool.close()
+            if finished:
+                pool.close()
+            else:
+                pool.terminate()
             pool.join()
     for packer in packers.values():
         packer.flush(final=True)
@@ -205,6 +746,22 @@ def build_cache(
             f"the corpus gives fewer than {block_size} tokens for training; add text or lower "
             "pretrain.block_size."
         )
+    seconds = time.perf_counter() - started
+    mb = encoded_bytes / 1e6
+    build = {
+        "encoder": plan.kind if plan.kind == "sentencepiece" or not plan.hf_fast else "hf-fast",
+        "encoder_reason": plan.reason,
+        "documents_encoded_by_hf": by_hf,
+        "batches_verified": verified,
+        "resumed_at_document": progress["documents"],
+        "num_proc": num_proc,
+        "mb": round(mb, 3),
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(mb / seconds, 3),
+        "mb_per_s_per_process": round(mb / seconds / num_proc, 3),
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb_largest_child": _peak_rss_mb(children=True),
+    }
     meta = {
         "block_size": block_size,
         "dtype": np.dtype(dtype).name,
@@ -212,19 +769,40 @@ def build_cache(
         "eval_blocks": eval_blocks,
         "documents": documents,
         "vocab_size": len(tokenizer),
+        "build": build,
     }
     atomic_write_json(meta_path, meta)
     progress_path.unlink(missing_ok=True)
     for carry in folder.glob("carry-*.npy"):
         carry.unlink()
-    return meta
+    child = f", largest child {build['peak_rss_mb_largest_child']:.0f} MB" if pool else ""
+    print(
+        f"packed {mb:.1f} MB in {seconds:.1f} s: {build['mb_per_s']:.2f} MB/s "
+        f"({build['mb_per_s_per_process']:.2f} per process, {num_proc} processes) with the "
+        f"{_encoder_name(plan)}; peak memory {build['peak_rss_mb']:.0f} MB{child}"
+    )
+    return _public(meta)
+
+
+def _encoder_name(plan: EncoderPlan) -> str:
+    if plan.kind == "sentencepiece":
+        return "sentencepiece library"
+    return "HF tokenizer" + (" (backend batch call)" if plan.hf_fast else "")
+
+
+def _discard(folder: Path, plan: EncoderPlan, message: str) -> None:
+    """After a mismatch: no shard of this build stays, and the next build uses HF."""
+    for pattern in ("train-*.bin", "eval-*.bin", "carry-*.npy", "progress.json"):
+        for path in folder.glob(pattern):
+            path.unlink()
+    atomic_write_json(folder / MISMATCH_FILE, {"message": message, "plan_reason": plan.reason})
 
 
 def _save_progress(path: Path, documents: int, packers: dict) -> None:
     """Record the tokens not yet in a shard, then the documents consumed (the commit point)."""
     for split, packer in packers.items():
         buffer = io.BytesIO()
-        np.save(buffer, np.asarray(packer.buffer, dtype=np.int64))
+        np.save(buffer, packer.buffer.astype(np.int64))
         atomic_write_bytes(path.parent / f"carry-{split}-{documents}.npy", buffer.getvalue())
     shards = {split: p.shards for split, p in packers.items()}
     atomic_write_json(path, {"documents": documents, "shards": shards})
@@ -233,10 +811,10 @@ def _save_progress(path: Path, documents: int, packers: dict) -> None:
             old.unlink()
 
 
-def _load_carry(folder: Path, split: str, progress: dict) -> list[int]:
+def _load_carry(folder: Path, split: str, progress: dict) -> np.ndarray:
     if not progress["documents"]:
-        return []
-    return np.load(folder / f"carry-{split}-{progress['documents']}.npy").tolist()
+        return np.zeros(0, dtype=np.int64)
+    return np.load(folder / f"carry-{split}-{progress['documents']}.npy")
 
 
 def _count_blocks(folder: Path, split: str, block_size: int, dtype) -> int:

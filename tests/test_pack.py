@@ -1,0 +1,305 @@
+"""The packed-token cache's encoders: sentencepiece stands in for the HF tokenizer only where its
+ids are the same, and the cache is byte for byte the one the HF tokenizer gives."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import lowlm.data.blocks as blocks
+from lowlm.config import DataConfig
+from lowlm.data.blocks import EncoderPlan, build_cache
+from lowlm.data.corpus import resolve_sources
+from lowlm.errors import LowlmError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+
+# Lines that take the rarer paths: runs of spaces, a leading "▁", special tokens' text,
+# tabs, characters outside the English model (byte fallback), digits.
+EDGE_LINES = [
+    "two  spaces and   three, then    four",
+    "\u2581a leading metaspace",
+    "a BOS <s> and an EOS </s> in the text, and <unk>",
+    "tabs\tand\ttrailing spaces   ",
+    "Ünïcödé ﬁ ligature, Ａ fullwidth, e\u0301 combining, emoji 😀",
+    "numbers 1234567 and 3.14159",
+    "a",
+    "the zebra and the zebras",
+    "we take the next one",
+]
+
+
+def sp_folder(root: Path, name: str, proto, **hf_options) -> Path:
+    """An HF tokenizer folder made from a SentencePiece proto, as lowlm makes one."""
+    from transformers import LlamaTokenizer
+
+    folder = root / name
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder / "tokenizer.model"), add_bos_token=True)
+    for key, value in hf_options.items():
+        getattr(tokenizer, key)(value)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_proto(path: Path):
+    from lowlm.tokenization.sentencepiece_merge import load_proto as load
+
+    return load(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    lines = (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()
+    lines += (DEMO / "zh-tw.txt").read_text(encoding="utf-8").splitlines()[:300]
+    lines += EDGE_LINES * 3
+    rng.shuffle(lines)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory, sp_base) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    proto = load_proto(sp_base)
+    made = {"plain": sp_folder(root, "plain", proto)}
+    # Scores unrelated to ids: transformers 5 orders merges by id, so sentencepiece as saved
+    # disagrees with HF on most text (as on Mistral's runs of spaces, scored -1e9).
+    shuffled = type(proto)()
+    shuffled.CopyFrom(proto)
+    rng = random.Random(1)
+    scores = [p.score for p in shuffled.pieces if p.type == 1]
+    rng.shuffle(scores)
+    for piece, score in zip((p for p in shuffled.pieces if p.type == 1), scores, strict=True):
+        piece.score = score
+    made["shuffled"] = sp_folder(root, "shuffled", shuffled)
+    made["added"] = sp_folder(root, "added", proto, add_tokens=["zebra"])
+    # A piece across a word's start ("e▁t"): ids cannot be cached per word.
+    crossing = type(shuffled)()
+    crossing.CopyFrom(shuffled)
+    piece = crossing.pieces.add()
+    piece.piece, piece.score, piece.type = "e\u2581t", -1000.0, 1
+    made["crossing"] = sp_folder(root, "crossing", crossing)
+    collapsing = type(proto)()
+    collapsing.CopyFrom(proto)
+    collapsing.normalizer_spec.remove_extra_whitespaces = True
+    made["collapsing"] = sp_folder(root, "collapsing", collapsing)
+    return made
+
+
+def build(folder: Path, tokenizer: Path, corpus: Path, num_proc: int = 1) -> dict:
+    build_cache(folder, tokenizer, resolve_sources([str(corpus)]), DataConfig(), 16, 7, num_proc)
+    return json.loads((folder / "meta.json").read_text())
+
+
+def reference(folder: Path, tokenizer: Path, corpus: Path, monkeypatch) -> dict:
+    """The cache as the HF tokenizer's own batch call builds it (the path before sentencepiece)."""
+    with monkeypatch.context() as patch:
+        plan = EncoderPlan(kind="hf", reason="reference", hf_fast=False)
+        patch.setattr(blocks, "choose_encoder", lambda *args: plan)
+        return build(folder, tokenizer, corpus)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.glob("*.bin"))
+    assert names and names == sorted(p.name for p in b.glob("*.bin"))
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    meta_a, meta_b = (json.loads((f / "meta.json").read_text()) for f in (a, b))
+    assert {k: v for k, v in meta_a.items() if k != "build"} == {
+        k: v for k, v in meta_b.items() if k != "build"
+    }
+
+
+def hf_ids(tokenizer: Path, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer)(text)["input_ids"]
+
+
+def sp_ids(tokenizer: Path, text: str) -> list[int]:
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer / "tokenizer.model"))
+    return processor.encode(text, add_bos=True)
+
+
+@pytest.mark.parametrize("name", ["plain", "shuffled", "added", "crossing"])
+def test_sentencepiece_cache_is_byte_identical_to_the_hf_one(
+    name, tokenizers, corpus, tmp_path, monkeypatch
+):
+    tokenizer = tokenizers[name]
+    meta = build(tmp_path / "sp", tokenizer, corpus)
+    reference(tmp_path / "hf", tokenizer, corpus, monkeypatch)
+    assert meta["build"]["encoder"] == "sentencepiece", meta["build"]["encoder_reason"]
+    by_word = "ids cached per word" in meta["build"]["encoder_reason"]
+    assert by_word == (name != "crossing")
+    assert meta["build"]["batches_verified"] >= 1
+    # documents holding "<s>", "</s>", "<unk>" (and "zebra", an added token) went to HF
+    assert meta["build"]["documents_encoded_by_hf"] >= 9
+    assert meta["build"]["mb_per_s"] > 0 and meta["build"]["peak_rss_mb"] > 0
+    assert_same_cache(tmp_path / "sp", tmp_path / "hf")
+
+
+def test_the_cases_really_differ_without_the_stand_in_s_care(tokenizers):
+    """What the byte-identical caches above are worth: sentencepiece as saved would be wrong."""
+    text = "two  spaces and the quick brown fox jumps over the lazy dog"
+    assert sp_ids(tokenizers["shuffled"], text) != hf_ids(tokenizers["shuffled"], text)
+    assert sp_ids(tokenizers["plain"], "<s>") != hf_ids(tokenizers["plain"], "<s>")
+    assert sp_ids(tokenizers["added"], "zebra") != hf_ids(tokenizers["added"], "zebra")
+    assert sp_ids(tokenizers["collapsing"], "a  b") != hf_ids(tokenizers["collapsing"], "a  b")
+    text = "we take"  # "▁w", "e▁t", "a", "ke": the piece is used
+    assert hf_ids(tokenizers["crossing"], text) != hf_ids(tokenizers["shuffled"], text)
+
+
+def test_two_workers_build_the_same_sentencepiece_cache(tokenizers, corpus, tmp_path):
+    one = build(tmp_path / "one", tokenizers["shuffled"], corpus, num_proc=1)
+    two = build(tmp_path / "two", tokenizers["shuffled"], corpus, num_proc=2)
+    assert two["build"]["encoder"] == "sentencepiece"
+    assert two["build"]["peak_rss_mb_largest_child"] > 0
+    assert one["build"]["documents_encoded_by_hf"] == two["build"]["documents_encoded_by_hf"]
+    assert_same_cache(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_normaliser_sentencepiece_has_and_hf_lacks_falls_back_to_hf(
+    tokenizers, corpus, tmp_path, monkeypatch
+):
+    meta = build(tmp_path / "auto", tokenizers["collapsing"], corpus)
+    assert meta["build"]["encoder"] == "hf-fast"
+    assert "removes extra whitespace" in meta["build"]["encoder_reason"]
+    reference(tmp_path / "hf", tokenizers["collapsing"], corpus, monkeypatch)
+    assert_same_cache(tmp_path / "auto", tmp_path / "hf")
+
+
+real_stand_in = blocks._sentencepiece_stand_in
+
+
+def unpatched(tokenizer, folder):
+    """The stand-in without its rewritten scores: what a missed difference would look like."""
+    plan, _ = real_stand_in(tokenizer, folder)
+    return replace(plan, model=(folder / "tokenizer.model").read_bytes()), ""
+
+
+def test_a_difference_in_the_sample_falls_back_to_hf_and_says_so(
+    tokenizers, corpus, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(blocks, "_sentencepiece_stand_in", unpatched)
+    meta = build(tmp_path / "auto", tokenizers["shuffled"], corpus)
+    assert meta["build"]["encoder"] == "hf-fast"
+    assert "sentencepiece gave other ids for sample document" in meta["build"]["encoder_reason"]
+    reference(tmp_path / "hf", tokenizers["shuffled"], corpus, monkeypatch)
+    assert_same_cache(tmp_path / "auto", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_difference_in_a_verified_batch_stops_the_build_and_drops_its_shards(
+    num_proc, tokenizers, tmp_path, monkeypatch
+):
+    tokenizer = tokenizers["shuffled"]
+    corpus = tmp_path / "corpus.txt"
+    # Three batches of one-letter documents (one merge each: no order to get wrong), then text.
+    text = (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()[:40]
+    corpus.write_text("a\nI\n" * 12 + "\n".join(text), encoding="utf-8")
+    monkeypatch.setattr(blocks, "SAMPLE_DOCS", 0)
+    monkeypatch.setattr(blocks, "DOCS_PER_BATCH", 8)
+    monkeypatch.setattr(blocks, "VERIFY_EVERY", 3)
+    monkeypatch.setattr(blocks, "SHARD_BLOCKS", 1)
+    monkeypatch.setattr(blocks, "_sentencepiece_stand_in", unpatched)
+    saved = []
+    real_save = blocks._save_progress
+    monkeypatch.setattr(blocks, "_save_progress", lambda *a: saved.append(real_save(*a) or 1))
+    cache = tmp_path / "cache"
+    with pytest.raises(LowlmError, match="different ids for document .* of batch 3"):
+        build(cache, tokenizer, corpus, num_proc)
+    assert saved, "shards were written before the verified batch"
+    assert not list(cache.glob("*.bin")) and not (cache / "progress.json").exists()
+    assert (cache / blocks.MISMATCH_FILE).exists()
+
+    monkeypatch.setattr(blocks, "_sentencepiece_stand_in", real_stand_in)
+    meta = build(cache, tokenizer, corpus, num_proc)  # the rerun uses HF
+    assert meta["build"]["encoder"] == "hf-fast"
+    assert "an earlier build found sentencepiece wrong" in meta["build"]["encoder_reason"]
+    reference(tmp_path / "hf", tokenizer, corpus, monkeypatch)
+    assert_same_cache(cache, tmp_path / "hf")
+
+
+def test_byte_level_tokenizers_use_the_hf_backend_and_build_the_same_cache(
+    byte_base, corpus, tmp_path, monkeypatch
+):
+    meta = build(tmp_path / "auto", byte_base, corpus)
+    assert meta["build"]["encoder"] == "hf-fast"
+    assert "no tokenizer.model" in meta["build"]["encoder_reason"]
+    reference(tmp_path / "hf", byte_base, corpus, monkeypatch)
+    assert_same_cache(tmp_path / "auto", tmp_path / "hf")
+
+
+def test_documents_that_could_meet_a_trigger_go_to_hf(tokenizers):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers["added"])
+    plan, _ = blocks._sentencepiece_stand_in(tokenizer, tokenizers["added"])
+    prefix, suffix = blocks._special_frame(tokenizer)
+    encoder = blocks._Encoder(tokenizer, replace(plan, prefix=prefix, suffix=suffix))
+    docs = [
+        "plain text",
+        "a zebra",  # an added token
+        "zeb",  # half of it
+        "ra at the start",  # the other half: no trigger spans two documents
+        "\u2581leading",
+        "<s>",
+        "x</s>y",
+        "no <s at all",
+    ]
+    assert encoder.routed(docs) == [1, 4, 5, 6]
+    got, by_hf = encoder.sentencepiece(docs)
+    assert by_hf == 4 and got == tokenizer(docs)["input_ids"]
+
+
+def test_an_interrupted_sentencepiece_build_resumes_to_the_same_cache(
+    tokenizers, corpus, tmp_path, monkeypatch
+):
+    tokenizer = tokenizers["shuffled"]
+    monkeypatch.setattr(blocks, "SHARD_BLOCKS", 16)
+    monkeypatch.setattr(blocks, "DOCS_PER_BATCH", 32)
+    build(tmp_path / "whole", tokenizer, corpus)
+    real_save = blocks._save_progress
+    calls = {"n": 0}
+
+    def crash_after_three(*args):
+        real_save(*args)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(blocks, "_save_progress", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "resumed", tokenizer, corpus)
+    monkeypatch.setattr(blocks, "_save_progress", real_save)
+    meta = build(tmp_path / "resumed", tokenizer, corpus)
+    assert meta["build"]["resumed_at_document"] > 0
+    assert_same_cache(tmp_path / "whole", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("name", ["shuffled", "crossing", "added"])
+def test_random_text_gets_the_hf_ids(name, tokenizers):
+    """Runs of spaces and "▁", repeats, special tokens' text, characters beyond the model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers[name])
+    plan, _ = blocks._sentencepiece_stand_in(tokenizer, tokenizers[name])
+    prefix, suffix = blocks._special_frame(tokenizer)
+    encoder = blocks._Encoder(tokenizer, replace(plan, prefix=prefix, suffix=suffix))
+    rng = random.Random(2)
+    alphabet = [" ", "  ", "\u2581", "e", "t", "the", "we take", "ana", "zebra", "<s>", "\t"]
+    alphabet += ["\n", "1", "23", "é", "中文", "😀", "-", "--", ".", "None", "ab", "ba"]
+    docs = ["".join(rng.choices(alphabet, k=rng.randint(0, 30))) for _ in range(3000)]
+    got, _ = encoder.encode(docs)
+    assert got == tokenizer(docs)["input_ids"]
