@@ -120,6 +120,14 @@ def test_every_stage_is_done_after_run(pipeline):
         # bookkeeping: how a stage logs or saves is not what it computes
         ("pretrain.log_every=3", None),
         ("sft.save_every=7", None),
+        ("sft.packing=false", "sft"),
+        ("sft.quantize_base=4bit", "sft"),
+        ("pretrain.isolate_documents=true", "pretrain-stage1"),
+        # speed and memory switches compute the same thing: a run resumes across them
+        ("pretrain.gradient_checkpointing=true", None),
+        ("sft.compile=true", None),
+        ("sft.liger_kernel=true", None),
+        ("model.attn_implementation=eager", None),
     ],
 )
 def test_a_config_change_makes_exactly_its_stage_and_those_below_stale(pipeline, override, first):

@@ -45,6 +45,14 @@ class ModelConfig(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Weights dtype for loading and training."
     )
+    attn_implementation: (
+        Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] | None
+    ) = Field(
+        None,
+        description="Attention kernel for training and evaluation (default: the model's own, "
+        "sdpa for transformers models); flash_attention_2 needs the flash-attn package and a "
+        "CUDA GPU.",
+    )
 
 
 class DataConfig(Section):
@@ -159,6 +167,11 @@ class Stage2Config(Section):
     train_embeddings: Literal["all", "new", "none"] = Field(
         "all", description="Embedding and LM-head rows trained beside LoRA."
     )
+    quantize_base: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the frozen base in 4-bit NF4 (QLoRA) or 8-bit with bitsandbytes; "
+        "needs a CUDA GPU and the bitsandbytes package.",
+    )
 
 
 class FullConfig(Section):
@@ -187,6 +200,14 @@ class TrainingSection(Section):
         "weights and optimizer untouched) before the stage stops.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    compile: bool = Field(
+        False, description="torch.compile the model (accelerate's dynamo plugin, inductor)."
+    )
+    liger_kernel: bool = Field(
+        False,
+        description="Liger's fused kernels (RMSNorm, RoPE, SwiGLU, linear + cross-entropy "
+        "without the full logits); needs the liger-kernel package and a CUDA GPU.",
+    )
     save_every: int = Field(500, ge=1, description="Checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per stage.")
     eval_every: int = Field(200, ge=1, description="Validation loss every N steps.")
@@ -251,6 +272,11 @@ class SftLoraSection(LoraSection):
 
 
 class SftConfig(TrainingSection):
+    quantize_base: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the frozen base in 4-bit NF4 (QLoRA) or 8-bit with bitsandbytes; "
+        "needs a CUDA GPU and the bitsandbytes package.",
+    )
     eval_tasks: list[EvalTask] = Field(
         default_factory=list,
         description="Eval tasks scored every eval_every steps on the model being trained "
@@ -323,6 +349,12 @@ class FinetuneConfig(TrainingSection):
 
 class DpoConfig(TrainingSection):
     """Direct Preference Optimization of a LoRA adapter on {prompt, chosen, rejected} pairs."""
+
+    quantize_base: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the frozen base in 4-bit NF4 (QLoRA) or 8-bit with bitsandbytes; "
+        "needs a CUDA GPU and the bitsandbytes package.",
+    )
 
     data: list[str] = Field(
         default_factory=list, description="JSONL files (or HF dataset names) of preference pairs."

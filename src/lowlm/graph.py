@@ -42,6 +42,12 @@ _BOOKKEEPING = {
     "energy",
     "max_skipped_steps",  # only when to give up; a raised limit resumes the same run
     "eval_tasks",  # benchmark figures logged while training; the weights are the same
+    # Speed and memory switches: the same computation up to rounding, so a run resumes
+    # across them (e.g. gradient checkpointing turned on after an out-of-memory stop).
+    "gradient_checkpointing",
+    "compile",
+    "liger_kernel",
+    "attn_implementation",
 }
 _PRETRAIN_STAGES = {
     "pretrain-stage1": "stage1",
@@ -66,14 +72,14 @@ def _tokenize_config(c: LowlmConfig) -> dict:
         "config.run.seed": str(c.run.seed),
     }
     if c.tokenize.merge:  # the base's tokenizer is read only to merge into it
-        read["config.model"] = _dump(c.model, exclude={"dtype"})
+        read["config.model"] = _dump(c.model, exclude={"dtype"} | _BOOKKEEPING)
     return read
 
 
 def _resize_config(c: LowlmConfig) -> dict:
     return {
         "config.resize": _dump(c.resize),
-        "config.model": _dump(c.model),
+        "config.model": _dump(c.model, exclude=_BOOKKEEPING),
         "config.run.seed": str(c.run.seed),
     }
 
@@ -91,7 +97,7 @@ def _pretrain_config(name: str) -> Callable[[LowlmConfig], dict]:
                 c.pretrain, exclude={"stage1", "stage2", "full"} | _BOOKKEEPING
             ),
             f"config.pretrain.{own}": _dump(getattr(c.pretrain, own)),
-            "config.model": _dump(c.model),
+            "config.model": _dump(c.model, exclude=_BOOKKEEPING),
             "config.data": _dump(c.data),
             "config.run.seed": str(c.run.seed),
         }
@@ -102,14 +108,14 @@ def _pretrain_config(name: str) -> Callable[[LowlmConfig], dict]:
 def _export_config(c: LowlmConfig) -> dict:
     return {
         "config.export": _dump(c.export),
-        "config.model": _dump(c.model, exclude={"base", "tokenizer"}),
+        "config.model": _dump(c.model, exclude={"base", "tokenizer"} | _BOOKKEEPING),
     }
 
 
 def _sft_config(c: LowlmConfig) -> dict:
     return {
         "config.sft": _dump(c.sft, exclude=_BOOKKEEPING),
-        "config.model": _dump(c.model),
+        "config.model": _dump(c.model, exclude=_BOOKKEEPING),
         "config.data": _dump(c.data),
         "config.run.seed": str(c.run.seed),
     }
@@ -118,7 +124,7 @@ def _sft_config(c: LowlmConfig) -> dict:
 def _finetune_config(c: LowlmConfig) -> dict:
     return {
         "config.finetune": _dump(c.finetune, exclude=_BOOKKEEPING),
-        "config.model": _dump(c.model),
+        "config.model": _dump(c.model, exclude=_BOOKKEEPING),
         "config.run.seed": str(c.run.seed),
     }
 
@@ -126,13 +132,13 @@ def _finetune_config(c: LowlmConfig) -> dict:
 def _dpo_config(c: LowlmConfig) -> dict:
     return {
         "config.dpo": _dump(c.dpo, exclude=_BOOKKEEPING),
-        "config.model": _dump(c.model),
+        "config.model": _dump(c.model, exclude=_BOOKKEEPING),
         "config.run.seed": str(c.run.seed),
     }
 
 
 def _eval_config(c: LowlmConfig) -> dict:
-    return {"config.eval": _dump(c.eval), "config.model": _dump(c.model)}
+    return {"config.eval": _dump(c.eval), "config.model": _dump(c.model, exclude=_BOOKKEEPING)}
 
 
 # ----- what each stage reads from outside the run ---------------------------------------------

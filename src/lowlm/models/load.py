@@ -171,6 +171,57 @@ def load_merged(source: str | Path, model_config, dtype: torch.dtype | None = No
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
+def load_base_for_lora(source: str | Path, model_config, quantize: str, dtype=None):
+    """The frozen model a LoRA stage trains on: load_merged, or with `quantize` 4bit / 8bit
+    the whole model quantized by bitsandbytes (QLoRA: NF4 with double quantization, compute
+    in model.dtype), prepared with peft's prepare_model_for_kbit_training."""
+    if quantize == "none":
+        return load_merged(source, model_config, dtype)
+    if not torch.cuda.is_available():
+        raise LowlmError(
+            f"quantize_base {quantize} needs a CUDA GPU (bitsandbytes' kernels); set it to none "
+            "on this machine."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LowlmError(
+            f"quantize_base {quantize} needs the bitsandbytes package; pip install "
+            "bitsandbytes, or set it to none."
+        ) from None
+    folder = Path(source)
+    card = read_card(folder) if folder.is_dir() else None
+    if (card is not None and card["kind"] != "model") or folder.suffix == ".gguf":
+        what = f"a {card['kind']} over another model" if card else "a GGUF file"
+        raise LowlmError(
+            f"{source} is {what}; a quantized base must be a whole model in safetensors: run "
+            "`lowlm export` first (it writes the merged model), or set quantize_base: none."
+        )
+    from accelerate import PartialState
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = dtype if dtype is not None else resolve_load_dtype(model_config.dtype)
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source),
+        quantization_config=config,
+        dtype=compute,
+        device_map={"": PartialState().local_process_index},
+        trust_remote_code=model_config.trust_remote_code,
+    )
+    # Gradient checkpointing is the stage's own switch (training.session.speed_switches).
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def check_same_tokenizer(card: dict, other: dict | None, folder, other_folder) -> None:
     """Refuse to combine artifacts built for different tokenizers, saying which two differ."""
     if other is None:
@@ -280,6 +331,26 @@ def tokenizer_for(source: str | Path, model_config):
     return resolve_base_tokenizer(model_config).load_hf(model_config.trust_remote_code)
 
 
+def set_attention(model, name: str) -> None:
+    """Switch a loaded model's attention kernel (transformers' set_attn_implementation), or
+    stop in one line: the kernel is not installed / not supported here, or the model's own
+    attention code cannot switch."""
+    if model.config._attn_implementation == name:
+        return
+    if not model._can_set_attn_implementation():
+        raise LowlmError(
+            f"this model ({type(model).__name__}) has attention code of its own and cannot use "
+            f"model.attn_implementation {name}; leave it unset."
+        )
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise LowlmError(
+            f"model.attn_implementation {name} cannot be used here: {reason}"
+        ) from None
+
+
 def load_for_inference(source: str, model_config):
     """(model, tokenizer, card) ready to generate or score: adapters merged, on the GPU when
     there is one (in model.dtype, bf16 by default there), in eval mode. The tokenizer is the
@@ -291,6 +362,8 @@ def load_for_inference(source: str, model_config):
     )
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    if model_config.attn_implementation is not None:
+        set_attention(model, model_config.attn_implementation)
     check_vocab(model, tokenizer, str(source))
     if torch.cuda.is_available():
         model = model.to("cuda")

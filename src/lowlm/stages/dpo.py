@@ -32,7 +32,7 @@ from lowlm.errors import LowlmError
 from lowlm.graph import StageRun
 from lowlm.models.load import (
     check_vocab,
-    load_merged,
+    load_base_for_lora,
     model_identity,
     model_record,
     read_card,
@@ -212,7 +212,8 @@ def _work(run: StageRun, accelerator) -> dict:
         f"({dropped} dropped by max_length), template {template_name}, beta {cfg.beta}"
     )
     seed_everything(config.run.seed)
-    model = load_merged(source, config.model)  # the sft adapter: the reference weights
+    # the sft adapter folded in (the reference weights), or a quantized exported model (QLoRA)
+    model = load_base_for_lora(source, config.model, cfg.quantize_base)
     check_vocab(model, tokenizer, source)
     model = apply_lora(model, cfg.lora)
     plan = plan_from(cfg, cfg.steps, cfg.lr, config.run.seed, frozen_base=True)
@@ -241,6 +242,7 @@ def _work(run: StageRun, accelerator) -> dict:
         beta=cfg.beta,
         stage_key=run.key,
         report_to=config.run.report_to,
+        attn_implementation=config.model.attn_implementation,
         parent_key=model_identity(source),
     )
     if before:

@@ -278,6 +278,7 @@ def _work(run: StageRun, accelerator) -> dict:
             },
             stage_key=run.key,
             report_to=config.run.report_to,
+            attn_implementation=config.model.attn_implementation,
             parent_key=model_identity(source),
             trained_from=source,
             labels=labels,

@@ -24,7 +24,7 @@ from lowlm.errors import LowlmError
 from lowlm.graph import StageRun, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
-    load_merged,
+    load_base_for_lora,
     load_tokenizer,
     model_identity,
     model_record,
@@ -221,7 +221,9 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
 
     seed_everything(config.run.seed)
     dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
-    model = load_merged(parent, config.model, dtype)  # an adapter parent: folded in first
+    # An adapter parent is folded in first; stage 2 may load the base quantized (QLoRA).
+    quantize = cfg.stage2.quantize_base if stage == "2" else "none"
+    model = load_base_for_lora(parent, config.model, quantize, dtype)
     check_vocab(model, tokenizer, parent)
     new_ids = _new_token_ids(parent, tokenizer)
     after_backward = None
@@ -258,6 +260,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         trained_from=parent,
         stage_key=run.key,
         report_to=config.run.report_to,
+        attn_implementation=config.model.attn_implementation,
         periodic=periodic_eval(cfg.eval_tasks, tokenizer),
         parent_key=model_identity(parent),
     )

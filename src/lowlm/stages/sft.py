@@ -20,7 +20,7 @@ from lowlm.errors import LowlmError
 from lowlm.graph import StageRun, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
-    load_merged,
+    load_base_for_lora,
     model_identity,
     model_record,
     tokenizer_for,
@@ -95,7 +95,8 @@ def _work(run: StageRun, accelerator) -> dict:
         f"template {cfg.template}"
     )
     seed_everything(config.run.seed)
-    model = load_merged(source, config.model)  # tune on top of a merged adapter
+    # tune on top of a merged adapter, or on a quantized base (QLoRA)
+    model = load_base_for_lora(source, config.model, cfg.quantize_base)
     check_vocab(model, tokenizer, source)
     extra = {"modules_to_save": list(cfg.modules_to_save)} if cfg.modules_to_save else {}
     model = apply_lora(model, cfg.lora, **extra)
@@ -117,6 +118,7 @@ def _work(run: StageRun, accelerator) -> dict:
         append_input=cfg.append_input,
         stage_key=run.key,
         report_to=config.run.report_to,
+        attn_implementation=config.model.attn_implementation,
         periodic=periodic_eval(cfg.eval_tasks, tokenizer),
         parent_key=model_identity(source),
     )

@@ -182,6 +182,7 @@ def _save_checkpoint(
                 "step": step,
                 "world_size": accelerator.num_processes,
                 "distributed": str(accelerator.distributed_type),
+                "compiled": _compiled(model),
                 "format": CHECKPOINT_FORMAT,
                 **extra,
             },
@@ -196,6 +197,12 @@ def _save_checkpoint(
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _compiled(model) -> bool:
+    from accelerate.utils import is_compiled_module
+
+    return is_compiled_module(model)
 
 
 def _load_plain(path: Path):
@@ -230,6 +237,12 @@ def _load_checkpoint(accelerator, model, scheduler, checkpoint: Path) -> dict:
             f"{state['distributed']}, this run has {accelerator.num_processes} under "
             f"{accelerator.distributed_type}; resume with the same launch configuration "
             "(the global batch and the sharded state depend on it), or --no-resume."
+        )
+    if state.get("compiled", False) != _compiled(model):
+        was = "on" if state.get("compiled") else "off"
+        raise LowlmError(
+            f"{checkpoint} was written with compile {was} (its weight names differ); resume "
+            f"with compile {was}, or --no-resume."
         )
     from accelerate.utils import DistributedType
 

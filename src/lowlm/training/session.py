@@ -14,7 +14,7 @@ import yaml
 
 from lowlm.config import LoraSection, TrainingSection
 from lowlm.errors import LowlmError
-from lowlm.models.load import save_model_folder
+from lowlm.models.load import save_model_folder, set_attention
 from lowlm.rundir import atomic_dir
 from lowlm.training.energy import track_energy
 from lowlm.training.loop import TrainPlan, latest_checkpoint, train
@@ -22,8 +22,9 @@ from lowlm.training.loop import TrainPlan, latest_checkpoint, train
 TRACKING_FOLDER = "tracking"  # <run>/tracking/<stage>/ for trackers that write files
 
 
-def make_accelerator(dtype: str):
-    """bf16 / fp16 autocast from model.dtype (auto: bf16 on a GPU that has it, else fp32)."""
+def make_accelerator(dtype: str, compile: bool = False):
+    """bf16 / fp16 autocast from model.dtype (auto: bf16 on a GPU that has it, else fp32);
+    `compile`: accelerate compiles the model in prepare (inductor)."""
     from accelerate import Accelerator
 
     if dtype == "fp16" and not torch.cuda.is_available():
@@ -39,12 +40,21 @@ def make_accelerator(dtype: str):
     from accelerate.state import AcceleratorState
 
     shared = AcceleratorState._shared_state
-    if shared and str(shared.get("_mixed_precision", precision)) != precision:
-        # One process running several stages (lowlm run, tests) with different precisions:
-        # accelerate keeps its state per process, so start it afresh.
+    plugin = shared.get("dynamo_plugin")
+    compiled = plugin is not None and str(plugin.backend.value).lower() != "no"
+    if shared and (
+        str(shared.get("_mixed_precision", precision)) != precision or compiled != compile
+    ):
+        # One process running several stages (lowlm run, tests) with different precisions or
+        # compile settings: accelerate keeps its state per process, so start it afresh.
         AcceleratorState._reset_state()
     # cpu=True without CUDA: otherwise accelerate ignores torchrun's ranks on such a machine.
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # dynamo_backend None leaves an `accelerate config` choice in force.
+    return Accelerator(
+        mixed_precision=precision,
+        cpu=not torch.cuda.is_available(),
+        dynamo_backend="inductor" if compile else None,
+    )
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -175,6 +185,7 @@ def train_and_save(
     loss_fn: Callable | None = None,
     files: Callable[[], dict[str, str]] | None = None,
     periodic: Callable[[object], dict] | None = None,
+    attn_implementation: str | None = None,
     **card: object,
 ) -> tuple[dict, dict, dict | None]:
     """Train, then (main process) write `folder`: the weights of `kind`, the tokenizer, the card,
@@ -183,8 +194,7 @@ def train_and_save(
 
     The loop's scalars also go to the trackers of `report_to` (default: the run's
     run.report_to; `folder` is <run>/<stage>)."""
-    if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    speed_switches(model, section, attn_implementation)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     work = folder.with_name(f".{folder.name}.train")  # checkpoints and log while training
     if report_to is None:
@@ -238,12 +248,49 @@ def train_and_save(
     return metrics, energy, saved
 
 
+def speed_switches(model, section: TrainingSection, attn_implementation: str | None) -> None:
+    """The attention kernel (model.attn_implementation), gradient checkpointing and Liger's
+    kernels, set on the model before training; each refuses in one line where this machine or
+    model cannot honour it (instead of training silently without it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if attn_implementation is not None:
+        set_attention(base, attn_implementation)
+    if section.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if section.liger_kernel:
+        if not torch.cuda.is_available():
+            raise LowlmError(
+                "liger_kernel needs a CUDA GPU (its kernels are Triton); turn it off here."
+            )
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            raise LowlmError(
+                "liger_kernel is on but the liger-kernel package is not installed; pip install "
+                "liger-kernel, or turn it off."
+            ) from None
+        # transformers' own Trainer calls the same function for use_liger_kernel.
+        _apply_liger_kernel_to_instance(model=base)
+
+
+_SECTIONS = {
+    "pretrain-stage1": "pretrain",
+    "pretrain-stage2": "pretrain",
+    "pretrain-full": "pretrain",
+    "sft": "sft",
+    "dpo": "dpo",
+    "finetune": "finetune",
+}
+
+
 def run_training_stage(config, name: str, work, force: bool = False, resume: bool = True):
     """A training stage through the stage skeleton: its accelerator (precision from
-    model.dtype) built first, every rank working, `work(run, accelerator)` doing the stage."""
+    model.dtype, compile from the stage's section) built first, every rank working,
+    `work(run, accelerator)` doing the stage."""
     from lowlm.graph import execute
 
-    accelerator = make_accelerator(config.model.dtype)
+    section = getattr(config, _SECTIONS[name])
+    accelerator = make_accelerator(config.model.dtype, section.compile)
     return execute(
         config,
         name,

@@ -1,0 +1,79 @@
+"""Memory and speed switches: each trains where this machine supports it, and refuses in one
+line where it does not (rather than training silently without it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowlm.cli import app
+from lowlm.config import load_config
+from lowlm.stages import init, sft, tokenize
+from lowlm.training.session import make_accelerator
+
+from .conftest import DEMO, pipeline_config
+
+runner = CliRunner()
+
+
+def _sft_config(write_config, **sft_fields):
+    return write_config(
+        **pipeline_config(
+            None,
+            init={"size": "tiny"},
+            sft={
+                "data": [str(DEMO / "instructions.jsonl")],
+                "steps": 2,
+                "max_length": 64,
+                "lora": {"r": 2, "alpha": 4},
+                "energy": {"enabled": False},
+                **sft_fields,
+            },
+        )
+    )
+
+
+@pytest.fixture
+def prepared(write_config):
+    def make(**sft_fields):
+        path = _sft_config(write_config, **sft_fields)
+        config = load_config(path)
+        tokenize.run(config)
+        init.run(config)
+        return path
+
+    return make
+
+
+def test_eager_attention_and_gradient_checkpointing_train_packed_sft(prepared):
+    path = prepared(gradient_checkpointing=True)
+    config = load_config(path, ["model.attn_implementation=eager"])
+    metrics = sft.run(config)
+    assert metrics["packed_blocks"] >= 1 and metrics["loss"] is not None
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "model.attn_implementation=flash_attention_2",
+            "model.attn_implementation flash_attention_2 cannot be used here",
+        ),
+        ("sft.liger_kernel=true", "liger_kernel needs a CUDA GPU"),
+        ("sft.quantize_base=4bit", "quantize_base 4bit needs a CUDA GPU"),
+    ],
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals of a machine without CUDA")
+def test_a_switch_this_machine_cannot_honour_stops_in_one_line(prepared, override, expected):
+    path = prepared()
+    result = runner.invoke(app, ["sft", str(path), "--set", override])
+    assert result.exit_code == 1
+    assert expected in result.output and "Traceback" not in result.output
+
+
+def test_compile_asks_accelerate_for_inductor_and_is_reset_between_stages():
+    compiled = make_accelerator("fp32", compile=True)
+    assert str(compiled.state.dynamo_plugin.backend.value).lower() == "inductor"
+    plain = make_accelerator("fp32", compile=False)
+    assert str(plain.state.dynamo_plugin.backend.value).lower() == "no"
