@@ -3,9 +3,12 @@
 Runs offline on the bundled demo text with a from-scratch TTL-160m-shaped Llama (no model
 download): full pre-training in bf16, LoRA stage 2 on the result, packed SFT, a SIGKILL and
 resume, export parity, and eval (bits per character, and multiple-choice scores with and
-without the shared-prefix cache). Each line gives the check, ok / FAIL / not built, and
-tokens/s, MFU and peak GPU memory where they apply. `--smoke` runs the same checks with a
-tiny model and a few steps (on a CPU too), to test the script itself.
+without the shared-prefix cache); then stage 2 under each switch (attention kernels, gradient
+checkpointing, compile, liger, QLoRA 4-bit, isolated documents), packed-document isolation
+under each kernel, and FSDP2 through accelerate on the one device. Each line gives the
+check, ok / FAIL / skipped, and tokens/s, MFU and peak GPU memory where they apply.
+`--smoke` runs the same checks with a tiny model and a few steps (on a CPU too), to test
+the script itself.
 
     scripts/gpu_check.sh            # on the GPU machine (≤ 8 minutes on one H200)
     .venv/bin/python scripts/gpu_check.py --smoke
@@ -55,6 +58,12 @@ def lowlm(*args: str, check: bool = True, env: dict | None = None) -> subprocess
 
 def manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())["stages"]
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 def write(path: Path, data: dict) -> Path:
@@ -240,8 +249,98 @@ def main() -> None:
     except Exception as exc:
         say("eval prefix cache", "FAIL", note=str(exc)[:200])
 
-    for check in ("attention kernels (sdpa/flash)", "QLoRA (4-bit base)"):
-        say(check, "not built", note="switch not in lowlm yet (issue 13)")
+    # 5. the switches: each attention kernel, compile, liger, QLoRA; the same short stage 2
+    #    run on the exported model, with tokens/s and memory for each
+    cuda = torch.cuda.is_available()
+    variants = [
+        ("stage 2 eager attention", ["--set", "model.attn_implementation=eager"], None),
+        ("stage 2 sdpa attention", ["--set", "model.attn_implementation=sdpa"], None),
+        (
+            "stage 2 flash_attention_2",
+            ["--set", "model.attn_implementation=flash_attention_2"],
+            "flash_attn",
+        ),
+        ("stage 2 grad checkpointing", ["--set", "pretrain.gradient_checkpointing=true"], None),
+        ("stage 2 compile", ["--set", "pretrain.compile=true"], None),
+        ("stage 2 liger kernel", ["--set", "pretrain.liger_kernel=true"], "liger_kernel"),
+        ("stage 2 QLoRA 4-bit", ["--set", "pretrain.stage2.quantize_base=4bit"], "bitsandbytes"),
+        (
+            "stage 2 isolated docs",
+            ["--set", "pretrain.isolate_documents=true"],
+            None,
+        ),
+    ]
+    for index, (check, overrides, package) in enumerate(variants):
+        if package is not None and (not cuda or not _installed(package)):
+            say(check, "skipped", note=f"needs CUDA and {package}")
+            continue
+        variant = dict(tuned, run={"name": f"switch-{index}", "root": str(root)})
+        path = write(work / f"switch-{index}.yaml", variant)
+        try:
+            lowlm("pretrain", "--stage", "2", str(path), *overrides)
+            metrics = manifest(root / f"switch-{index}")["pretrain-stage2"]["metrics"]
+            say(check, "ok", metrics, f"loss {metrics.get('loss', float('nan')):.3f}")
+        except Exception as exc:
+            say(check, "FAIL", note=str(exc)[:200])
+
+    # 6. packed documents stay apart under each kernel on this device (bf16 tolerance)
+    try:
+        from lowlm.training.loop import check_isolation
+
+        kernels = ["sdpa", "eager"] + (["flash_attention_2"] if _installed("flash_attn") else [])
+        for kernel in kernels:
+            model = load_pretrained(str(exported), dtype=torch.bfloat16 if cuda else torch.float32)
+            model.set_attn_implementation(kernel)
+            model = model.to("cuda" if cuda else "cpu")
+            check_isolation(model, model.config.vocab_size, model.device, precise=not cuda)
+            say(f"packed isolation {kernel}", "ok")
+    except Exception as exc:
+        say("packed isolation", "FAIL", note=str(exc)[:200])
+
+    # 7. FSDP2 through accelerate on this one device: train, checkpoint, resume, save
+    if cuda and shutil.which("accelerate", path=str(Path(sys.executable).parent)):
+        fsdp = dict(base, run={"name": "fsdp", "root": str(root)})
+        fsdp_path = write(work / "fsdp.yaml", fsdp)
+        launch = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
+            "--num_processes",
+            "1",
+            "-m",
+            "lowlm.cli",
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        try:
+            lowlm("tokenize", str(fsdp_path))
+            lowlm("init", str(fsdp_path))
+            result = subprocess.run(
+                [*launch, "pretrain", "--stage", "full", str(fsdp_path)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr.strip().splitlines()[-1])
+            metrics = manifest(root / "fsdp")["pretrain-full"]["metrics"]
+            whole = manifest(root / "scratch")["pretrain-full"]["metrics"]
+            close = abs(metrics["loss"] - whole["loss"]) < 0.05
+            lowlm("export", str(fsdp_path))  # the saved model loads and merges
+            say(
+                "FSDP2 (1 process) full",
+                "ok" if close else "FAIL",
+                metrics,
+                f"loss {metrics['loss']:.3f} vs DDP-free {whole['loss']:.3f}",
+            )
+        except Exception as exc:
+            say("FSDP2 (1 process) full", "FAIL", note=str(exc)[:200])
+    else:
+        say("FSDP2 (1 process) full", "skipped", note="needs CUDA and accelerate")
+
+    goal = manifest(root / "scratch")["pretrain-full"]["metrics"].get("mfu")
+    if goal is not None and cuda:
+        say("goal: MFU >= 35%", "ok" if goal >= 0.35 else "not met", note=f"{100 * goal:.1f}%")
 
     if args.out:
         out = Path(args.out)
