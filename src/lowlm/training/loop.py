@@ -600,6 +600,10 @@ def train(
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_token * tokens_per_s / peak,
             }
+            if accelerator.device.type == "cuda":
+                last["peak_gpu_memory_gb"] = (
+                    torch.cuda.max_memory_allocated(accelerator.device) / 1e9
+                )
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             window_steps = 0
             if done % plan.eval_every == 0 or done == plan.steps:
@@ -612,7 +616,17 @@ def train(
                     handle.write(json.dumps({**last, "time": round(time.time(), 3)}) + "\n")
                 accelerator.log(_scalars(last), step=done)  # the trackers of run.report_to
                 shown = "-" if last["loss"] is None else f"{last['loss']:.4f}"
-                progress.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}")
+                shown_memory = (
+                    {"mem": f"{last['peak_gpu_memory_gb']:.1f}GB"}
+                    if "peak_gpu_memory_gb" in last
+                    else {}
+                )
+                progress.set_postfix(
+                    loss=shown,
+                    tok_s=f"{tokens_per_s:,.0f}",
+                    mfu=f"{100 * last['mfu']:.1f}%",
+                    **shown_memory,
+                )
                 progress.write(
                     " ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
