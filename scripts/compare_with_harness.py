@@ -113,6 +113,12 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 5])
     parser.add_argument("--limit", type=int, default=10, help="questions a subject (0: all)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="weights dtype, the same for both (bf16: AMX / GPU tensor cores)",
+    )
     parser.add_argument("--harness-venv", default=str(REPO / ".venv-harness"))
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
@@ -137,7 +143,7 @@ def main() -> None:
             yaml.safe_dump(
                 {
                     "run": {"name": f"lowlm-{shots}shot", "root": str(work)},
-                    "model": {"base": str(model), "dtype": "fp32"},
+                    "model": {"base": str(model), "dtype": args.dtype},
                     "eval": {"model": str(model), "tasks": [task], "batch_size": args.batch_size},
                 }
             )
@@ -161,7 +167,7 @@ def main() -> None:
             "--model",
             "hf",
             "--model_args",
-            f"pretrained={model},dtype=float32",
+            f"pretrained={model},dtype={'bfloat16' if args.dtype == 'bf16' else 'float32'}",
             "--tasks",
             ",".join(task_names),
             "--include_path",
@@ -189,7 +195,7 @@ def main() -> None:
         agree = sum(theirs[k] == our_predictions[k] for k in shared)
         harness_acc = sum(theirs[k] == targets[k] for k in shared) / len(shared)
         print(
-            f"\n== MMLU, {shots}-shot, {len(shared)} questions "
+            f"\n== MMLU, {shots}-shot, {args.dtype}, {len(shared)} questions "
             f"({len(our_predictions)} scored by lowlm, {len(theirs)} by the harness) =="
         )
         print(f"prediction agreement: {agree}/{len(shared)} = {agree / len(shared):.2%}")

@@ -27,14 +27,16 @@ def _has_cuda() -> bool:
 
 
 @contextlib.contextmanager
-def track_energy(enabled: bool, country_iso_code: str, output_dir: Path) -> Iterator[dict]:
+def track_energy(
+    enabled: bool, country_iso_code: str, output_dir: Path, section: str = "pretrain"
+) -> Iterator[dict]:
     """Yield a dict that holds kWh, kg CO2 and the method once the block ends.
 
     When codecarbon cannot run, the dict says so and why; no figure is invented.
     """
     record: dict = {"measured": False}
     if not enabled:
-        record["reason"] = "disabled by pretrain.energy.enabled: false"
+        record["reason"] = f"disabled by {section}.energy.enabled: false"
         yield record
         return
     tracker = None

@@ -206,6 +206,7 @@ def train_and_save(
             section.energy.enabled and accelerator.is_main_process,
             section.energy.country_iso_code,
             work,
+            _SECTIONS.get(folder.name, "pretrain"),
         ) as energy:
             metrics, prepared = train(
                 accelerator,
