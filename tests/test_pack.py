@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,7 +93,22 @@ def tokenizers(tmp_path_factory, sp_base) -> dict[str, Path]:
     collapsing.CopyFrom(proto)
     collapsing.normalizer_spec.remove_extra_whitespaces = True
     made["collapsing"] = sp_folder(root, "collapsing", collapsing)
+    made["entangled"] = entangled_folder(root, made["plain"])
     return made
+
+
+def entangled_folder(root: Path, plain: Path) -> Path:
+    """HF merges where two pieces' merges interleave (A, B, A), as when an older converter
+    ranked merges by score and pieces tied: neither piece has one place in HF's order."""
+    folder = root / "entangled"
+    shutil.copytree(plain, folder)
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    merges = data["model"]["merges"]
+    products = ["".join(merge) for merge in merges]
+    i = next(i for i in range(len(merges) - 2) if products[i] == products[i + 1] != products[i + 2])
+    merges.insert(i + 2, merges.pop(i + 1))
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return folder
 
 
 def build(folder: Path, tokenizer: Path, corpus: Path, num_proc: int = 1) -> dict:
@@ -132,7 +148,7 @@ def sp_ids(tokenizer: Path, text: str) -> list[int]:
     return processor.encode(text, add_bos=True)
 
 
-@pytest.mark.parametrize("name", ["plain", "shuffled", "added", "crossing"])
+@pytest.mark.parametrize("name", ["plain", "shuffled", "added", "crossing", "entangled"])
 def test_sentencepiece_cache_is_byte_identical_to_the_hf_one(
     name, tokenizers, corpus, tmp_path, monkeypatch
 ):
@@ -288,7 +304,7 @@ def test_an_interrupted_sentencepiece_build_resumes_to_the_same_cache(
     assert_same_cache(tmp_path / "whole", tmp_path / "resumed")
 
 
-@pytest.mark.parametrize("name", ["shuffled", "crossing", "added"])
+@pytest.mark.parametrize("name", ["shuffled", "crossing", "added", "entangled"])
 def test_random_text_gets_the_hf_ids(name, tokenizers):
     """Runs of spaces and "▁", repeats, special tokens' text, characters beyond the model."""
     from transformers import AutoTokenizer
@@ -303,3 +319,16 @@ def test_random_text_gets_the_hf_ids(name, tokenizers):
     docs = ["".join(rng.choices(alphabet, k=rng.randint(0, 30))) for _ in range(3000)]
     got, _ = encoder.encode(docs)
     assert got == tokenizer(docs)["input_ids"]
+
+
+def test_pieces_whose_merges_interleave_are_triggers(tokenizers):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers["entangled"])
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    products = ["".join(merge) for merge in merges]
+    i = next(i for i in range(len(products) - 2) if products[i] == products[i + 2])
+    assert products[i] != products[i + 1]  # the edit is what HF loaded: A, B, A
+    plan, _ = blocks._sentencepiece_stand_in(tokenizer, tokenizers["entangled"])
+    encoder = blocks._Encoder(tokenizer, plan)
+    assert encoder.routed([products[i], products[i + 1], "zzz"]) == [0, 1]

@@ -57,6 +57,9 @@ VERIFY_EVERY = 32
 MISMATCH_FILE = "sentencepiece-mismatch.json"
 # Words' ids kept per worker process (a few tens of MB; emptied when full).
 SEGMENT_CACHE = 100_000
+# More texts than this that send documents to HF (a regex scans every batch for them), and
+# the HF tokenizer encodes the whole build.
+MAX_TRIGGERS = 256
 
 # SentencePiece piece types (sentencepiece_model.proto).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -92,8 +95,9 @@ def cache_key(
 # 2. Priority: sentencepiece ranks a pair by its piece's score, HF by its merge's rank.
 #    transformers 5 orders merges by piece id, not score (Mistral's and Llama's whitespace
 #    pieces score -1e9 but have small ids: runs of spaces tokenise differently), so the
-#    model that encodes gets a copy of the scores rewritten to HF's order of pieces (each
-#    piece's merges must be contiguous in HF's list; scores stay exact in float32). Between
+#    model that encodes gets a copy of the scores rewritten to HF's order of pieces (by their
+#    first merge; scores stay exact in float32; pieces whose merges interleave with another
+#    piece's in HF's list have no one place in it and are triggers). Between
 #    pieces the orders are then the same and strict. Within one piece HF ranks its splits
 #    while sentencepiece cannot, but that never matters: a pair of symbols spanning a
 #    piece's text was formed by merges inside that text alone, in an order fixed by the
@@ -226,18 +230,14 @@ def _sentencepiece_stand_in(tokenizer, folder: Path) -> tuple[EncoderPlan, str] 
 
     kind = dict(zip(pieces, types, strict=True))
     byte_pieces = {p for p, t in kind.items() if t == _BYTE}
-    order: dict[str, int] = {}  # piece -> position of its merges in HF's list
-    last = None
-    for left, right in merges:
+    span: dict[str, list[int]] = {}  # piece -> ranks of its first and last merge in HF's list
+    for rank, (left, right) in enumerate(merges):
         if left in byte_pieces or right in byte_pieces:
             return "tokenizer.json merges byte-fallback pieces"
-        piece = left + right
-        if piece != last:
-            if piece in order:
-                return "tokenizer.json's merges of one piece are not contiguous"
-            order[piece] = len(order)
-            last = piece
-    triggers = {content for content in _added_texts(tokenizer)}
+        span.setdefault(left + right, [rank, rank])[1] = rank
+    order = {piece: position for position, piece in enumerate(span)}  # by first merge
+    triggers = _entangled(span)  # pieces without one place in HF's order
+    triggers.update(_added_texts(tokenizer))
     triggers.update(p for p, t in kind.items() if t == _USER_DEFINED)
     triggers.update(p for p in order if kind.get(p) != _NORMAL)
     merge_set = set(merges)
@@ -254,6 +254,10 @@ def _sentencepiece_stand_in(tokenizer, folder: Path) -> tuple[EncoderPlan, str] 
                 break
     if "" in triggers:
         return "the HF tokenizer has an empty added token"
+    if len(triggers) <= 16 * MAX_TRIGGERS:  # else too many to sort out (quadratic)
+        triggers = _shortest(triggers)
+    if len(triggers) > MAX_TRIGGERS:
+        return f"{len(triggers)} trigger strings would route documents to HF (most: {MAX_TRIGGERS})"
     unreachable = -float(len(order) + 1)
     for piece in proto.pieces:
         if piece.type == _NORMAL and len(piece.piece) > 1:
@@ -279,6 +283,34 @@ def _sentencepiece_stand_in(tokenizer, folder: Path) -> tuple[EncoderPlan, str] 
     )
     note = f"{len(triggers)} trigger strings route documents to HF"
     return plan, note + (", ids cached per word" if words else "")
+
+
+def _entangled(span: dict[str, list[int]]) -> set[str]:
+    """Pieces whose merges interleave in HF's list with another piece's (older converters
+    ranked merges by score, and pieces of equal score interleave): their priority against
+    each other depends on which split is merging, so documents holding them go to HF."""
+    entangled: set[str] = set()
+    group: list[str] = []
+    reach = -1
+    for piece, (first, last) in span.items():  # in the order of their first merge
+        if first > reach:
+            if len(group) > 1:
+                entangled.update(group)
+            group = []
+        group.append(piece)
+        reach = max(reach, last)
+    if len(group) > 1:
+        entangled.update(group)
+    return entangled
+
+
+def _shortest(triggers: set[str]) -> set[str]:
+    """The triggers no shorter trigger is part of (a text holding one holds the other)."""
+    kept: list[str] = []
+    for trigger in sorted(triggers, key=len):
+        if not any(other in trigger for other in kept):
+            kept.append(trigger)
+    return set(kept)
 
 
 def _in_triggers(ch: str, triggers: set[str]) -> bool:
