@@ -261,3 +261,18 @@ def test_real_mistral_merge_reaches_1_6_chinese_chars_per_token(write_config):
     assert heldout["after"]["chars_per_token"] >= 1.6
     assert report["texts"]["en"]["lines_changed"] == 0
     assert report["fast_vs_sentencepiece_mismatches"] == 0
+
+
+def test_trained_sentencepiece_has_only_the_user_symbols_asked_for(tmp_path):
+    """sentencepiece reads user_defined_symbols=None as the piece "None"."""
+    from lowlm.config import TokenizeConfig
+    from lowlm.tokenization.sentencepiece_merge import train_sentencepiece
+
+    def user_pieces(name: str, symbols: list[str]) -> list[str]:
+        config = TokenizeConfig(vocab_size=1500, num_threads=1, user_defined_symbols=symbols)
+        model = train_sentencepiece(DEMO / "zh-tw.txt", tmp_path / name, config)
+        user_defined = 4  # sentencepiece's ModelProto.SentencePiece.USER_DEFINED
+        return [p.piece for p in load_proto(model).pieces if p.type == user_defined]
+
+    assert user_pieces("plain", []) == []
+    assert user_pieces("asked", ["<tw>"]) == ["<tw>"]

@@ -48,6 +48,11 @@ def is_wanted_piece(text: str, scripts: regex.Pattern) -> bool:
 def train_sentencepiece(lines_file: Path, output_prefix: Path, cfg: TokenizeConfig) -> Path:
     """Train a SentencePiece model on a one-sentence-per-line file; returns the .model path."""
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    # sentencepiece turns a None keyword into the string "None" (a user-defined piece that
+    # would swallow the word None): pass the option only when there are symbols.
+    symbols = (
+        {"user_defined_symbols": list(cfg.user_defined_symbols)} if cfg.user_defined_symbols else {}
+    )
     try:
         spm.SentencePieceTrainer.train(
             input=str(lines_file),
@@ -61,7 +66,7 @@ def train_sentencepiece(lines_file: Path, output_prefix: Path, cfg: TokenizeConf
             input_sentence_size=cfg.input_sentence_size,
             shuffle_input_sentence=cfg.shuffle_input_sentence,
             num_threads=cfg.num_threads or _cpu_count(),
-            user_defined_symbols=cfg.user_defined_symbols or None,
+            **symbols,
             # Llama-style: no normalisation, so merged pieces mean exactly what they say.
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
