@@ -163,17 +163,37 @@ def test_packing_keeps_every_label(sp_tokenizer):
     examples, _ = build_examples(conversations, Template("alpaca", sp_tokenizer), 256)
     blocks = pack(examples, 256)
     assert len(blocks) < len(examples) and all(len(b["input_ids"]) <= 256 for b in blocks)
-    # Every label an example trains alone (the model shifts: its first token is never a target).
-    alone = np.concatenate([np.concatenate(([IGNORE], e["labels"][1:])) for e in examples])
-    assert np.array_equal(np.concatenate([b["labels"] for b in blocks]), alone)
-    assert np.array_equal(
-        np.concatenate([b["position_ids"] for b in blocks]),
-        np.concatenate([np.arange(len(e["input_ids"])) for e in examples]),
-    )
-    assert np.array_equal(
-        np.concatenate([b["input_ids"] for b in blocks]),
-        np.concatenate([e["input_ids"] for e in examples]),
-    )
+
+    def pieces(ids, labels, positions):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        return [
+            (tuple(ids[a:b]), tuple(labels[a:b]), tuple(positions[a:b]))
+            for a, b in zip(starts, starts[1:], strict=False)
+        ]
+
+    packed = [
+        piece for b in blocks for piece in pieces(b["input_ids"], b["labels"], b["position_ids"])
+    ]
+    # Every example once, whole, at its own positions, with every label it trains alone
+    # (the model shifts: its first token is never a target).
+    alone = [
+        (
+            tuple(e["input_ids"]),
+            (IGNORE, *e["labels"][1:]),
+            tuple(range(len(e["input_ids"]))),
+        )
+        for e in examples
+    ]
+    assert sorted(packed) == sorted(alone)
+
+
+def test_packing_fills_blocks_tightly():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(512, rng.lognormal(5.3, 0.6, 400).astype(int) + 1)
+    examples = [{"input_ids": np.ones(n, int), "labels": np.ones(n, int)} for n in lengths]
+    blocks = pack(examples, 512)
+    assert all(len(b["input_ids"]) <= 512 for b in blocks)
+    assert lengths.sum() / (len(blocks) * 512) > 0.95  # in-order greedy packing gave ~0.8
 
 
 def test_invalid_records_are_counted_with_file_and_line(tmp_path):

@@ -70,28 +70,37 @@ def build_examples(
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
-    """Concatenate whole examples into blocks of at most max_length tokens, in order.
+    """Put whole examples into blocks of at most max_length tokens, filling them tightly.
 
-    Each block carries `position_ids` that restart at 0 at every example, so the training
-    loop keeps the examples of a block apart (each attends only to itself) and each is
-    trained exactly as it would be alone: the same targets, the same positions. The first
-    token of an example is never a target (alone, nothing precedes it).
+    Longest first, each into the block with the most room left (worst-fit decreasing, a heap:
+    O(n log n) for millions of examples); in-order greedy packing left about a fifth of each
+    block as padding on mixed-length data. Each block carries `position_ids` that restart at
+    0 at every example, so the training loop keeps the examples of a block apart (each
+    attends only to itself) and each is trained exactly as it would be alone: the same
+    targets, the same positions. The first token of an example is never a target (alone,
+    nothing precedes it). The loop shuffles blocks, so their order here does not matter.
     """
-    blocks, rows, length = [], [], 0
+    import heapq
 
-    def close() -> None:
-        ids = np.concatenate([r["input_ids"] for r in rows])
-        labels = np.concatenate([r["labels"] for r in rows])
-        positions = np.concatenate([np.arange(len(r["input_ids"])) for r in rows])
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    members: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (-tokens left, block index): the roomiest on top
+    for index in order:
+        size = len(examples[index]["input_ids"])
+        if room and -room[0][0] >= size:
+            left, block = heapq.heappop(room)
+            members[block].append(index)
+            heapq.heappush(room, (left + size, block))
+        else:
+            members.append([index])
+            heapq.heappush(room, (-(max_length - size), len(members) - 1))
+    blocks = []
+    for rows in members:
+        rows.sort()  # the examples' own order inside a block
+        chosen = [examples[i] for i in rows]
+        labels = np.concatenate([e["labels"] for e in chosen])
+        positions = np.concatenate([np.arange(len(e["input_ids"])) for e in chosen])
         labels[positions == 0] = IGNORE
+        ids = np.concatenate([e["input_ids"] for e in chosen])
         blocks.append({"input_ids": ids, "labels": labels, "position_ids": positions})
-
-    for example in examples:
-        if rows and length + len(example["input_ids"]) > max_length:
-            close()
-            rows, length = [], 0
-        rows.append(example)
-        length += len(example["input_ids"])
-    if rows:
-        close()
     return blocks
