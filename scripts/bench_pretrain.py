@@ -13,42 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 import yaml
+from _bench_common import PeakRss
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class PeakRss:
-    """Samples this process's resident memory in a thread; reports the growth over the start."""
-
-    def __init__(self):
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def make_model(args, vocab_size: int):

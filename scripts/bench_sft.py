@@ -78,19 +78,17 @@ import os
 import random
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 import yaml
+from _bench_common import PeakRss, smollm2_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
-ASSETS = Path.home() / ".cache" / "lowlm-assets"
 CACHE = Path.home() / ".cache" / "lowlm"
 VARIANTS = ("trainer", "lowlm", "trainer-grouped", "lowlm-packed")
 TARGET = 1.2
@@ -117,33 +115,6 @@ ZH_WITH_INPUT = [
     "請把下面這段說明擴寫成完整的教學。",
     "閱讀以下文字，並補充相關的操作說明。",
 ]
-
-
-class PeakRss:
-    """Samples this process's resident memory in a thread; reports the growth over the start."""
-
-    def __init__(self):
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 @dataclass
@@ -192,24 +163,6 @@ def timed(
 
 
 # ----- model and data --------------------------------------------------------------------------
-
-
-def smollm2_folder(cache: Path) -> Path:
-    """The asset SmolLM2-135M (GGUF) as a dense HF folder (as scripts/compare_with_harness.py)."""
-    folder = cache / "smollm2-135m-hf"
-    if (folder / "model.safetensors").exists():
-        return folder
-    from transformers import AutoTokenizer
-
-    from lowlm.models.load import load_pretrained
-    from lowlm.tokenization.base import _gguf_tokenizer_folder
-
-    gguf = ASSETS / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.exists():
-        sys.exit(f"{gguf} is missing: run ../shared/tools/get-assets, pass --model, or --tiny.")
-    load_pretrained(str(gguf)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(_gguf_tokenizer_folder(gguf)).save_pretrained(folder)
-    return folder
 
 
 def tiny_folder(folder: Path, max_length: int) -> Path:
@@ -616,7 +569,9 @@ def main() -> None:
         if args.tiny:
             folder = tiny_folder(work / "tiny", args.max_length)
         else:
-            folder = Path(args.model) if args.model else smollm2_folder(CACHE)
+            folder = (
+                Path(args.model) if args.model else smollm2_folder(CACHE, "pass --model, or --tiny")
+            )
         records, examples, tokenizer, truncated = prepare_data(args, folder, work, count)
         from lowlm.data.sft_examples import pack
 

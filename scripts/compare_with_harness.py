@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _bench_common import smollm2_folder
 
 ASSETS = Path.home() / ".cache" / "lowlm-assets"
 REPO = Path(__file__).resolve().parents[1]
@@ -47,24 +48,6 @@ def ensure_harness(venv: Path) -> Path:
     subprocess.run([*pip, "torch==2.13.0"], check=True)
     subprocess.run([*pip, "lm-eval[hf]", "transformers", "accelerate"], check=True)
     return lm_eval
-
-
-def smollm2_folder(cache: Path) -> Path:
-    """The asset SmolLM2-135M (GGUF) as a dense HF folder both tools can load."""
-    folder = cache / "smollm2-135m-hf"
-    if (folder / "model.safetensors").exists():
-        return folder
-    from transformers import AutoTokenizer
-
-    from lowlm.models.load import load_pretrained
-    from lowlm.tokenization.base import _gguf_tokenizer_folder
-
-    gguf = ASSETS / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.exists():
-        sys.exit(f"{gguf} is missing: run ../shared/tools/get-assets, or pass --model.")
-    load_pretrained(str(gguf)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(_gguf_tokenizer_folder(gguf)).save_pretrained(folder)
-    return folder
 
 
 def write_tasks(folder: Path, mmlu: Path) -> list[str]:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -205,21 +206,23 @@ def _compiled(model) -> bool:
     return is_compiled_module(model)
 
 
+def _refuse_unpickling(path: Path, exc: Exception) -> LowlmError:
+    return LowlmError(
+        f"{path} holds objects that only unpickling code could restore ({str(exc)[:120]}); "
+        "lowlm will not run it. Start the stage over with --no-resume."
+    )
+
+
 def _load_plain(path: Path):
     """torch.load with weights_only=True: tensors and plain values, never code. A checkpoint
     that needs unpickling beyond that (a copied or tampered run directory, or one written by
     an older lowlm) is refused, not executed."""
-    import pickle
-
     from accelerate.utils import load
 
     try:
         return load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise LowlmError(
-            f"{path} holds objects that only unpickling code could restore ({str(exc)[:120]}); "
-            "lowlm will not run it. Start the stage over with --no-resume."
-        ) from None
+        raise _refuse_unpickling(path, exc) from None
 
 
 def _load_checkpoint(accelerator, model, scheduler, checkpoint: Path) -> dict:
@@ -263,15 +266,10 @@ def _load_checkpoint(accelerator, model, scheduler, checkpoint: Path) -> dict:
         options["strict"] = False  # the frozen weights are not in it, on purpose
     # accelerate swallows an RNG file it cannot load; check it here so a tampered one stops.
     _load_plain(checkpoint / f"random_states_{accelerator.process_index}.pkl")
-    import pickle
-
-    try:
+    try:  # accelerate loads with weights_only=True too
         accelerator.load_state(str(checkpoint), **options)
     except pickle.UnpicklingError as exc:
-        raise LowlmError(
-            f"{checkpoint} holds objects that only unpickling code could restore "
-            f"({str(exc)[:120]}); lowlm will not run it. Start the stage over with --no-resume."
-        ) from None
+        raise _refuse_unpickling(checkpoint, exc) from None
     scheduler.load_state_dict(_load_plain(checkpoint / "scheduler.pt"))
     return state
 
