@@ -93,10 +93,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(
+needs_torchrun = pytest.mark.skipif(
     shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
     reason="torchrun is not installed beside this Python",
 )
+
+
+def two_ranks(*args: str) -> subprocess.CompletedProcess:
+    """`lowlm ARGS` under torchrun with two gloo processes on this CPU."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    return subprocess.run(
+        [*command, "-m", "lowlm.cli", *args], env=ENV, capture_output=True, text=True, timeout=300
+    )
+
+
+@needs_torchrun
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     one = make_run(tmp_path, "one", full={"steps": 12, "lr": 3e-3}, batch_size=4, log_every=4)
     two = make_run(tmp_path, "two", full={"steps": 12, "lr": 3e-3}, batch_size=2, log_every=4)
@@ -106,24 +118,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     ]
     assert tokenizers[0] == tokenizers[1]
     pretrain.run(load_config(one))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "lowlm.cli",
-            "pretrain",
-            str(two),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = two_ranks("pretrain", str(two))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "runs" / "two" / "manifest.json").read_text())
     assert record["stages"]["pretrain-full"]["metrics"]["world_size"] == 2
@@ -132,10 +127,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-4)
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-    reason="torchrun is not installed beside this Python",
-)
+@needs_torchrun
 def test_lowlm_run_under_two_ranks_builds_every_stage_once(tmp_path):
     """tokenize and init run on the main rank while the other waits; stage 1 of a from-scratch
     model does not exist, so full then export; no rank races ahead of a stage's record."""
@@ -148,15 +140,7 @@ def test_lowlm_run_under_two_ranks_builds_every_stage_once(tmp_path):
     raw["tokenize"]["num_threads"] = 1
     path = tmp_path / "ranks.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    result = subprocess.run(
-        [*command, "-m", "lowlm.cli", "run", str(path)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = two_ranks("run", str(path))
     assert result.returncode == 0, result.stderr[-3000:]
     stages = json.loads((tmp_path / "runs" / "ranks" / "manifest.json").read_text())["stages"]
     expected = ["tokenize", "init", "pretrain-stage2", "pretrain-full", "export"]
@@ -226,10 +210,7 @@ def _last_loss(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / stage / "log.jsonl").read_text().splitlines()[-1])
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-    reason="torchrun is not installed beside this Python",
-)
+@needs_torchrun
 def test_lora_stage2_and_packed_sft_train_the_same_on_two_ranks_as_on_one(tmp_path):
     """The same global batch split over two gloo ranks: the same losses, the same adapters.
     SFT's packed blocks hold unequal numbers of target tokens, so this also checks that the
@@ -239,15 +220,7 @@ def test_lora_stage2_and_packed_sft_train_the_same_on_two_ranks_as_on_one(tmp_pa
     subprocess.run(
         [sys.executable, "-m", "lowlm.cli", "run", str(one)], env=ENV, check=True, timeout=300
     )
-    torchrun = Path(sys.executable).parent / "torchrun"
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    result = subprocess.run(
-        [*command, "-m", "lowlm.cli", "run", str(two)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = two_ranks("run", str(two))
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("pretrain-stage2", "sft"):
         a = _last_loss(tmp_path / "runs" / "one", stage)
@@ -300,3 +273,28 @@ def test_lora_stage2_and_sft_resumed_from_a_checkpoint_match_the_whole_run(tmp_p
             torch.testing.assert_close(tensor, finished[key], atol=1e-6, rtol=0)
         if stage == "pretrain-stage2":
             export.run(config)  # sft tunes the merged model
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"format": 1}, "written by an older lowlm in another layout"),
+        ({"world_size": 2}, "resume with the same launch configuration"),
+        ({"compiled": True}, "was written with compile on"),
+    ],
+)
+def test_a_checkpoint_from_another_setup_is_refused_before_training(tmp_path, edit, message):
+    path = make_run(tmp_path, "other", full={"steps": 4}, save_every=2)
+    config = load_config(path)
+    pretrain.run(config, resume=False)
+    work = tmp_path / "runs" / "other"
+    target = work / ".pretrain-full.train" / "checkpoints"
+    shutil.copytree(work / "pretrain-full" / "checkpoints", target)
+    for checkpoint in target.iterdir():
+        state = json.loads((checkpoint / "state.json").read_text())
+        (checkpoint / "state.json").write_text(json.dumps({**state, **edit}))
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"]["pretrain-full"]["status"] = "failed"  # as if it had been killed
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LowlmError, match=message):
+        pretrain.run(config)
