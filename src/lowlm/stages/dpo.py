@@ -38,7 +38,7 @@ from lowlm.models.load import (
     read_card,
     tokenizer_for,
 )
-from lowlm.training.loop import seed_everything
+from lowlm.training.loop import seed_everything, to_device
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGE = "dpo"
@@ -93,9 +93,9 @@ def collate_pairs(pad_id: int):
             labels[i, : len(row_labels)] = torch.as_tensor(row_labels)
             mask[i, : len(row_ids)] = 1
         return {
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-            "labels": labels.to(device),
+            "input_ids": to_device(ids, device),
+            "attention_mask": to_device(mask, device),
+            "labels": to_device(labels, device),
         }
 
     return collate

@@ -33,7 +33,7 @@ from lowlm.models.load import (
     read_card,
     tokenizer_for,
 )
-from lowlm.training.loop import seed_everything
+from lowlm.training.loop import seed_everything, to_device
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGE = "finetune"
@@ -140,9 +140,9 @@ def collate_labels(pad_id: int):
             mask[i, : len(e["input_ids"])] = 1
         labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         return {
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-            "labels": labels.to(device),
+            "input_ids": to_device(ids, device),
+            "attention_mask": to_device(mask, device),
+            "labels": to_device(labels, device),
         }
 
     return collate

@@ -274,6 +274,16 @@ def _load_checkpoint(accelerator, model, scheduler, checkpoint: Path) -> dict:
     return state
 
 
+def to_device(data, device) -> torch.Tensor:
+    """A host array or tensor on the training device. To a GPU it is copied from pinned memory
+    without blocking: a copy from pageable memory waits until the GPU has finished the work
+    queued before it, a host sync per batch."""
+    tensor = torch.as_tensor(data)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _collate(examples: Sequence[dict], device) -> dict[str, torch.Tensor]:
     """Stack examples; unequal lengths are right-padded (labels -100).
 
@@ -287,10 +297,7 @@ def _collate(examples: Sequence[dict], device) -> dict[str, torch.Tensor]:
     packed = "position_ids" in examples[0]
     keys = ("input_ids", "labels", "position_ids") if packed else ("input_ids", "labels")
     if all(len(e["input_ids"]) == length for e in examples):
-        batch = {
-            key: torch.as_tensor(np.stack([e[key] for e in examples]), device=device)
-            for key in keys
-        }
+        batch = {key: to_device(np.stack([e[key] for e in examples]), device) for key in keys}
         batch["num_tokens"] = len(examples) * length
         return batch
     input_ids = np.zeros((len(examples), length), dtype=np.int64)
@@ -306,14 +313,14 @@ def _collate(examples: Sequence[dict], device) -> dict[str, torch.Tensor]:
             positions[row, :size] = example["position_ids"]
             positions[row, size:] = np.arange(length - size)
     batch = {
-        "input_ids": torch.as_tensor(input_ids, device=device),
-        "labels": torch.as_tensor(labels, device=device),
+        "input_ids": to_device(input_ids, device),
+        "labels": to_device(labels, device),
         "num_tokens": int(attention.sum()),
     }
     if packed:
-        batch["position_ids"] = torch.as_tensor(positions, device=device)
+        batch["position_ids"] = to_device(positions, device)
     else:
-        batch["attention_mask"] = torch.as_tensor(attention, device=device)
+        batch["attention_mask"] = to_device(attention, device)
     return batch
 
 
@@ -406,6 +413,111 @@ def evaluate(accelerator, model, eval_data, plan: TrainPlan) -> float | None:
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
+UPDATED, SKIPPED, OVERFLOW = 0, 1, 2  # what an optimizer step did
+
+
+class _Ledger:
+    """What the optimizer steps did, kept on the device and read back in one host sync at
+    logging and checkpoint steps (every step only where the update itself needs the host to
+    decide: fp16 loss scaling, DeepSpeed, devices without a fused AdamW).
+
+    Each step records its outcome (UPDATED, SKIPPED by the numeric guard, or an fp16 loss-scale
+    OVERFLOW), its loss (the mean over ranks) and its tokens; `read` turns them into the
+    window's figures, writes a log line per skipped step, and stops the stage when
+    max_skipped_steps steps in a row were skipped."""
+
+    def __init__(self, device, plan: TrainPlan, folder: Path, main: bool, skipped: int):
+        self.sums = torch.zeros(3, device=device)  # loss, tokens, updated steps
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.plan, self.folder, self.main = plan, folder, main
+        self.skipped, self.in_a_row, self.overflows = skipped, 0, 0
+        self.tokens_seen = 0
+        self.window_loss, self.window_tokens, self.window_steps = 0.0, 0, 0
+
+    def record(self, step: int, outcome: torch.Tensor, loss: torch.Tensor, tokens) -> None:
+        updated = outcome == UPDATED
+        self.sums += torch.where(updated, torch.stack([loss, tokens, torch.ones_like(loss)]), 0)
+        self.pending.append((step, outcome))
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        values = torch.cat([self.sums, torch.stack([o for _, o in self.pending])]).tolist()
+        self.sums.zero_()
+        self.window_loss += values[0]
+        self.window_tokens += int(values[1])
+        self.tokens_seen += int(values[1])
+        self.window_steps += int(values[2])
+        steps = [step for step, _ in self.pending]
+        self.pending = []
+        for step, outcome in zip(steps, values[3:], strict=True):
+            if outcome == OVERFLOW:  # routine while the fp16 loss scale settles
+                self.overflows += 1
+            elif outcome == SKIPPED:
+                self.skipped += 1
+                self.in_a_row += 1
+                if self.main:
+                    with (self.folder / "log.jsonl").open("a", encoding="utf-8") as handle:
+                        handle.write(json.dumps({"step": step, "skipped": "non-finite"}) + "\n")
+                if self.in_a_row >= self.plan.max_skipped_steps:
+                    saved = latest_checkpoint(self.folder)
+                    kept = (
+                        f"the last good checkpoint is {saved}"
+                        if saved
+                        else "no checkpoint was written yet"
+                    )
+                    raise LowlmError(
+                        f"the loss or gradient norm was non-finite for {self.in_a_row} steps in "
+                        f"a row (steps {step - self.in_a_row + 1}-{step}, each skipped); {kept}. "
+                        "Lower the learning rate, use bf16 or fp32 instead of fp16, or check the "
+                        "data."
+                    )
+            else:
+                self.in_a_row = 0
+
+    def take_window(self) -> tuple[float | None, int]:
+        """The mean loss of the window's updated steps (None when every step was skipped) and
+        its tokens; starts the next window."""
+        loss = self.window_loss / self.window_steps if self.window_steps else None
+        tokens = self.window_tokens
+        self.window_loss, self.window_tokens, self.window_steps = 0.0, 0, 0
+        return loss, tokens
+
+
+def _fused_adamw(accelerator) -> bool:
+    """torch's fused AdamW: one kernel per parameter group (on CPU about 4x faster than the
+    foreach one), and it takes a `found_inf` flag that skips the update on the device. Not
+    under DeepSpeed, whose engine steps the optimizer itself."""
+    from accelerate.utils import DistributedType
+
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # a private helper: fall back to the devices every release supports
+        devices = ["cpu", "cuda"]
+    return (
+        accelerator.distributed_type != DistributedType.DEEPSPEED
+        and accelerator.device.type in devices
+    )
+
+
+def _match_fused(optimizer, fused: bool) -> None:
+    """load_state_dict copies the saved param groups' flags in: a checkpoint of a lowlm that
+    used the foreach AdamW would turn the fused one off. Set the flag back and put the step
+    counters where that implementation keeps them."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for group in inner.param_groups:
+        if bool(group.get("fused")) == fused:
+            continue
+        group["fused"], group["foreach"] = fused, None
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                where = param.device if fused else "cpu"
+                state["step"] = state["step"].to(where, torch.float32)
+
+
 def train(
     accelerator,
     model,
@@ -439,8 +551,13 @@ def train(
         raise LowlmError("the stage has no trainable parameter; check its configuration.")
     for param in trainable:  # trainable weights stay fp32 whatever the model's dtype
         param.data = param.data.float()
+    fused = _fused_adamw(accelerator)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, plan.weight_decay), lr=plan.lr, betas=(0.9, 0.95), eps=1e-8
+        _param_groups(model, plan.weight_decay),
+        lr=plan.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=fused or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, plan))
     precise = all(p.dtype == torch.float32 for p in model.parameters())
@@ -465,6 +582,7 @@ def train(
         accelerator.print(f"no checkpoint in {folder / 'checkpoints'}; starting from step 0.")
     if checkpoint is not None:
         restored = _load_checkpoint(accelerator, model, scheduler, checkpoint)
+        _match_fused(optimizer, fused)
         start_step, tokens_seen = restored["step"], restored.get("tokens", 0)
         accelerator.print(f"resuming from {checkpoint} at step {start_step}.")
     elif accelerator.is_main_process:
@@ -483,8 +601,7 @@ def train(
     peak = _peak_flops(accelerator.device, plan.peak_tflops, matmul_dtype) * world
     log_path = folder / "log.jsonl"
 
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    window_steps = 0
+    window_start = time.perf_counter()
     last = {}
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -495,9 +612,21 @@ def train(
         desc=folder.name.strip(".").removesuffix(".train"),
         dynamic_ncols=True,
     )
-    skipped = restored.get("skipped", 0) if checkpoint is not None else 0
-    in_a_row, overflows = 0, 0
+    ledger = _Ledger(
+        accelerator.device,
+        plan,
+        folder,
+        accelerator.is_main_process,
+        restored.get("skipped", 0) if checkpoint is not None else 0,
+    )
+    ledger.tokens_seen = tokens_seen
     scaler = getattr(accelerator, "scaler", None)  # fp16 only
+    # The numeric guard on the device: the fused AdamW skips the update when any rank's loss
+    # or gradient norm is non-finite, so the host reads nothing until the next logging step.
+    # The schedule then advances on a skipped step too (the lr follows the step number).
+    # fp16's GradScaler and DeepSpeed decide on the host, so there the ledger is read every step.
+    on_device = fused and scaler is None
+    inner = getattr(optimizer, "optimizer", optimizer)
     for step in range(start_step, plan.steps):
         step_loss = torch.zeros((), device=accelerator.device)
         step_tokens = torch.zeros((), device=accelerator.device)
@@ -539,62 +668,57 @@ def train(
             after_backward()
         grad_norm = accelerator.clip_grad_norm_(trainable, plan.max_grad_norm)
         norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0).to(step_loss)
-        bad_loss = (~torch.isfinite(step_loss)).float()
-        bad_norm = (~torch.isfinite(norm)).float()
-        # One reduction and one host sync per step: loss, tokens, and whether any rank's loss
-        # or gradient norm is non-finite (then every rank skips the update together).
+        # One reduction: loss, tokens, and whether any rank's loss or gradient norm is
+        # non-finite (then every rank skips the update together).
         loss_sum, tokens, bad_losses, bad_norms = accelerator.reduce(
-            torch.stack([torch.nan_to_num(step_loss), step_tokens.float(), bad_loss, bad_norm]),
+            torch.stack(
+                [
+                    torch.nan_to_num(step_loss),
+                    step_tokens.float(),
+                    (~torch.isfinite(step_loss)).float(),
+                    (~torch.isfinite(norm)).float(),
+                ]
+            ),
             "sum",
-        ).tolist()
+        )
         done = step + 1
         progress.update(1)
-        if bad_losses == 0 and bad_norms > 0 and scaler is not None:
-            # fp16 loss scaling overflowed: routine while the scale settles. The wrapped
-            # optimizer's step lets the GradScaler skip the update and lower the scale.
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            overflows += 1
-        elif bad_losses > 0 or bad_norms > 0:
-            # Numeric guard: weights and optimizer state stay as they were before this step.
-            optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            in_a_row += 1
-            if accelerator.is_main_process:
-                with log_path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"step": done, "skipped": "non-finite"}) + "\n")
-            if in_a_row >= plan.max_skipped_steps:
-                saved = latest_checkpoint(folder)
-                kept = (
-                    f"the last good checkpoint is {saved}"
-                    if saved
-                    else "no checkpoint was written yet"
-                )
-                raise LowlmError(
-                    f"the loss or gradient norm was non-finite for {in_a_row} steps in a row "
-                    f"(steps {done - in_a_row + 1}-{done}, each skipped); {kept}. Lower the "
-                    "learning rate, use bf16 or fp32 instead of fp16, or check the data."
-                )
-        else:
-            in_a_row = 0
+        if on_device:
+            outcome = ((bad_losses + bad_norms) > 0).long() * SKIPPED
+            inner.found_inf = outcome.float()
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window_loss += loss_sum / world
-            window_tokens += int(tokens)
-            tokens_seen += int(tokens)
-            window_steps += 1
+        else:
+            bad_loss, bad_norm = torch.stack([bad_losses, bad_norms]).tolist()  # a host sync
+            if bad_loss == 0 and bad_norm > 0 and scaler is not None:
+                # fp16 loss scaling overflowed. The wrapped optimizer's step lets the
+                # GradScaler skip the update and lower the scale.
+                optimizer.step()
+                outcome = torch.tensor(OVERFLOW)
+            elif bad_loss > 0 or bad_norm > 0:
+                # Numeric guard: weights and optimizer state stay as they were.
+                outcome = torch.tensor(SKIPPED)
+            else:
+                optimizer.step()
+                scheduler.step()
+                outcome = torch.tensor(UPDATED)
+        optimizer.zero_grad(set_to_none=True)
+        ledger.record(done, outcome.to(loss_sum.device), loss_sum / world, tokens)
+        log_now = done % plan.log_every == 0 or done == plan.steps
+        if not on_device or log_now or done % plan.save_every == 0:
+            ledger.read()  # the host sync
 
-        if done % plan.log_every == 0 or done == plan.steps:
+        if log_now:
             seconds = time.perf_counter() - window_start
+            # loss is None when every step of the window was skipped by the numeric guard.
+            window_loss, window_tokens = ledger.take_window()
             tokens_per_s = window_tokens / seconds
             last = {
                 "step": done,
-                # None when every step of the window was skipped by the numeric guard.
-                "loss": window_loss / window_steps if window_steps else None,
+                "loss": window_loss,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": _finite_or_none(grad_norm),
-                "skipped_steps": skipped,
+                "skipped_steps": ledger.skipped,
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_token * tokens_per_s / peak,
             }
@@ -602,8 +726,7 @@ def train(
                 last["peak_gpu_memory_gb"] = (
                     torch.cuda.max_memory_allocated(accelerator.device) / 1e9
                 )
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            window_steps = 0
+            window_start = time.perf_counter()
             if done % plan.eval_every == 0 or done == plan.steps:
                 eval_loss = evaluate(accelerator, model, eval_data, plan)
                 if eval_loss is not None and math.isfinite(eval_loss):
@@ -649,7 +772,7 @@ def train(
                 done,
                 folder,
                 plan.keep_checkpoints,
-                {"loss": last.get("loss"), "tokens": tokens_seen, "skipped": skipped},
+                {"loss": last.get("loss"), "tokens": ledger.tokens_seen, "skipped": ledger.skipped},
             )
     progress.close()
     hook.remove()
@@ -659,13 +782,13 @@ def train(
         accelerator.print(f"{folder.name}: already at step {plan.steps}.")
     final = {k: v for k, v in last.items() if k != "step"}
     final["steps"] = plan.steps
-    final["tokens"] = tokens_seen
+    final["tokens"] = ledger.tokens_seen
     final["world_size"] = world
     if accelerator.device.type == "cuda":
         final["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
-    final["skipped_steps"] = skipped
+    final["skipped_steps"] = ledger.skipped
     if scaler is not None:
-        final["fp16_overflow_steps"] = overflows
+        final["fp16_overflow_steps"] = ledger.overflows
     return final, model
 
 

@@ -1,0 +1,101 @@
+"""The training loop reads the device once per logging step, and its two ways of applying the
+numeric guard (on the device through the fused AdamW, on the host where the update needs it)
+skip the same steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowlm.config import load_config
+from lowlm.stages import pretrain
+from lowlm.training import loop
+
+from .test_model_stages import _bad_gradient_norms, prepared
+from .test_resume_and_distributed import make_run
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+LOOP_STEP_CODE = {"train", "record", "read", "take_window", "_finite_or_none"}
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Record each read of a tensor's value by the training loop's step code (not by the
+    evaluation or the model, whose reads are the library's)."""
+    seen: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename == loop.__file__ and caller.f_code.co_name in (
+                LOOP_STEP_CODE
+            ):
+                seen.append(f"{caller.f_code.co_name}:{_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return seen
+
+
+def test_the_loop_reads_the_device_only_at_logging_steps(write_config, monkeypatch):
+    config = prepared(
+        write_config,
+        None,
+        init={"size": "tiny"},
+        pretrain={"full": {"steps": 8}, "log_every": 4, "eval_every": 100, "save_every": 100},
+    )
+    seen = _count_host_reads(monkeypatch)
+    metrics = pretrain.run(config)["full"]
+    assert metrics["steps"] == 8 and metrics["loss"] is not None
+    # Two logging steps, each one read of the step ledger and the gradient norm's value; the
+    # loop before read loss, tokens and the guard's flags at every step.
+    assert sorted(seen) == ["_finite_or_none:__float__"] * 2 + ["read:tolist"] * 2
+
+
+def test_the_host_guard_skips_the_same_step_as_the_device_one(write_config, monkeypatch):
+    """Where the update cannot take a device flag (fp16 loss scaling, DeepSpeed), the host
+    decides each step: a non-finite step is skipped and counted the same way."""
+    monkeypatch.setattr(loop, "_fused_adamw", lambda accelerator: False)
+    config = prepared(write_config, None, init={"size": "tiny"}, pretrain={"full": {"steps": 5}})
+    seen: list = []
+    _bad_gradient_norms(monkeypatch, {3}, seen)
+    metrics = pretrain.run(config)["full"]
+    assert metrics["skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3], strict=True))
+    log = [json.loads(line) for line in (config.run_dir / "pretrain-full" / "log.jsonl").open()]
+    assert {"step": 3, "skipped": "non-finite"} in log
+
+
+def test_a_checkpoint_of_the_foreach_adamw_resumes_on_the_fused_one(tmp_path, monkeypatch):
+    """A checkpoint written before the loop used the fused AdamW holds param groups that would
+    turn it off (and the device guard with it): resuming one continues the run as if whole."""
+    settings = dict(full={"steps": 6}, save_every=3, log_every=3)
+    whole = load_config(make_run(tmp_path, "whole", **settings))
+    pretrain.run(whole)
+    older = load_config(make_run(tmp_path, "older", **settings))
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "_fused_adamw", lambda accelerator: False)
+        pretrain.run(older)
+    work = tmp_path / "runs" / "older"
+    target = work / ".pretrain-full.train" / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(work / "pretrain-full" / "checkpoints" / "step-3", target / "step-3")
+    shutil.rmtree(work / "pretrain-full")
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"]["pretrain-full"]["status"] = "failed"  # as if it had been killed
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    metrics = pretrain.run(older)["full"]
+    assert metrics["loss"] == pytest.approx(pretrain_loss(tmp_path, "whole"), abs=1e-5)
+    expected = load_file(str(tmp_path / "runs" / "whole" / "pretrain-full" / "model.safetensors"))
+    for key, tensor in load_file(str(work / "pretrain-full" / "model.safetensors")).items():
+        torch.testing.assert_close(tensor, expected[key], atol=1e-5, rtol=0)
+
+
+def pretrain_loss(tmp_path, name: str) -> float:
+    lines = (tmp_path / "runs" / name / "pretrain-full" / "log.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["loss"]
