@@ -5,7 +5,8 @@ download): full pre-training in bf16, LoRA stage 2 on the result, packed SFT, a 
 resume, export parity, and eval (bits per character, and multiple-choice scores with and
 without the shared-prefix cache); then stage 2 under each switch (attention kernels, gradient
 checkpointing, compile, liger, QLoRA 4-bit, isolated documents), packed-document isolation
-under each kernel, and FSDP2 through accelerate on the one device. Each line gives the
+under each kernel, FSDP2 through accelerate on the one device, and the host syncs the
+training loop makes (torch's sync debug mode). Each line gives the
 check, ok / FAIL / skipped, and tokens/s, MFU and peak GPU memory where they apply.
 `--smoke` runs the same checks with a tiny model and a few steps (on a CPU too), to test
 the script itself.
@@ -69,6 +70,64 @@ def _installed(package: str) -> bool:
 def write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def _count_syncs(work: Path) -> tuple[str, dict, str]:
+    """Train a small Llama 20 steps (log every 10) under torch.cuda.set_sync_debug_mode("warn")
+    and count the synchronizing calls made from lowlm's training loop, and from elsewhere."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO / "src"))
+    from lowlm.training import loop
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+    )
+    rng = np.random.default_rng(0)
+    data = [
+        {"input_ids": ids, "labels": ids}
+        for ids in rng.integers(0, 4096, (64, 256), dtype=np.int64)
+    ]
+    plan = loop.TrainPlan(
+        steps=20, lr=1e-3, batch_size=8, log_every=10, eval_every=10**9, save_every=10**9
+    )
+    accelerator = Accelerator(mixed_precision="bf16")
+    loop.train(accelerator, model, data[:8], None, replace_plan(plan, steps=2), work / "warm")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.train(accelerator, model, data, None, plan, work / "syncs")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    ours = [w for w in syncs if Path(w.filename).resolve() == Path(loop.__file__).resolve()]
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in ours})
+    status = "ok" if len(ours) <= 2 * 2 else "FAIL"  # two logging steps
+    note = (
+        f"{len(ours)} in lowlm's loop over 20 steps ({', '.join(where) or 'none'}), "
+        f"{len(syncs) - len(ours)} elsewhere"
+    )
+    return status, {}, note
+
+
+def replace_plan(plan, **changes):
+    from dataclasses import replace
+
+    return replace(plan, **changes)
 
 
 def main() -> None:
@@ -337,6 +396,16 @@ def main() -> None:
             say("FSDP2 (1 process) full", "FAIL", note=str(exc)[:200])
     else:
         say("FSDP2 (1 process) full", "skipped", note="needs CUDA and accelerate")
+
+    # 8. host syncs: the loop reads the device at logging steps only (torch's sync debug mode
+    #    warns at every synchronizing call; those made by lowlm's loop are counted)
+    if cuda:
+        try:
+            say("host syncs per step", *_count_syncs(work))
+        except Exception as exc:
+            say("host syncs per step", "FAIL", note=str(exc)[:200])
+    else:
+        say("host syncs per step", "skipped", note="needs CUDA")
 
     goal = manifest(root / "scratch")["pretrain-full"]["metrics"].get("mfu")
     if goal is not None and cuda:
