@@ -24,8 +24,8 @@ Fairness rules:
   modules; peft's get_peft_model for both); same batch size, max_length, learning rate, AdamW
   betas (0.9, 0.95), warmup, cosine to 10% of the peak, weight decay 0, clipping 1.0, seed,
   precision (--dtype; fp32 default), no gradient checkpointing, one process, the same torch
-  threads. The optimizer implementation is each tool's default (Trainer: adamw_torch_fused;
-  lowlm: torch.optim.AdamW), as a user of each would get it.
+  threads. The optimizer is each tool's default, torch's fused AdamW for both (Trainer:
+  adamw_torch_fused; lowlm: fused where the device has the kernel).
 - Same tokens: the examples are built once with lowlm's Template + build_examples (the
   stage's own code, same tokenizer, template and truncation); Trainer is fed exactly those
   input_ids / labels, and the instrumented lowlm runs check that the stage trained on the same
