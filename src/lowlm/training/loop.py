@@ -427,7 +427,9 @@ class _Ledger:
     max_skipped_steps steps in a row were skipped."""
 
     def __init__(self, device, plan: TrainPlan, folder: Path, main: bool, skipped: int):
-        self.sums = torch.zeros(3, device=device)  # loss, tokens, updated steps
+        # loss, tokens, updated steps; float64 keeps a window's token count exact past 2**24
+        wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        self.sums = torch.zeros(3, device=device, dtype=wide)
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.plan, self.folder, self.main = plan, folder, main
         self.skipped, self.in_a_row, self.overflows = skipped, 0, 0
@@ -436,13 +438,15 @@ class _Ledger:
 
     def record(self, step: int, outcome: torch.Tensor, loss: torch.Tensor, tokens) -> None:
         updated = outcome == UPDATED
-        self.sums += torch.where(updated, torch.stack([loss, tokens, torch.ones_like(loss)]), 0)
+        figures = torch.stack([loss, tokens, torch.ones_like(loss)]).to(self.sums.dtype)
+        self.sums += torch.where(updated, figures, 0)
         self.pending.append((step, outcome))
 
     def read(self) -> None:
         if not self.pending:
             return
-        values = torch.cat([self.sums, torch.stack([o for _, o in self.pending])]).tolist()
+        outcomes = torch.stack([o for _, o in self.pending]).to(self.sums.dtype)
+        values = torch.cat([self.sums, outcomes]).tolist()
         self.sums.zero_()
         self.window_loss += values[0]
         self.window_tokens += int(values[1])
