@@ -2,6 +2,8 @@
 memory for a SentencePiece tokenizer (Mistral's) and a byte-level one (SmolLM2's), with 1 and 2
 processes, against the old path (blocks.py as it was before the sentencepiece encoder: every
 batch through the HF fast tokenizer, packed through Python lists), in the same invocation.
+With --ranks 1,2 the new path also runs under `accelerate launch` with two gloo processes on
+this CPU (every rank encodes a share, the main rank merges; the old path has no such mode).
 
 Every build runs in a fresh process, so its peak resident memory (getrusage) is its own; new
 and old builds alternate so that load on the machine falls on both. Besides MB/s (wall clock)
@@ -13,6 +15,7 @@ drawn at random, up to the chosen size.
     .venv/bin/python scripts/bench_pack.py --mb 64                  # quick
     .venv/bin/python scripts/bench_pack.py --mb 64 256 --skip-old   # peak memory at two sizes
     .venv/bin/python scripts/bench_pack.py                           # 1 GB
+    .venv/bin/python scripts/bench_pack.py --mb 16 --procs 1 --ranks 1,2 --skip-old
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -119,7 +123,8 @@ def old_blocks(work: Path, ref: str | None) -> Path | None:
 
 
 def child(spec: dict) -> None:
-    """One build in this fresh process; prints its figures as a JSON line."""
+    """One build in this fresh process (or in each rank of a launch, whose main rank prints
+    the figures of all); prints its figures as a JSON line."""
     import resource
 
     from lowlm.config import DataConfig
@@ -135,8 +140,17 @@ def child(spec: dict) -> None:
     from transformers import AutoTokenizer  # imported before the clock starts, as for both
 
     del AutoTokenizer
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        from accelerate import PartialState
+
+        PartialState(cpu=True)  # the gloo process group, as `lowlm pretrain` has it
     folder = Path(spec["folder"])
-    shutil.rmtree(folder, ignore_errors=True)
+    if dist is None or dist.get_rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    if dist is not None:
+        dist.barrier()
 
     def cpu_seconds() -> float:
         own = resource.getrusage(resource.RUSAGE_SELF)
@@ -156,13 +170,28 @@ def child(spec: dict) -> None:
     )
     seconds = time.perf_counter() - started
     cpu = cpu_seconds() - cpu
+    own = {
+        "cpu": cpu,
+        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+    ranks = [own]
+    if dist is not None:  # every rank's CPU time and memory
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, own)
+        rank = dist.get_rank()
+        dist.destroy_process_group()  # else gloo may abort a rank as it exits (torch 2.13)
+        if rank != 0:
+            return
     meta = json.loads((folder / "meta.json").read_text())
     build = meta.get("build", {})
     result = {
         "seconds": seconds,
-        "cpu_seconds": cpu,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_child_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "cpu_seconds": sum(r["cpu"] for r in ranks),
+        "peak_rss_mb": max(r["peak"] for r in ranks),
+        "peak_child_mb": max(r["child"] for r in ranks),
+        "ranks": build.get("ranks", 1),
+        "per_rank_mb": [r["mb"] for r in build.get("per_rank", [])],
         "encoder": build.get("encoder", "hf (old)"),
         "reason": build.get("encoder_reason", ""),
         "by_hf": build.get("documents_encoded_by_hf"),
@@ -215,8 +244,20 @@ def encoder_rates(spec: dict) -> None:
     print("RESULT " + json.dumps(rates))
 
 
-def run_child(spec: dict, env: dict | None = None) -> dict:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_child(spec: dict, env: dict | None = None, ranks: int = 1) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    if ranks > 1:  # `--multi_gpu` without a GPU: gloo ranks on the CPU
+        launcher = Path(sys.executable).parent / "accelerate"
+        command = [str(launcher), "launch", "--multi_gpu", "--num_processes", str(ranks)]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["--main_process_port", str(free_port()), __file__, "--child", json.dumps(spec)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -228,6 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, nargs="+", default=[1024], help="corpus sizes (MB)")
     parser.add_argument("--procs", default="1,2", help="num_proc values, comma-separated")
+    parser.add_argument("--ranks", default="1", help="processes launched, comma-separated")
     parser.add_argument("--tokenizers", default="sentencepiece,byte-level")
     parser.add_argument("--lang", default="pt-BR", help="assets corpus language")
     parser.add_argument("--block-size", type=int, default=2048)
@@ -257,6 +299,9 @@ def main() -> None:
         print("no old blocks.py in git (--old-ref); measuring the new path only")
     lines = corpus_lines(args.lang)
     procs = [int(p) for p in args.procs.split(",")]
+    launches = [
+        (ranks, num_proc) for ranks in map(int, args.ranks.split(",")) for num_proc in procs
+    ]
     print(
         f"machine: {os.cpu_count()} CPUs; corpus: {args.lang} lines, block size "
         f"{args.block_size}; work folder {work}"
@@ -277,54 +322,57 @@ def main() -> None:
                 print(f"\n{name}: single-thread encode rates on {spec['mb']:g} MB")
                 for label, value in rates.items():
                     print(f"  {label:<58} {value:6.2f} MB/s")
-            for num_proc in procs:
+            for ranks, num_proc in launches:
                 results = {}
-                for path in ("new", "old") if old else ("new",):
+                processes = ranks * num_proc
+                for path in ("new", "old") if old and ranks == 1 else ("new",):
                     spec = {
                         "old": str(old) if path == "old" else None,
-                        "folder": str(work / f"cache-{name}-{num_proc}-{path}"),
+                        "folder": str(work / f"cache-{name}-{ranks}x{num_proc}-{path}"),
                         "tokenizer": str(folder),
                         "corpus": str(corpus),
                         "block_size": args.block_size,
                         "num_proc": num_proc,
                         "keep": args.keep,
                     }
-                    results[path] = result = run_child(spec)
+                    results[path] = result = run_child(spec, ranks=ranks)
                     result["mb_per_s"] = mb / result["seconds"]
                     result["mb_per_cpu_s"] = mb / result["cpu_seconds"]
+                    shares = result["per_rank_mb"]
                     print(
-                        f"{name} {mb:.0f} MB num_proc {num_proc} {path}: "
-                        f"{result['mb_per_s']:.2f} MB/s ({result['mb_per_s'] / num_proc:.2f} "
+                        f"{name} {mb:.0f} MB ranks {ranks} num_proc {num_proc} {path}: "
+                        f"{result['mb_per_s']:.2f} MB/s ({result['mb_per_s'] / processes:.2f} "
                         f"per process), {result['mb_per_cpu_s']:.2f} MB per CPU-second, peak "
                         f"RSS {result['peak_rss_mb']:.0f} MB, largest worker "
                         f"{result['peak_child_mb']:.0f} MB, encoder {result['encoder']}"
+                        + (f", MB per rank {shares}" if shares else "")
                     )
-                rows.append((name, mb, num_proc, results))
+                rows.append((name, mb, ranks, num_proc, results))
 
     print(
         f"\n== build_cache, block size {args.block_size}: MB/s = corpus MB / build seconds; "
-        "MB/CPU-s = corpus MB / CPU seconds of all its processes =="
+        "MB/CPU-s = corpus MB / CPU seconds of all its processes (every rank's) =="
     )
-    header = f"{'tokenizer':<14}{'MB':>6}{'procs':>6}{'encoder':>15}"
+    header = f"{'tokenizer':<14}{'MB':>6}{'ranks':>6}{'procs':>6}{'encoder':>15}"
     for label in ("new", "old") if old else ("new",):
         header += f"{label + ' MB/s':>13}{'/proc':>7}{'MB/CPU-s':>9}{'peak MB':>8}{'worker':>7}"
     print(header + ("  new/old MB/s, MB/CPU-s" if old else ""))
-    for name, mb, num_proc, results in rows:
-        line = f"{name:<14}{mb:6.0f}{num_proc:6d}{results['new']['encoder']:>15}"
+    for name, mb, ranks, num_proc, results in rows:
+        line = f"{name:<14}{mb:6.0f}{ranks:6d}{num_proc:6d}{results['new']['encoder']:>15}"
         for result in results.values():
             line += (
-                f"{result['mb_per_s']:13.2f}{result['mb_per_s'] / num_proc:7.2f}"
+                f"{result['mb_per_s']:13.2f}{result['mb_per_s'] / (ranks * num_proc):7.2f}"
                 f"{result['mb_per_cpu_s']:9.2f}{result['peak_rss_mb']:8.0f}"
                 f"{result['peak_child_mb']:7.0f}"
             )
-        if old:
+        if "old" in results:
             new, before = results["new"], results["old"]
             line += (
                 f"  {new['mb_per_s'] / before['mb_per_s']:.2f}, "
                 f"{new['mb_per_cpu_s'] / before['mb_per_cpu_s']:.2f}"
             )
         print(line)
-    for name, _, _, results in rows[:: len(procs)]:
+    for name, _, _, _, results in rows[:: len(launches)]:
         print(f"{name} encoder choice: {results['new']['reason']}")
     if not args.keep and not args.work:
         shutil.rmtree(work, ignore_errors=True)

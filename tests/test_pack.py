@@ -4,8 +4,12 @@ ids are the same, and the cache is byte for byte the one the HF tokenizer gives.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -333,3 +337,228 @@ def test_pieces_whose_merges_interleave_are_triggers(tokenizers):
     plan, _ = blocks._sentencepiece_stand_in(tokenizer, tokenizers["entangled"])
     encoder = blocks._Encoder(tokenizer, plan)
     assert encoder.routed([products[i], products[i + 1], "zzz"]) == [0, 1]
+
+
+# Over ranks: `accelerate launch` runs this file as a script in two gloo processes on this CPU
+# (`--multi_gpu` without a GPU; `--cpu --num_processes 2` would run one), every rank calling
+# build_cache as `lowlm pretrain` does.
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Small batches and parts, so that the test corpus makes several parts per rank.
+SMALL = {"DOCS_PER_BATCH": 32, "PART_BATCHES": 2, "SHARD_BLOCKS": 16, "VERIFY_EVERY": 4}
+PART_DOCS = SMALL["DOCS_PER_BATCH"] * SMALL["PART_BATCHES"]
+
+needs_accelerate = pytest.mark.skipif(
+    shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
+    reason="accelerate's launcher is not installed beside this Python",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_ranks(tmp_path: Path, builds: list[dict], **spec) -> tuple[int, list[list[dict]]]:
+    """Run the builds (folder, tokenizer, corpus, num_proc) in two gloo processes; returns the
+    launcher's exit status and, per build, each rank's {"meta": ...} or {"error": ...}."""
+    out = tmp_path / f"ranks-{len(list(tmp_path.glob('ranks-*')))}"
+    out.mkdir()
+    spec = {"builds": [{k: str(v) for k, v in b.items()} for b in builds], "out": str(out), **spec}
+    (out / "spec.json").write_text(json.dumps(spec))
+    launcher = Path(sys.executable).parent / "accelerate"
+    command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(_free_port()), __file__, str(out / "spec.json")]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    (out / "launch.log").write_text(done.stdout + done.stderr)
+    results = [
+        [
+            json.loads(path.read_text()) if (path := out / f"{i}-rank{rank}.json").exists() else {}
+            for rank in (0, 1)
+        ]
+        for i in range(len(builds))
+    ]
+    if spec.get("expect_exit") is None:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.returncode, results
+
+
+def parts_written(launch: Path) -> set[str]:
+    """The part files the ranks of one launch wrote, by name."""
+    return {name for log in launch.glob("parts-rank*.txt") for name in log.read_text().split()}
+
+
+def _rank_main(spec_path: str) -> None:
+    """One rank under `accelerate launch`: the spec's builds, each outcome in a file."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)  # the gloo process group, as Accelerator() sets it up
+    rank = state.process_index
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    for name, value in spec.get("consts", {}).items():
+        setattr(blocks, name, value)
+    if spec.get("unpatched"):
+        blocks._sentencepiece_stand_in = unpatched
+
+    def exit_after(function: str, key: str, log: Path | None = None):
+        """Wrap blocks.FUNCTION; with spec[key] = [rank, n], that rank dies (as if killed)
+        after its n-th call; with `log`, the first argument's name is logged."""
+        if not hasattr(blocks, function):  # lowlm before builds over ranks
+            return
+        real = getattr(blocks, function)
+        calls = []
+
+        def wrapped(*args):
+            real(*args)
+            calls.append(1)
+            if log is not None:
+                with log.open("a") as handle:
+                    handle.write(Path(args[0]).name + "\n")
+            if spec.get(key) == [rank, len(calls)]:
+                os._exit(3)
+
+        setattr(blocks, function, wrapped)
+
+    exit_after("_write_part", "exit_after_parts", out / f"parts-rank{rank}.txt")
+    exit_after("_save_progress", "exit_after_progress")
+    for i, build in enumerate(spec["builds"]):
+        try:
+            meta = build_cache(
+                Path(build["folder"]),
+                Path(build["tokenizer"]),
+                resolve_sources([build["corpus"]]),
+                DataConfig(),
+                16,
+                7,
+                int(build.get("num_proc", 1)),
+            )
+            result = {"meta": meta}
+        except LowlmError as exc:
+            result = {"error": str(exc)}
+        (out / f"{i}-rank{rank}.json").write_text(json.dumps(result))
+    # Without this, torch 2.13's gloo sometimes aborts a rank as it exits ("terminate called
+    # without an active exception": a quarter of the runs of a script of three collectives).
+    import torch.distributed
+
+    torch.distributed.destroy_process_group()
+
+
+def small_build(folder: Path, tokenizer: Path, corpus: Path, monkeypatch) -> dict:
+    """The one-process build with the constants the ranks use."""
+    with monkeypatch.context() as patch:
+        for name, value in SMALL.items():
+            patch.setattr(blocks, name, value)
+        return build(folder, tokenizer, corpus)
+
+
+@needs_accelerate
+def test_two_ranks_build_the_one_process_cache_byte_for_byte(
+    tokenizers, byte_base, corpus, tmp_path, monkeypatch
+):
+    """Each rank encodes its share (with two workers of its own); the main rank's merge gives
+    the shards and meta.json a single process gives (sentencepiece and HF encoders)."""
+    cases = {"sentencepiece": tokenizers["shuffled"], "hf-fast": byte_base}
+    singles = {
+        name: small_build(tmp_path / f"one-{name}", tokenizer, corpus, monkeypatch)
+        for name, tokenizer in cases.items()
+    }
+    builds = [
+        {"folder": tmp_path / f"two-{name}", "tokenizer": t, "corpus": corpus, "num_proc": 2}
+        for name, t in cases.items()
+    ]
+    _, results = two_ranks(tmp_path, builds, consts=SMALL)
+    for (name, single), outcome in zip(singles.items(), results, strict=True):
+        assert_same_cache(tmp_path / f"one-{name}", tmp_path / f"two-{name}")
+        meta = json.loads((tmp_path / f"two-{name}" / "meta.json").read_text())
+        assert outcome == [{"meta": blocks._public(meta)}] * 2  # both ranks return it
+        record, alone = meta["build"], single["build"]
+        assert record["encoder"] == alone["encoder"] == name
+        assert record["ranks"] == 2 and record["num_proc"] == 2 and record["processes"] == 4
+        assert alone["ranks"] == 1 and alone["processes"] == 1
+        batches = -(-meta["documents"] // SMALL["DOCS_PER_BATCH"])
+        per_rank = record["per_rank"]
+        assert [r["rank"] for r in per_rank] == [0, 1]
+        assert all(r["batches"] > 0 and r["parts_written"] > 0 for r in per_rank), per_rank
+        assert sum(r["batches"] for r in per_rank) == batches > 4 * SMALL["PART_BATCHES"]
+        assert sum(r["documents"] for r in per_rank) == meta["documents"]
+        assert sum(r["mb"] for r in per_rank) == pytest.approx(alone["mb"], abs=2e-3)
+        assert record["mb"] == pytest.approx(alone["mb"], abs=1e-3)
+        assert record["mb_per_s"] > 0 and record["peak_rss_mb"] > 0
+        assert record["peak_rss_mb_largest_child"] > 0
+        assert record["documents_encoded_by_hf"] == alone["documents_encoded_by_hf"]
+        assert record["batches_verified"] == alone["batches_verified"]
+        assert record["parts_reused"] == 0
+        leftovers = ["progress.json", "carry-*", "parts-*"]
+        assert not [p for pattern in leftovers for p in (tmp_path / f"two-{name}").glob(pattern)]
+    assert singles["sentencepiece"]["build"]["batches_verified"] >= 2
+
+
+@needs_accelerate
+def test_an_interrupted_two_rank_build_resumes_without_encoding_a_part_twice(
+    tokenizers, corpus, tmp_path, monkeypatch
+):
+    """Killed while encoding (rank 1 after its first part), then while the main rank merges
+    (after its first progress.json): the third launch finishes the cache of one process."""
+    tokenizer = tokenizers["shuffled"]
+    small_build(tmp_path / "whole", tokenizer, corpus, monkeypatch)
+    builds = [{"folder": tmp_path / "two", "tokenizer": tokenizer, "corpus": corpus}]
+    parts = tmp_path / "two" / f"parts-{PART_DOCS}"
+    status, _ = two_ranks(tmp_path, builds, consts=SMALL, exit_after_parts=[1, 1], expect_exit=True)
+    assert status != 0 and not (tmp_path / "two" / "meta.json").exists()
+    first = {path.name for path in parts.glob("part-*.npz")}  # complete: written atomically
+    assert "part-000000000064.npz" in first  # rank 1's first part (rank 0's are 0, 128, ...)
+
+    status, _ = two_ranks(
+        tmp_path, builds, consts=SMALL, exit_after_progress=[0, 1], expect_exit=True
+    )
+    assert status != 0 and not (tmp_path / "two" / "meta.json").exists()
+    second = parts_written(tmp_path / "ranks-1")
+    assert second and not first & second  # no part encoded twice
+    whole = json.loads((tmp_path / "whole" / "meta.json").read_text())
+    assert len(first | second) == -(-whole["documents"] // PART_DOCS)  # every part
+    progress = json.loads((tmp_path / "two" / "progress.json").read_text())
+    assert progress["documents"] > 0 and progress["documents"] % PART_DOCS == 0
+
+    _, results = two_ranks(tmp_path, builds, consts=SMALL)
+    assert not parts_written(tmp_path / "ranks-2")  # nothing left to encode
+    assert "error" not in results[0][0]
+    meta = json.loads((tmp_path / "two" / "meta.json").read_text())
+    assert meta["build"]["resumed_at_document"] == progress["documents"]
+    assert all(r["batches"] == 0 for r in meta["build"]["per_rank"])
+    assert meta["build"]["parts_reused"] > 0
+    assert_same_cache(tmp_path / "whole", tmp_path / "two")
+    assert not list((tmp_path / "two").glob("parts-*"))
+
+
+@needs_accelerate
+def test_a_mismatch_on_one_rank_stops_both_with_the_one_process_error(
+    tokenizers, tmp_path, monkeypatch
+):
+    """Batch 3 (rank 1's, in parts of one batch) is the first verified batch to differ: both
+    ranks stop with the message one process gives, after the main rank removed the build."""
+    tokenizer = tokenizers["shuffled"]
+    corpus = tmp_path / "corpus.txt"
+    text = (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()[:40]
+    corpus.write_text("a\nI\n" * 12 + "\n".join(text), encoding="utf-8")
+    consts = {"SAMPLE_DOCS": 0, "DOCS_PER_BATCH": 8, "VERIFY_EVERY": 3, "SHARD_BLOCKS": 1}
+    consts["PART_BATCHES"] = 1
+    for name, value in consts.items():
+        monkeypatch.setattr(blocks, name, value)
+    monkeypatch.setattr(blocks, "_sentencepiece_stand_in", unpatched)
+    with pytest.raises(LowlmError) as alone:
+        build(tmp_path / "one" / "cache", tokenizer, corpus)
+    assert "of batch 3" in str(alone.value)
+
+    cache = tmp_path / "two" / "cache"
+    builds = [{"folder": cache, "tokenizer": tokenizer, "corpus": corpus}]
+    _, results = two_ranks(tmp_path, builds, consts=consts, unpatched=True)
+    assert results[0] == [{"error": str(alone.value)}] * 2
+    assert (cache / blocks.MISMATCH_FILE).exists()
+    assert not [p for pattern in ("*.bin", "parts-*", "progress.json") for p in cache.glob(pattern)]
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])

@@ -16,21 +16,27 @@ compared. Otherwise the HF tokenizer encodes, through its backend's batch call. 
 return each batch as numpy arrays, and shards are cut from arrays: no per-token Python work
 in the main process. meta.json's "build" record says which encoder ran and why, with the
 build's MB/s and peak memory; `build_cache` returns meta.json without it.
+
+Under torch.distributed with several processes (`accelerate launch`), every rank encodes a
+disjoint share of the batches and the main rank packs them in order: the same cache, byte for
+byte, as one process builds ("Packing over ranks" below).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -143,6 +149,13 @@ class EncoderPlan:
 
 class _EncoderMismatch(LowlmError):
     """sentencepiece and the HF tokenizer gave different ids for a verified document."""
+
+    def __init__(self, message: str, batch: int = -1):
+        super().__init__(message, batch)  # both in args: the exception pickles whole
+        self.batch = batch
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def _merges(model: dict) -> list[tuple[str, str]] | None:
@@ -563,7 +576,8 @@ def _encode(task: tuple[int, list[str]]) -> _Encoded:
                 raise _EncoderMismatch(
                     f"sentencepiece and the HF tokenizer gave different ids for document "
                     f"{position} of batch {index} ({batch[position][:80]!r}, first at token "
-                    f"{at}): {row[:12]} vs {wanted[:12]}"
+                    f"{at}): {row[:12]} vs {wanted[:12]}",
+                    index,
                 )
     eos, seed, fraction = _worker["eos"], _worker["seed"], _worker["heldout_fraction"]
     train: list[int] = []
@@ -656,23 +670,22 @@ def _public(meta: dict) -> dict:
     return {key: value for key, value in meta.items() if key != "build"}
 
 
-def build_cache(
-    folder: Path,
-    tokenizer_folder: Path,
-    sources: list[Source],
-    data: DataConfig,
-    block_size: int,
-    seed: int,
-    num_proc: int = 1,
-) -> dict:
-    """Build (or finish building) the cache in `folder`; returns its meta (meta.json keeps the
-    build's record too: encoder, MB/s, peak memory)."""
+@dataclass
+class _Setup:
+    """What a build needs before it encodes: decided once (by the main rank, over several)."""
+
+    plan: EncoderPlan
+    eos: int
+    dtype: type
+    vocab_size: int
+    progress: dict  # documents consumed and shards written before an interruption
+
+
+def _prepare(
+    folder: Path, tokenizer_folder: Path, sources: list[Source], data: DataConfig
+) -> _Setup:
     from transformers import AutoTokenizer
 
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
-        return _public(json.loads(meta_path.read_text()))
-    started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     eos = tokenizer.eos_token_id
@@ -694,18 +707,50 @@ def build_cache(
     if (folder / MISMATCH_FILE).exists():
         refused = f"an earlier build found sentencepiece wrong (see {folder / MISMATCH_FILE})"
     plan = choose_encoder(tokenizer, Path(tokenizer_folder), _sample(sources, data), refused)
-    print(f"packing with the {_encoder_name(plan)}: {plan.reason}")
-    packers = {
+    return _Setup(plan, eos, dtype, len(tokenizer), progress)
+
+
+def _packers(folder: Path, block_size: int, setup: _Setup) -> dict[str, _Packer]:
+    """The two splits' packers, holding the tokens an interrupted build left unsharded."""
+    return {
         split: _Packer(
             folder,
             split,
             block_size,
-            dtype,
-            _load_carry(folder, split, progress),
-            progress["shards"][split],
+            setup.dtype,
+            _load_carry(folder, split, setup.progress),
+            setup.progress["shards"][split],
         )
         for split in ("train", "eval")
     }
+
+
+def build_cache(
+    folder: Path,
+    tokenizer_folder: Path,
+    sources: list[Source],
+    data: DataConfig,
+    block_size: int,
+    seed: int,
+    num_proc: int = 1,
+) -> dict:
+    """Build (or finish building) the cache in `folder`; returns its meta (meta.json keeps the
+    build's record too: encoder, MB/s, peak memory). Every rank of a torch.distributed run of
+    several processes calls it: each encodes a share (see `_build_over_ranks`)."""
+    group = _process_group()
+    if group is not None:
+        return _build_over_ranks(
+            folder, tokenizer_folder, sources, data, block_size, seed, num_proc, *group
+        )
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        return _public(json.loads(meta_path.read_text()))
+    started = time.perf_counter()
+    setup = _prepare(folder, tokenizer_folder, sources, data)
+    plan, dtype, progress = setup.plan, setup.dtype, setup.progress
+    progress_path = folder / "progress.json"
+    print(f"packing with the {_encoder_name(plan)}: {plan.reason}")
+    packers = _packers(folder, block_size, setup)
 
     # Bytes read per batch, in order: the bar advances as batches come back encoded (imap
     # reads ahead of the workers, so counting where documents are read would run ahead).
@@ -732,7 +777,7 @@ def build_cache(
             batch_bytes.append(size)
             yield next(count), batch
 
-    worker_args = (str(tokenizer_folder), seed, data.heldout_fraction, plan, eos, dtype)
+    worker_args = (str(tokenizer_folder), seed, data.heldout_fraction, plan, setup.eos, dtype)
     pool = Pool(num_proc, _init_worker, (*worker_args, True)) if num_proc > 1 else None
     if pool is None:
         _init_worker(*worker_args)
@@ -759,11 +804,7 @@ def build_cache(
         finished = True
     except _EncoderMismatch as exc:
         _discard(folder, plan, str(exc))
-        raise LowlmError(
-            f"{exc}. The build stopped and removed its shards (it trusted sentencepiece, which "
-            f"a check had found exact); rerun to build {folder.name} with the HF tokenizer, "
-            "and please report the document."
-        ) from None
+        raise LowlmError(_mismatch_message(str(exc), folder)) from None
     finally:
         bar.close()
         if pool:
@@ -772,51 +813,490 @@ def build_cache(
             else:
                 pool.terminate()
             pool.join()
+    seconds = time.perf_counter() - started
+    build = _build_record(
+        plan,
+        by_hf=by_hf,
+        verified=verified,
+        resumed_at=progress["documents"],
+        ranks=1,
+        num_proc=num_proc,
+        mb=encoded_bytes / 1e6,
+        seconds=seconds,
+        peak_rss_mb=_peak_rss_mb(),
+        peak_child_mb=_peak_rss_mb(children=True),
+    )
+    meta = _finish(folder, packers, block_size, setup, documents, build)
+    _print_summary(build, plan, children=pool is not None)
+    return meta
+
+
+def _mismatch_message(message: str, folder: Path) -> str:
+    return (
+        f"{message}. The build stopped and removed its shards (it trusted sentencepiece, which "
+        f"a check had found exact); rerun to build {folder.name} with the HF tokenizer, "
+        "and please report the document."
+    )
+
+
+def _build_record(
+    plan: EncoderPlan,
+    *,
+    by_hf: int,
+    verified: int,
+    resumed_at: int,
+    ranks: int,
+    num_proc: int,
+    mb: float,
+    seconds: float,
+    peak_rss_mb: float,
+    peak_child_mb: float,
+) -> dict:
+    """meta.json's "build": the encoder and why, MB/s in all and per encoding process (ranks
+    times num_proc), peak memory (the largest rank's)."""
+    processes = ranks * num_proc
+    return {
+        "encoder": plan.kind if plan.kind == "sentencepiece" or not plan.hf_fast else "hf-fast",
+        "encoder_reason": plan.reason,
+        "documents_encoded_by_hf": by_hf,
+        "batches_verified": verified,
+        "resumed_at_document": resumed_at,
+        "ranks": ranks,
+        "num_proc": num_proc,
+        "processes": processes,
+        "mb": round(mb, 3),
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(mb / seconds, 3),
+        "mb_per_s_per_process": round(mb / seconds / processes, 3),
+        "peak_rss_mb": peak_rss_mb,
+        "peak_rss_mb_largest_child": peak_child_mb,
+    }
+
+
+def _finish(
+    folder: Path,
+    packers: dict[str, _Packer],
+    block_size: int,
+    setup: _Setup,
+    documents: int,
+    build: dict,
+) -> dict:
+    """Write the last shards and meta.json (the cache is then complete); returns the meta."""
     for packer in packers.values():
         packer.flush(final=True)
-    train_blocks = _count_blocks(folder, "train", block_size, dtype)
-    eval_blocks = _count_blocks(folder, "eval", block_size, dtype)
+    train_blocks = _count_blocks(folder, "train", block_size, setup.dtype)
+    eval_blocks = _count_blocks(folder, "eval", block_size, setup.dtype)
     if train_blocks == 0:
         raise LowlmError(
             f"the corpus gives fewer than {block_size} tokens for training; add text or lower "
             "pretrain.block_size."
         )
-    seconds = time.perf_counter() - started
-    mb = encoded_bytes / 1e6
-    build = {
-        "encoder": plan.kind if plan.kind == "sentencepiece" or not plan.hf_fast else "hf-fast",
-        "encoder_reason": plan.reason,
-        "documents_encoded_by_hf": by_hf,
-        "batches_verified": verified,
-        "resumed_at_document": progress["documents"],
-        "num_proc": num_proc,
-        "mb": round(mb, 3),
-        "seconds": round(seconds, 2),
-        "mb_per_s": round(mb / seconds, 3),
-        "mb_per_s_per_process": round(mb / seconds / num_proc, 3),
-        "peak_rss_mb": _peak_rss_mb(),
-        "peak_rss_mb_largest_child": _peak_rss_mb(children=True),
-    }
     meta = {
         "block_size": block_size,
-        "dtype": np.dtype(dtype).name,
+        "dtype": np.dtype(setup.dtype).name,
         "train_blocks": train_blocks,
         "eval_blocks": eval_blocks,
         "documents": documents,
-        "vocab_size": len(tokenizer),
+        "vocab_size": setup.vocab_size,
         "build": build,
     }
-    atomic_write_json(meta_path, meta)
-    progress_path.unlink(missing_ok=True)
+    atomic_write_json(folder / "meta.json", meta)
+    (folder / "progress.json").unlink(missing_ok=True)
     for carry in folder.glob("carry-*.npy"):
         carry.unlink()
-    child = f", largest child {build['peak_rss_mb_largest_child']:.0f} MB" if pool else ""
-    print(
-        f"packed {mb:.1f} MB in {seconds:.1f} s: {build['mb_per_s']:.2f} MB/s "
-        f"({build['mb_per_s_per_process']:.2f} per process, {num_proc} processes) with the "
-        f"{_encoder_name(plan)}; peak memory {build['peak_rss_mb']:.0f} MB{child}"
-    )
+    for parts in folder.glob("parts-*"):  # a build over ranks left them (interrupted)
+        shutil.rmtree(parts, ignore_errors=True)
     return _public(meta)
+
+
+def _print_summary(build: dict, plan: EncoderPlan, children: bool) -> None:
+    ranks, num_proc = build["ranks"], build["num_proc"]
+    processes = f"{num_proc} process" + ("es" if num_proc != 1 else "")
+    if ranks > 1:
+        processes = f"{ranks} ranks x {processes}"
+    child = f", largest child {build['peak_rss_mb_largest_child']:.0f} MB" if children else ""
+    largest = " (largest rank)" if ranks > 1 else ""
+    print(
+        f"packed {build['mb']:.1f} MB in {build['seconds']:.1f} s: {build['mb_per_s']:.2f} MB/s "
+        f"({build['mb_per_s_per_process']:.2f} per process, {processes}) with the "
+        f"{_encoder_name(plan)}; peak memory{largest} {build['peak_rss_mb']:.0f} MB{child}"
+    )
+
+
+# Packing over ranks. Under torch.distributed with several processes (`accelerate launch`,
+# torchrun), every rank calls build_cache and encodes a disjoint share of the corpus with its
+# own num_proc workers; the cache is byte for byte the one a single process builds from the
+# same inputs (training order, stage keys and resume rest on that). The batches, counted from
+# the document the build starts at, form parts of PART_BATCHES batches; part k is rank
+# k % ranks's. Every rank reads the whole corpus (counting the documents outside its parts,
+# not encoding them) and writes each of its parts, the EOS-separated ids of both splits, to
+# parts-<documents per part>/part-<first document>.npz in the cache folder, atomically; a
+# rerun encodes only the parts that are missing. After an all-gather of the ranks' outcomes
+# (the barrier), the main rank streams the parts in order through the packers, which write the
+# shards, carry and progress.json of a one-process build, and deletes each part once
+# progress.json is past it; the other ranks wait in a broadcast of its result. Messages go
+# through torch.distributed: the main rank's plan (broadcast), every rank's figures or failure
+# (all-gather: a sentencepiece mismatch on any rank stops all of them with the first one's
+# message, after the main rank has removed the build), the main rank's meta or error
+# (broadcast). A failing rank also leaves STOP_FILE among the parts, so that the others stop
+# encoding at their next part past the failure instead of finishing their share (a hint; the
+# all-gather decides).
+# Ranks on several nodes need the cache folder (the run directory) on a filesystem they all
+# share: the main rank reads the others' parts there.
+PART_BATCHES = 8  # 2048 documents a part
+STOP_FILE = "stopped.json"
+# What the build record keeps of each rank's figures (meta.json's build["per_rank"]).
+PER_RANK = ("rank", "mb", "documents", "batches", "parts_written", "parts_reused", "seconds")
+PER_RANK += ("mb_per_s", "peak_rss_mb", "peak_rss_mb_largest_child")
+
+
+def _process_group() -> tuple[int, int] | None:
+    """(rank, ranks) when torch.distributed runs this process among several, else None."""
+    dist = sys.modules.get("torch.distributed")  # never imported: not initialised either
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    ranks = dist.get_world_size()
+    return (dist.get_rank(), ranks) if ranks > 1 else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, LowlmError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+@dataclass
+class _Part:
+    """A part being encoded: its first document, its batches' arrays, its documents."""
+
+    first: int
+    train: list[np.ndarray] = field(default_factory=list)
+    held_out: list[np.ndarray] = field(default_factory=list)
+    documents: int = 0
+
+
+def _part_path(parts: Path, first: int) -> Path:
+    return parts / f"part-{first:012d}.npz"
+
+
+def _write_part(
+    path: Path, documents: int, train: list[np.ndarray], held_out: list[np.ndarray], dtype
+) -> None:
+    """One part: its documents' EOS-separated ids, per split (written whole or not at all)."""
+    buffer = io.BytesIO()
+    empty = np.zeros(0, dtype)
+    np.savez(
+        buffer,
+        documents=np.array(documents, dtype=np.int64),
+        train=np.concatenate(train) if train else empty,
+        eval=np.concatenate(held_out) if held_out else empty,
+    )
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def _build_over_ranks(
+    folder: Path,
+    tokenizer_folder: Path,
+    sources: list[Source],
+    data: DataConfig,
+    block_size: int,
+    seed: int,
+    num_proc: int,
+    rank: int,
+    ranks: int,
+) -> dict:
+    """This rank's side of a build over ranks (see the comment above); returns the meta."""
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    main = rank == 0
+    parts = folder / f"parts-{DOCS_PER_BATCH * PART_BATCHES}"
+    failure: BaseException | None = None  # this rank's own, re-raised as it is
+    decided: list = [None]
+    if main:
+        try:
+            if (folder / "meta.json").exists():
+                decided[0] = ("done", _public(json.loads((folder / "meta.json").read_text())))
+            else:
+                setup = _prepare(folder, tokenizer_folder, sources, data)
+                (parts / STOP_FILE).unlink(missing_ok=True)  # a failed build's
+                name, reason = _encoder_name(setup.plan), setup.plan.reason
+                print(f"packing with the {name}, {ranks} ranks: {reason}")
+                decided[0] = ("build", setup)
+        except Exception as exc:
+            failure = exc
+            decided[0] = ("error", _one_line(exc))
+    dist.broadcast_object_list(decided, src=0)
+    kind, value = decided[0]
+    if kind == "done":
+        return value
+    if kind == "error":
+        raise failure or LowlmError(value)
+    setup = value
+
+    status, failure = _encode_share(
+        parts, tokenizer_folder, sources, data, seed, num_proc, setup, rank, ranks
+    )
+    statuses: list = [None] * ranks
+    dist.all_gather_object(statuses, status)  # every rank's outcome: the barrier
+    mismatches = [s for s in statuses if s["failed"] == "mismatch"]
+    if mismatches:  # the first in the corpus: the one a single process would have met
+        message = min(mismatches, key=lambda s: s["batch"])["message"]
+        try:
+            if main:
+                _discard(folder, setup.plan, message)
+        finally:
+            dist.barrier()  # the build is removed before any rank stops
+        raise LowlmError(_mismatch_message(message, folder))
+    failed = [s for s in statuses if s["failed"]]
+    if failed:
+        first = next((s for s in failed if s["failed"] == "error"), failed[0])
+        if failure is not None:
+            raise failure
+        if first["lowlm"]:
+            raise LowlmError(first["message"])
+        raise LowlmError(f"rank {first['rank']} stopped packing the corpus: {first['message']}")
+
+    result: list = [None]
+    if main:
+        try:
+            meta = _merge(folder, parts, block_size, setup, statuses, num_proc, started)
+            result[0] = ("ok", meta)
+        except Exception as exc:
+            failure = exc
+            result[0] = ("error", _one_line(exc))
+    dist.broadcast_object_list(result, src=0)  # the other ranks wait here while it merges
+    kind, value = result[0]
+    if kind == "error":
+        raise failure or LowlmError(value)
+    return value
+
+
+def _encode_share(
+    parts: Path,
+    tokenizer_folder: Path,
+    sources: list[Source],
+    data: DataConfig,
+    seed: int,
+    num_proc: int,
+    setup: _Setup,
+    rank: int,
+    ranks: int,
+) -> tuple[dict, BaseException | None]:
+    """Encode this rank's missing parts; (its figures or failure, the exception if any)."""
+    started = time.perf_counter()
+    main = rank == 0
+    start = setup.progress["documents"]
+    part_docs = DOCS_PER_BATCH * PART_BATCHES
+    stop = parts / STOP_FILE
+    status = {
+        "rank": rank,
+        "failed": "",  # "mismatch", "error" or "stopped" (another rank failed)
+        "batch": -1,
+        "message": "",
+        "lowlm": False,
+        "documents_read": 0,  # from `start`: the main rank's tells it the parts there are
+        "documents": 0,
+        "batches": 0,
+        "parts_written": 0,
+        "parts_reused": 0,
+        "by_hf": 0,
+        "verified": 0,
+    }
+    # Per batch handed to the encoder: its number, its part's first document, whether it ends
+    # the part, and (main rank) the bytes read so far, for the bar.
+    pending: deque[tuple[int, int, bool, int]] = deque()
+    sizes = {"read": 0, "encoded": 0}
+
+    def share() -> Iterator[tuple[int, list[str]]]:
+        batch: list[str] = []
+        first, mine = start, False
+        position = -1
+        for position, document in enumerate(
+            itertools.islice(iter_documents(sources, data), start, None)
+        ):
+            if position % part_docs == 0:  # a part starts
+                first = start + position
+                owned = (position // part_docs) % ranks == rank
+                mine = owned and not _part_path(parts, first).exists()
+                status["parts_reused"] += int(owned and not mine)
+            if main or mine:
+                length = len(document.encode("utf-8")) + 1
+                sizes["read"] += length
+            if not mine:
+                continue
+            sizes["encoded"] += length
+            batch.append(document)
+            if len(batch) == DOCS_PER_BATCH:
+                index = position // DOCS_PER_BATCH
+                pending.append((index, first, (position + 1) % part_docs == 0, sizes["read"]))
+                yield index, batch
+                batch = []
+        if batch:
+            index = position // DOCS_PER_BATCH
+            pending.append((index, first, True, sizes["read"]))
+            yield index, batch
+        status["documents_read"] = position + 1
+
+    worker_args = (str(tokenizer_folder), seed, data.heldout_fraction, setup.plan, setup.eos)
+    worker_args = (*worker_args, setup.dtype)
+    pool = Pool(num_proc, _init_worker, (*worker_args, True)) if num_proc > 1 else None
+    if pool is None:
+        _init_worker(*worker_args)
+    bar = _progress_bar(sources) if main else None
+    failure: BaseException | None = None
+    finished = False
+    part: _Part | None = None
+
+    def write(part: _Part) -> None:
+        path = _part_path(parts, part.first)
+        _write_part(path, part.documents, part.train, part.held_out, setup.dtype)
+        status["parts_written"] += 1
+
+    try:
+        encoded = pool.imap(_encode, share()) if pool else map(_encode, share())
+        for batch in encoded:
+            index, first, ends, read = pending.popleft()
+            if bar is not None:
+                bar.update(read - bar.n)
+            if part is not None and part.first != first:
+                write(part)
+                part = None
+            if part is None:
+                part = _Part(first)
+            part.train.append(batch.train)
+            part.held_out.append(batch.held_out)
+            part.documents += batch.documents
+            status["documents"] += batch.documents
+            status["batches"] += 1
+            status["by_hf"] += batch.by_hf
+            status["verified"] += batch.verified
+            if ends:
+                write(part)
+                part = None
+                if _stopped_before(stop, index):  # another rank failed: no need to go on
+                    status.update(failed="stopped", message="another rank failed")
+                    break
+        else:
+            if part is not None:
+                write(part)
+            if bar is not None and bar.total and bar.n < bar.total:
+                bar.update(bar.total - bar.n)
+            finished = True
+    except _EncoderMismatch as exc:
+        status.update(failed="mismatch", batch=exc.batch, message=str(exc), lowlm=True)
+        _leave_stop(stop, rank, exc.batch)
+    except Exception as exc:
+        failure = exc
+        status.update(failed="error", message=_one_line(exc), lowlm=isinstance(exc, LowlmError))
+        _leave_stop(stop, rank, -1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool:
+            if finished:
+                pool.close()
+            else:
+                pool.terminate()
+            pool.join()
+    seconds = time.perf_counter() - started
+    status.update(
+        bytes=sizes["encoded"],
+        mb=round(sizes["encoded"] / 1e6, 3),
+        seconds=round(seconds, 2),
+        mb_per_s=round(sizes["encoded"] / 1e6 / seconds, 3),
+        peak_rss_mb=_peak_rss_mb(),
+        peak_rss_mb_largest_child=_peak_rss_mb(children=True),
+    )
+    return status, failure
+
+
+def _leave_stop(stop: Path, rank: int, batch: int) -> None:
+    """Tell the other ranks to stop (batch: where a mismatch was found, -1 for an error)."""
+    with contextlib.suppress(OSError):
+        atomic_write_json(stop, {"rank": rank, "batch": batch})
+
+
+def _stopped_before(stop: Path, index: int) -> bool:
+    """Whether a rank failed, with an error or at a batch before `index` (this rank's next
+    ones could hold no earlier mismatch; before it, they could: the first one must be met)."""
+    if not stop.exists():
+        return False
+    try:
+        batch = json.loads(stop.read_text())["batch"]
+    except (OSError, ValueError, KeyError):
+        return True
+    return batch < 0 or batch <= index
+
+
+def _merge(
+    folder: Path,
+    parts: Path,
+    block_size: int,
+    setup: _Setup,
+    statuses: list[dict],
+    num_proc: int,
+    started: float,
+) -> dict:
+    """The main rank: every part in corpus order through the packers; returns the meta."""
+    merging = time.perf_counter()
+    ranks = len(statuses)
+    start = setup.progress["documents"]
+    total = start + statuses[0]["documents_read"]
+    part_docs = DOCS_PER_BATCH * PART_BATCHES
+    packers = _packers(folder, block_size, setup)
+    progress_path = folder / "progress.json"
+    documents = start
+    merged: list[Path] = []
+    for first in range(start, total, part_docs):
+        path = _part_path(parts, first)
+        expected = min(part_docs, total - first)
+        if not path.exists():
+            owner = (first - start) // part_docs % ranks
+            raise LowlmError(
+                f"{path}, the part of the corpus rank {owner} encoded, is missing; ranks on "
+                "several nodes need the run directory on a filesystem they all share."
+            )
+        with np.load(path) as part:
+            if int(part["documents"]) != expected:
+                raise LowlmError(
+                    f"{path} holds {int(part['documents'])} documents, not {expected}; delete "
+                    f"{parts} and rerun."
+                )
+            packers["train"].add(part["train"])
+            packers["eval"].add(part["eval"])
+        documents += expected
+        merged.append(path)
+        before = packers["train"].shards + packers["eval"].shards
+        for packer in packers.values():
+            packer.flush()
+        if packers["train"].shards + packers["eval"].shards != before:
+            _save_progress(progress_path, documents, packers)
+            for done in merged:  # progress.json is past them
+                done.unlink()
+            merged = []
+    mine = statuses[0]
+    mine.update(peak_rss_mb=_peak_rss_mb(), peak_rss_mb_largest_child=_peak_rss_mb(children=True))
+    per_rank = [{key: s[key] for key in PER_RANK} for s in statuses]
+    build = _build_record(
+        setup.plan,
+        by_hf=sum(s["by_hf"] for s in statuses),
+        verified=sum(s["verified"] for s in statuses),
+        resumed_at=start,
+        ranks=ranks,
+        num_proc=num_proc,
+        mb=sum(s["bytes"] for s in statuses) / 1e6,
+        seconds=time.perf_counter() - started,
+        peak_rss_mb=max(s["peak_rss_mb"] for s in statuses),
+        peak_child_mb=max(s["peak_rss_mb_largest_child"] for s in statuses),
+    )
+    build.update(
+        parts_reused=sum(s["parts_reused"] for s in statuses),
+        merge_seconds=round(time.perf_counter() - merging, 2),
+        per_rank=per_rank,
+    )
+    meta = _finish(folder, packers, block_size, setup, documents, build)
+    _print_summary(build, setup.plan, children=num_proc > 1)
+    return meta
 
 
 def _encoder_name(plan: EncoderPlan) -> str:
@@ -830,6 +1310,8 @@ def _discard(folder: Path, plan: EncoderPlan, message: str) -> None:
     for pattern in ("train-*.bin", "eval-*.bin", "carry-*.npy", "progress.json"):
         for path in folder.glob(pattern):
             path.unlink()
+    for parts in folder.glob("parts-*"):
+        shutil.rmtree(parts, ignore_errors=True)
     atomic_write_json(folder / MISMATCH_FILE, {"message": message, "plan_reason": plan.reason})
 
 

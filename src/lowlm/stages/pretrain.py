@@ -198,20 +198,21 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         tokenizer_id, cfg.block_size, corpus_hashes, config.data, config.run.seed
     )
     cache = run.run_dir.path / "cache" / f"blocks-{corpus_key}"
-    if accelerator.is_main_process:
-        meta = build_cache(
-            cache,
-            tokenizer_dir,
-            sources,
-            config.data,
-            cfg.block_size,
-            config.run.seed,
-            cfg.num_proc,
-        )
-        accelerator.print(
-            f"{name}: {meta['train_blocks']} training blocks of {cfg.block_size} tokens and "
-            f"{meta['eval_blocks']} held-out ones in {cache}"
-        )
+    # Every rank calls it: over several processes each encodes a share of the corpus (and
+    # ranks on several nodes need the run directory on a filesystem they all share).
+    meta = build_cache(
+        cache,
+        tokenizer_dir,
+        sources,
+        config.data,
+        cfg.block_size,
+        config.run.seed,
+        cfg.num_proc,
+    )
+    accelerator.print(
+        f"{name}: {meta['train_blocks']} training blocks of {cfg.block_size} tokens and "
+        f"{meta['eval_blocks']} held-out ones in {cache}"
+    )
     accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(tokenizer_dir)
     eos = tokenizer.eos_token_id if cfg.isolate_documents else None
