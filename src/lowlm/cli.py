@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -33,6 +34,19 @@ ResumeOpt = Annotated[
 
 def _load(config: Path, overrides: list[str] | None) -> LowlmConfig:
     return load_config(config, overrides or [])
+
+
+def _close_process_group() -> None:
+    """Under several processes, destroy torch's process group before the interpreter exits: a
+    gloo rank that leaves it alive can abort at exit ("terminate called without an active
+    exception"), turning a finished run into a failed launch. Not accelerate's end_training,
+    which also closes the trackers and is called per stage."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
+atexit.register(_close_process_group)
 
 
 def _fail(exc: LowlmError) -> None:
