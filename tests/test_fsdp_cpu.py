@@ -11,31 +11,25 @@ fully_shard, save_state / load_state go through its FSDP2 code (torch.distribute
 folders for SHARDED_STATE_DICT, rank 0's gathered files for FULL_STATE_DICT), get_state_dict
 gathers the whole model, and lowlm's loop runs on top unchanged.
 
-What fails on the committed loop (strict xfail, so a fix shows up as XPASS):
-- A full-weight stage stops at its first step. train() in training/loop.py hands
-  accelerator.clip_grad_norm_ the trainable parameters it listed before
-  accelerator.prepare; fully_shard replaces every parameter with a DTensor one, and
-  accelerate's `parameters == [p for p in model.parameters()]` in clip_grad_norm_
-  (accelerator.py) then compares plain tensors with DTensors: "aten.eq.Tensor got mixed
-  torch.Tensor and DTensor". With the list taken after prepare, the norm comes back as a
-  DTensor, which the loop's accelerator.reduce cannot all-reduce ("c10d.allreduce_.default
-  does not have a sharding strategy registered") until it is made whole (.full_tensor()).
-- A stage that trains part of the model (LoRA, stage 1's embeddings) runs to the end, but
-  the stale list holds parameters that never get a gradient: nothing is clipped, the log's
-  grad_norm is 0, and stage 1's new_rows_only mask (stages/pretrain.py _prepare_stage1,
-  which keeps the pre-prepare weights too) masks nothing, so the old rows train.
+What these runs found, fixed in lowlm (each test failed before):
+- train() in training/loop.py clipped the parameters it listed before accelerator.prepare;
+  fully_shard replaces every parameter with a DTensor one, so a full-weight stage stopped at
+  its first step ("aten.eq.Tensor got mixed torch.Tensor and DTensor" in accelerate's
+  clip_grad_norm_), and a partial one (LoRA, stage 1) clipped nothing and logged a grad_norm
+  of 0. The list is now taken after prepare, and the DTensor norm made whole.
+- Stage 1's new_rows_only mask (stages/pretrain.py) kept the pre-prepare weights too and
+  masked nothing: the old rows trained. It now looks the weights up at each step and masks
+  the rows of each rank's shard.
+- pretrain.eval_tasks hung: the main process scored the sharded model alone while the
+  other rank waited at a barrier. Under FSDP every rank now runs the same texts.
+- Stage 2's trainable embedding rows on a tied model stop in accelerate's
+  fsdp2_prepare_model (peft's TrainableTokensWrapper hides the tie from its
+  `input_weight is output_weight` check); lowlm now refuses that combination in one line
+  before training.
+- The exported model of a tied model held lm_head.weight as a second copy of the
+  embeddings (the gathered state has two tensors): save_model_folder keeps the one tied to.
 
-Not covered, and why:
-- pretrain.eval_tasks under FSDP hangs: _run_periodic in training/loop.py scores the
-  unwrapped model on the main process alone while the other rank waits at a barrier, but
-  under FSDP2 the unwrapped model is the sharded one, whose forward gathers weights from
-  every rank. A test could only show it by timing out.
-- Stage 2's default train_embeddings: all on a tied model stops in accelerate's
-  fsdp2_prepare_model: peft's TrainableTokensWrapper hides the tie from its
-  `input_weight is output_weight` check, so transformers' tie_weights fails under
-  cpu_ram_efficient_loading ("model.embed_tokens.weight is neither a parameter ..."), and
-  without it the shared base weight reaches fully_shard a second time.
-- DeepSpeed (not installed, and not a test dependency).
+DeepSpeed is not installed and not a test dependency; lowlm refuses it (training/session.py).
 
 Each launch is a fresh pair of one-thread processes, so FSDP2 and DDP agree to rounding
 and a resumed run equals the uninterrupted one.
@@ -83,13 +77,10 @@ pytestmark = [
     pytest.mark.skipif(not _fsdp2_over_gloo(), reason="this torch has no FSDP2 over gloo"),
 ]
 
-STALE_PARAMETERS = (
-    "lowlm bug: train() in training/loop.py clips the parameters it listed before "
-    "accelerator.prepare (FSDP2 replaces them) and reduces the DTensor norm it gets back"
-)
 
-
-def fsdp_ranks(*args: str, state_dict: str | None = None) -> subprocess.CompletedProcess:
+def fsdp_ranks(
+    *args: str, state_dict: str | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`lowlm ARGS` in two gloo processes under the shipped FSDP config (fp32 on this CPU);
     `state_dict` overrides its fsdp_state_dict_type."""
     command = [str(BIN / "accelerate"), "launch", "--config_file", str(FSDP_CONFIG)]
@@ -98,7 +89,7 @@ def fsdp_ranks(*args: str, state_dict: str | None = None) -> subprocess.Complete
     if state_dict is not None:
         command += ["--fsdp_state_dict_type", state_dict]
     return subprocess.run(
-        [*command, str(LAUNCH), *args], env=ENV, capture_output=True, text=True, timeout=300
+        [*command, str(LAUNCH), *args], env=ENV, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -172,7 +163,6 @@ def resume_after_step_4(tmp_path: Path, config: Path, stage: str, *args: str, **
 FULL_RUN = dict(full={"steps": 8, "lr": 3e-3}, log_every=2, save_every=4, eval_every=4)
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_PARAMETERS)
 def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_path):
     """The shipped fsdp.yaml (FULL_STATE_DICT): checkpoints are rank 0's gathered
     pytorch_model_fsdp.bin and optimizer.bin; FSDP2 and DDP are the same arithmetic up to
@@ -207,14 +197,10 @@ def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_
 
     exported = load_file(str(fsdp / "model.safetensors"))
     reference = load_file(str(ddp / "model.safetensors"))
-    # The tiny model is tied: DDP's state dict shares one storage between the embedding and
-    # lm_head, which save_pretrained writes once; FSDP2's gathered state dict holds them as
-    # two tensors, and both are written (equal).
-    extra = set(exported) - set(reference)
-    assert extra <= {"lm_head.weight"}
-    for key in extra:
-        torch.testing.assert_close(exported[key], exported["model.embed_tokens.weight"])
-    assert_same_weights(reference, {key: exported[key] for key in reference})
+    # The tiny model is tied: FSDP2's gathered state holds the embedding and lm_head as two
+    # tensors; the export writes the tied weight once, as DDP's does.
+    assert "lm_head.weight" not in exported
+    assert_same_weights(reference, exported)
 
     whole = resume_after_step_4(tmp_path, sharded, "pretrain-full")
     assert_same_weights(
@@ -222,7 +208,6 @@ def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_
     )
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_PARAMETERS)
 def test_fsdp2_sharded_checkpoints_resume_to_the_uninterrupted_run(tmp_path):
     """SHARDED_STATE_DICT: model and optimizer in torch.distributed.checkpoint folders,
     each weight stored as one chunk per rank; a run resumed from them ends as the whole
@@ -249,16 +234,25 @@ def test_fsdp2_sharded_checkpoints_resume_to_the_uninterrupted_run(tmp_path):
 
 
 def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path):
-    """LoRA stage 2 (no embedding rows) runs under FSDP2 on the committed loop: its
-    checkpoint is FSDP's gathered file of the whole model (FSDP saves the model its own way,
-    so lowlm's hook that leaves the frozen base out has nothing to filter), the adapter is
-    written from get_state_dict, and a run resumed from step 4 ends as the whole one.
-    Its gradient norms stay below max_grad_norm, so the clipping that FSDP2 loses here
-    (test_fsdp2_partial_stages_see_the_prepared_parameters) changes nothing."""
+    """LoRA stage 2 (no embedding rows) under FSDP2: its checkpoint is FSDP's gathered file of
+    the whole model (FSDP saves the model its own way, so lowlm's hook that leaves the frozen
+    base out has nothing to filter), the adapter is written from get_state_dict, gradients
+    are clipped over the sharded parameters (a non-zero norm in the log), the eval tasks run
+    on both ranks (the sharded forward needs both; it hung when the main process ran them
+    alone), and a run resumed from step 4 ends as the whole one."""
     lora = {"r": 2, "alpha": 4, "dropout": 0.0}
     stage2 = {"steps": 8, "lr": 3e-3, "lora": lora, "train_embeddings": "none"}
-    config = make_run(tmp_path, "lora", stage2=stage2, log_every=2, save_every=4, eval_every=4)
-    ok(fsdp_ranks("pretrain", str(config), "--stage", "2"))
+    heldout = str(tmp_path / "runs" / "lora" / "tokenizer" / "heldout.txt")
+    config = make_run(
+        tmp_path,
+        "lora",
+        stage2=stage2,
+        log_every=2,
+        save_every=4,
+        eval_every=4,
+        eval_tasks=[{"name": "ppl", "path": heldout}],
+    )
+    ok(fsdp_ranks("pretrain", str(config), "--stage", "2", timeout=180))
     folder = tmp_path / "runs" / "lora" / "pretrain-stage2"
     checkpoint = folder / "checkpoints" / "step-4"
     assert checkpoint_files(checkpoint) == {"pytorch_model_fsdp.bin", "optimizer.bin"}
@@ -268,6 +262,10 @@ def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path):
     assert adapter and all("lora_" in key for key in adapter)
     assert any("lora_B" in key and tensor.abs().max() > 0 for key, tensor in adapter.items())
 
+    entries = log(folder)
+    assert all(entry["grad_norm"] > 0 for entry in entries if "grad_norm" in entry)
+    assert [entry["step"] for entry in entries if "eval/ppl_heldout" in entry] == [4, 8]
+
     whole = resume_after_step_4(tmp_path, config, "pretrain-stage2", "--stage", "2")
     assert_same_weights(
         load_file(str(whole / "adapter_model.safetensors")),
@@ -275,7 +273,6 @@ def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path):
     )
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_PARAMETERS + "; and _prepare_stage1's mask")
 def test_fsdp2_partial_stages_see_the_prepared_parameters(write_config, tiny_base_untied):
     """Stage 1 with new_rows_only: only the new embedding rows may change. Under FSDP2 the
     loop clips, and the stage masks, the parameters from before accelerator.prepare, which
@@ -297,3 +294,15 @@ def test_fsdp2_partial_stages_see_the_prepared_parameters(write_config, tiny_bas
         assert after[saved].shape == before[key].shape
         assert torch.equal(after[saved][:old_rows], before[key][:old_rows]), saved
         assert not torch.equal(after[saved][old_rows:], before[key][old_rows:]), saved
+
+
+def test_fsdp2_refuses_trainable_embedding_rows_on_a_tied_model(tmp_path):
+    lora = {"r": 2, "alpha": 4, "dropout": 0.0}
+    stage2 = {"steps": 2, "lora": lora, "train_embeddings": "all"}
+    config = make_run(tmp_path, "tied", stage2=stage2)
+    result = fsdp_ranks("pretrain", str(config), "--stage", "2", timeout=180)
+    assert result.returncode != 0
+    assert "cannot run under FSDP on a model whose input and output embeddings are tied" in (
+        result.stderr
+    )
+    assert "src/lowlm" not in result.stderr  # no traceback of lowlm (the launcher prints its own)

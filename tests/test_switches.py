@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from lowlm.cli import app
 from lowlm.config import load_config
+from lowlm.errors import LowlmError
 from lowlm.stages import init, sft, tokenize
 from lowlm.training.session import make_accelerator
 
@@ -77,3 +78,17 @@ def test_compile_asks_accelerate_for_inductor_and_is_reset_between_stages():
     assert str(compiled.state.dynamo_plugin.backend.value).lower() == "inductor"
     plain = make_accelerator("fp32", compile=False)
     assert str(plain.state.dynamo_plugin.backend.value).lower() == "no"
+
+
+def test_deepspeed_is_refused_in_one_line(monkeypatch):
+    """accelerate's DeepSpeed backward steps the engine's optimizer itself, past lowlm's
+    accumulation and numeric guard: refused, not run with figures that are not the run's.
+    (accelerate enables DeepSpeed only on GPUs, so the launch type is stood in for here.)"""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(
+        Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED)
+    )
+    with pytest.raises(LowlmError, match="does not support DeepSpeed yet.*fsdp.yaml"):
+        make_accelerator("fp32")

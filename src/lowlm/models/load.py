@@ -280,6 +280,14 @@ def save_model_folder(
     if kind == "embeddings":
         save_embeddings(model, folder, state_dict)
     elif state_dict is not None:
+        # A gathered state (FSDP) holds tied weights as two equal tensors, not one shared
+        # storage, so save_pretrained would write both: keep the one the model ties to.
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        state_dict = {
+            key: value
+            for key, value in state_dict.items()
+            if not (key in tied and tied[key] in state_dict)
+        }
         model.save_pretrained(folder, state_dict=state_dict)
     else:
         model.save_pretrained(folder)

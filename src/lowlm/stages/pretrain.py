@@ -103,6 +103,12 @@ def _tied(model) -> bool:
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
+def _fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def _new_token_ids(parent: str, tokenizer) -> list[int]:
     card = read_card(Path(parent)) if Path(parent).is_dir() else None
     start, end = (card or {}).get("new_token_ids", [len(tokenizer), len(tokenizer)])
@@ -123,19 +129,44 @@ def _prepare_stage1(model, new_ids: list[int], new_rows_only: bool):
     if not new_ids:
         raise LowlmError("pretrain.stage1.new_rows_only is set but the model has no new rows.")
     first_new = new_ids[0]
+    # The modules, not their weights: FSDP2 (accelerator.prepare) replaces the parameters of
+    # the same module objects with sharded ones.
+    modules = [model.get_input_embeddings()]
+    if not _tied(model) and model.get_output_embeddings() is not None:
+        modules.append(model.get_output_embeddings())
 
     def mask_old_rows() -> None:
-        for weight in matrices:
-            if weight.grad is not None:
-                weight.grad[:first_new] = 0
+        for module in modules:
+            grad = module.weight.grad
+            if grad is None:
+                continue
+            if hasattr(grad, "to_local"):  # a DTensor sharded by rows: this rank's rows
+                from torch.distributed.tensor._utils import (
+                    compute_local_shape_and_global_offset,
+                )
+
+                _, offset = compute_local_shape_and_global_offset(
+                    grad.shape, grad.device_mesh, grad.placements
+                )
+                grad.to_local()[: max(0, first_new - offset[0])] = 0
+            else:
+                grad[:first_new] = 0
 
     return model, mask_old_rows
 
 
-def _prepare_stage2(model, config: LowlmConfig, new_ids: list[int]):
+def _prepare_stage2(model, config: LowlmConfig, new_ids: list[int], sharded: bool = False):
     cfg = config.pretrain.stage2
     input_name, output_name = _embedding_module_names(model)
     extra: dict = {}
+    if sharded and _tied(model) and cfg.train_embeddings != "none":
+        # peft's trainable-token wrapper hides the tie from accelerate's FSDP preparation,
+        # which then fails on the shared weight.
+        raise LowlmError(
+            f"pretrain.stage2.train_embeddings: {cfg.train_embeddings} cannot run under FSDP on "
+            "a model whose input and output embeddings are tied; set it to none, or launch "
+            "without FSDP (DDP: configs/accelerate/multi-gpu.yaml)."
+        )
     if cfg.train_embeddings == "new":
         if not new_ids:
             raise LowlmError(
@@ -231,7 +262,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     if stage == "1":
         model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
     elif stage == "2":
-        model = _prepare_stage2(model, config, new_ids)
+        model = _prepare_stage2(model, config, new_ids, _fsdp(accelerator))
     else:  # every weight trains (a merged adapter parent leaves them frozen)
         for param in model.parameters():
             param.requires_grad_(True)

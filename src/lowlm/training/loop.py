@@ -566,6 +566,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, plan))
     precise = all(p.dtype == torch.float32 for p in model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Listed again: FSDP2's fully_shard replaces every parameter with a sharded one.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     hook = accelerator.register_save_state_pre_hook(_keep_trainable)
     model.train()
     config = accelerator.unwrap_model(model).config
@@ -671,6 +673,8 @@ def train(
         if after_backward is not None:
             after_backward()
         grad_norm = accelerator.clip_grad_norm_(trainable, plan.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients
+            grad_norm = grad_norm.full_tensor()
         norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0).to(step_loss)
         # One reduction: loss, tokens, and whether any rank's loss or gradient norm is
         # non-finite (then every rank skips the update together).
@@ -809,18 +813,23 @@ def _scalars(entry: dict) -> dict[str, float]:
 
 
 def _run_periodic(accelerator, model, periodic) -> dict:
-    """Benchmark figures of the model being trained, computed on the main process while the
-    others wait (the unwrapped model: no collective operation runs)."""
+    """Benchmark figures of the model being trained (the unwrapped model). Under DDP or one
+    process the main process computes them while the others wait; a sharded model (FSDP,
+    DeepSpeed) needs every rank in each forward, so there every rank runs the same texts and
+    the main process's figures are kept."""
+    from accelerate.utils import DistributedType
+
     if periodic is None:
         return {}
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     results: dict = {}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or sharded:
         unwrapped = accelerator.unwrap_model(model)
         with torch.no_grad(), accelerator.autocast():
             results = periodic(unwrapped)
         unwrapped.train()
     accelerator.wait_for_everyone()
-    return results
+    return results if accelerator.is_main_process else {}
 
 
 def _finite_or_none(value) -> float | None:

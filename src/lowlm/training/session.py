@@ -50,11 +50,25 @@ def make_accelerator(dtype: str, compile: bool = False):
         AcceleratorState._reset_state()
     # cpu=True without CUDA: otherwise accelerate ignores torchrun's ranks on such a machine.
     # dynamo_backend None leaves an `accelerate config` choice in force.
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision,
         cpu=not torch.cuda.is_available(),
         dynamo_backend="inductor" if compile else None,
     )
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate's DeepSpeed backward steps the engine's optimizer itself, on every
+        # micro-step unless its own accumulation is configured: past lowlm's gradient
+        # accumulation, loss normalisation and non-finite-step guard, so its figures would not
+        # be the run's. Not supported until that path is built and run on GPUs.
+        raise LowlmError(
+            "lowlm's training loop does not support DeepSpeed yet (its engine steps the "
+            "optimizer inside backward, past lowlm's accumulation and numeric guard); launch "
+            "with configs/accelerate/fsdp.yaml (FSDP2 shards parameters, gradients and "
+            "optimizer state, as ZeRO-3) or configs/accelerate/multi-gpu.yaml."
+        )
+    return accelerator
 
 
 def check_trackers(report_to: list[str]) -> None:
