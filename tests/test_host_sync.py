@@ -99,3 +99,46 @@ def test_a_checkpoint_of_the_foreach_adamw_resumes_on_the_fused_one(tmp_path, mo
 def pretrain_loss(tmp_path, name: str) -> float:
     lines = (tmp_path / "runs" / name / "pretrain-full" / "log.jsonl").read_text().splitlines()
     return json.loads(lines[-1])["loss"]
+
+
+def test_model_flops_count_weights_that_multiply_and_attention(write_config):
+    """MFU's numerator: 6 FLOPs per weight that multiplies (4 with a frozen base), the input
+    embedding left out unless it is the output layer too, plus 12 x layers x width per
+    position attended; the log's figure is that over the window's time and the peak."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(tied: bool):
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=1000,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                tie_word_embeddings=tied,
+            )
+        )
+
+    untied, tied = llama(False), llama(True)
+    total = sum(p.numel() for p in untied.parameters())
+    assert loop.training_flops(untied, frozen_base=False) == (6 * (total - 64_000), 12 * 3 * 64)
+    assert loop.training_flops(untied, frozen_base=True)[0] == 4 * (total - 64_000)
+    # tied: the one matrix is the output layer, which multiplies
+    assert loop.training_flops(tied, frozen_base=False)[0] == 6 * (total - 64_000)
+
+    config = prepared(
+        write_config,
+        None,
+        init={"size": "tiny"},
+        pretrain={"full": {"steps": 4}, "log_every": 2, "peak_tflops": 1.0},
+    )
+    pretrain.run(config)
+    from lowlm.models.load import load_model
+
+    model = load_model(config.run_dir / "pretrain-full")
+    per_token, per_position = loop.training_flops(model, frozen_base=False)
+    block = config.pretrain.block_size
+    log = [json.loads(line) for line in (config.run_dir / "pretrain-full" / "log.jsonl").open()]
+    for entry in (e for e in log if "mfu" in e):
+        expected = (per_token + per_position * block) * entry["tokens_per_s"] / 1e12
+        assert entry["mfu"] == pytest.approx(expected, rel=1e-6)

@@ -134,6 +134,36 @@ def _peak_flops(device: torch.device, configured: float | None, dtype: torch.dty
     return 4 * 2 * size**3 / (time.perf_counter() - started)
 
 
+def _numel(param) -> int:
+    """A weight's element count; a bitsandbytes 4-bit weight stores two per byte (its
+    quant_state keeps the shape)."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
+
+
+def training_flops(model, frozen_base: bool) -> tuple[float, float]:
+    """(FLOPs per trained token for the weights, FLOPs per token and position it attends),
+    the model FLOPs utilisation counts (as PaLM's MFU does): 2 per weight in the forward pass
+    and 4 in the backward (2 where the weight is frozen: no weight gradient), the input
+    embedding excluded unless it is the output layer's too (a lookup multiplies nothing);
+    attention's score and value products add 4 x layers x width per position attended in
+    the forward pass and twice that backward. Positions attended are counted per row as the
+    kernel sees it (a packed row's full length; flash-attention's variable-length path
+    computes less, so MFU is then understated)."""
+    weights = sum(_numel(p) for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is None or output.weight is not embedding:
+        weights -= _numel(embedding)
+    config = model.config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (
+        (getattr(config, "hidden_size", 0) or 0) // max(heads, 1)
+    )
+    return (4 if frozen_base else 6) * weights, 12 * layers * heads * head_dim
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint (state.json is written last)."""
     done = [p for p in (folder / "checkpoints").glob("step-*") if (p / "state.json").exists()]
@@ -427,18 +457,23 @@ class _Ledger:
     max_skipped_steps steps in a row were skipped."""
 
     def __init__(self, device, plan: TrainPlan, folder: Path, main: bool, skipped: int):
-        # loss, tokens, updated steps; float64 keeps a window's token count exact past 2**24
+        # loss, tokens, updated steps, token-positions attended; float64 keeps a window's
+        # token count exact past 2**24
         wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
-        self.sums = torch.zeros(3, device=device, dtype=wide)
+        self.sums = torch.zeros(4, device=device, dtype=wide)
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.plan, self.folder, self.main = plan, folder, main
         self.skipped, self.in_a_row, self.overflows = skipped, 0, 0
         self.tokens_seen = 0
         self.window_loss, self.window_tokens, self.window_steps = 0.0, 0, 0
+        self.window_attended = 0.0
 
-    def record(self, step: int, outcome: torch.Tensor, loss: torch.Tensor, tokens) -> None:
+    def record(
+        self, step: int, outcome: torch.Tensor, loss: torch.Tensor, tokens, attended
+    ) -> None:
         updated = outcome == UPDATED
-        figures = torch.stack([loss, tokens, torch.ones_like(loss)]).to(self.sums.dtype)
+        figures = torch.stack([loss, tokens, torch.ones_like(loss), attended])
+        figures = figures.to(self.sums.dtype)
         self.sums += torch.where(updated, figures, 0)
         self.pending.append((step, outcome))
 
@@ -452,9 +487,10 @@ class _Ledger:
         self.window_tokens += int(values[1])
         self.tokens_seen += int(values[1])
         self.window_steps += int(values[2])
+        self.window_attended += values[3]
         steps = [step for step, _ in self.pending]
         self.pending = []
-        for step, outcome in zip(steps, values[3:], strict=True):
+        for step, outcome in zip(steps, values[4:], strict=True):
             if outcome == OVERFLOW:  # routine while the fp16 loss scale settles
                 self.overflows += 1
             elif outcome == SKIPPED:
@@ -479,13 +515,14 @@ class _Ledger:
             else:
                 self.in_a_row = 0
 
-    def take_window(self) -> tuple[float | None, int]:
-        """The mean loss of the window's updated steps (None when every step was skipped) and
-        its tokens; starts the next window."""
+    def take_window(self) -> tuple[float | None, int, float]:
+        """The mean loss of the window's updated steps (None when every step was skipped), its
+        tokens and token-positions attended; starts the next window."""
         loss = self.window_loss / self.window_steps if self.window_steps else None
-        tokens = self.window_tokens
+        tokens, attended = self.window_tokens, self.window_attended
         self.window_loss, self.window_tokens, self.window_steps = 0.0, 0, 0
-        return loss, tokens
+        self.window_attended = 0.0
+        return loss, tokens, attended
 
 
 def _fused_adamw(accelerator) -> bool:
@@ -599,8 +636,7 @@ def train(
     global_batch = plan.batch_size * plan.grad_accum * world
     order = _Order(len(train_data), plan.seed)
     unwrapped = accelerator.unwrap_model(model)
-    n_params = sum(p.numel() for p in unwrapped.parameters())
-    flops_per_token = (4 if plan.frozen_base else 6) * n_params
+    flops_per_token, flops_per_attended = training_flops(unwrapped, plan.frozen_base)
     matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         str(accelerator.mixed_precision), torch.float32
     )
@@ -636,6 +672,7 @@ def train(
     for step in range(start_step, plan.steps):
         step_loss = torch.zeros((), device=accelerator.device)
         step_tokens = torch.zeros((), device=accelerator.device)
+        step_attended = torch.zeros((), device=accelerator.device)  # tokens x row length
         batches = []
         for micro in range(plan.grad_accum):
             first = (
@@ -670,6 +707,7 @@ def train(
                 accelerator.backward(loss * scales[micro])
             step_loss += loss.detach() * scales[micro]
             step_tokens += real_tokens
+            step_attended += real_tokens * batch["input_ids"].shape[-1]
         if after_backward is not None:
             after_backward()
         grad_norm = accelerator.clip_grad_norm_(trainable, plan.max_grad_norm)
@@ -678,11 +716,12 @@ def train(
         norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0).to(step_loss)
         # One reduction: loss, tokens, and whether any rank's loss or gradient norm is
         # non-finite (then every rank skips the update together).
-        loss_sum, tokens, bad_losses, bad_norms = accelerator.reduce(
+        loss_sum, tokens, attended, bad_losses, bad_norms = accelerator.reduce(
             torch.stack(
                 [
                     torch.nan_to_num(step_loss),
                     step_tokens.float(),
+                    step_attended.float(),
                     (~torch.isfinite(step_loss)).float(),
                     (~torch.isfinite(norm)).float(),
                 ]
@@ -711,7 +750,7 @@ def train(
                 scheduler.step()
                 outcome = torch.tensor(UPDATED)
         optimizer.zero_grad(set_to_none=True)
-        ledger.record(done, outcome.to(loss_sum.device), loss_sum / world, tokens)
+        ledger.record(done, outcome.to(loss_sum.device), loss_sum / world, tokens, attended)
         log_now = done % plan.log_every == 0 or done == plan.steps
         if not on_device or log_now or done % plan.save_every == 0:
             ledger.read()  # the host sync
@@ -719,8 +758,9 @@ def train(
         if log_now:
             seconds = time.perf_counter() - window_start
             # loss is None when every step of the window was skipped by the numeric guard.
-            window_loss, window_tokens = ledger.take_window()
+            window_loss, window_tokens, window_attended = ledger.take_window()
             tokens_per_s = window_tokens / seconds
+            flops = flops_per_token * window_tokens + flops_per_attended * window_attended
             last = {
                 "step": done,
                 "loss": window_loss,
@@ -728,7 +768,7 @@ def train(
                 "grad_norm": _finite_or_none(grad_norm),
                 "skipped_steps": ledger.skipped,
                 "tokens_per_s": tokens_per_s,
-                "mfu": flops_per_token * tokens_per_s / peak,
+                "mfu": flops / seconds / peak,
             }
             if accelerator.device.type == "cuda":
                 last["peak_gpu_memory_gb"] = (
