@@ -304,7 +304,16 @@ def _bad_gradient_norms(monkeypatch, bad_steps, seen):
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
 
 
-def test_a_non_finite_gradient_norm_skips_the_update_and_is_counted(write_config, monkeypatch):
+@pytest.mark.parametrize("guard", ["device", "host"])
+def test_a_non_finite_gradient_norm_skips_the_update_and_is_counted(
+    write_config, monkeypatch, guard
+):
+    """The fused AdamW skips the update on the device; where the update cannot take a device
+    flag (fp16 loss scaling, or no fused kernel), the host decides each step: both skip."""
+    if guard == "host":
+        from lowlm.training import loop
+
+        monkeypatch.setattr(loop, "_fused_adamw", lambda accelerator: False)
     config = prepared(write_config, None, init={"size": "tiny"}, pretrain={"full": {"steps": 5}})
     seen: list = []
     _bad_gradient_norms(monkeypatch, {3}, seen)

@@ -807,12 +807,7 @@ def build_cache(
         raise LowlmError(_mismatch_message(str(exc), folder)) from None
     finally:
         bar.close()
-        if pool:
-            if finished:
-                pool.close()
-            else:
-                pool.terminate()
-            pool.join()
+        _close_pool(pool, finished)
     seconds = time.perf_counter() - started
     build = _build_record(
         plan,
@@ -829,6 +824,16 @@ def build_cache(
     meta = _finish(folder, packers, block_size, setup, documents, build)
     _print_summary(build, plan, children=pool is not None)
     return meta
+
+
+def _close_pool(pool, finished: bool) -> None:
+    """Let a finished pool's workers exit; stop those of an interrupted one."""
+    if pool:
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
+        pool.join()
 
 
 def _mismatch_message(message: str, folder: Path) -> str:
@@ -1192,12 +1197,7 @@ def _encode_share(
     finally:
         if bar is not None:
             bar.close()
-        if pool:
-            if finished:
-                pool.close()
-            else:
-                pool.terminate()
-            pool.join()
+        _close_pool(pool, finished)
     seconds = time.perf_counter() - started
     status.update(
         bytes=sizes["encoded"],
