@@ -449,7 +449,7 @@ UPDATED, SKIPPED, OVERFLOW = 0, 1, 2  # what an optimizer step did
 class _Ledger:
     """What the optimizer steps did, kept on the device and read back in one host sync at
     logging and checkpoint steps (every step only where the update itself needs the host to
-    decide: fp16 loss scaling, DeepSpeed, devices without a fused AdamW).
+    decide: fp16 loss scaling, devices without a fused AdamW).
 
     Each step records its outcome (UPDATED, SKIPPED by the numeric guard, or an fp16 loss-scale
     OVERFLOW), its loss (the mean over ranks) and its tokens; `read` turns them into the
@@ -526,21 +526,16 @@ class _Ledger:
 
 
 def _fused_adamw(accelerator) -> bool:
-    """torch's fused AdamW: one kernel per parameter group (on CPU about 4x faster than the
-    foreach one), and it takes a `found_inf` flag that skips the update on the device. Not
-    under DeepSpeed, whose engine steps the optimizer itself."""
-    from accelerate.utils import DistributedType
-
+    """torch's fused AdamW, where the device has the kernel: one kernel per parameter group
+    (on CPU about 4x faster than the foreach one), and it takes a `found_inf` flag that skips
+    the update on the device."""
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
         devices = _get_fused_kernels_supported_devices()
     except ImportError:  # a private helper: fall back to the devices every release supports
         devices = ["cpu", "cuda"]
-    return (
-        accelerator.distributed_type != DistributedType.DEEPSPEED
-        and accelerator.device.type in devices
-    )
+    return accelerator.device.type in devices
 
 
 def _match_fused(optimizer, fused: bool) -> None:
@@ -666,7 +661,7 @@ def train(
     # The numeric guard on the device: the fused AdamW skips the update when any rank's loss
     # or gradient norm is non-finite, so the host reads nothing until the next logging step.
     # The schedule then advances on a skipped step too (the lr follows the step number).
-    # fp16's GradScaler and DeepSpeed decide on the host, so there the ledger is read every step.
+    # Under fp16's GradScaler (or without a fused kernel) the host decides: read every step.
     on_device = fused and scaler is None
     inner = getattr(optimizer, "optimizer", optimizer)
     for step in range(start_step, plan.steps):
