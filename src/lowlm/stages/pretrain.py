@@ -35,7 +35,7 @@ from lowlm.models.load import (
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.stages.eval import periodic_eval
 from lowlm.tokenization.base import resolve_base_tokenizer
-from lowlm.training.loop import document_positions, seed_everything
+from lowlm.training.loop import document_positions, seed_everything, sharded
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
@@ -103,12 +103,6 @@ def _tied(model) -> bool:
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
-def _fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
 def _new_token_ids(parent: str, tokenizer) -> list[int]:
     card = read_card(Path(parent)) if Path(parent).is_dir() else None
     start, end = (card or {}).get("new_token_ids", [len(tokenizer), len(tokenizer)])
@@ -119,21 +113,18 @@ def _prepare_stage1(model, new_ids: list[int], new_rows_only: bool):
     """Freeze everything but the embedding matrices; optionally mask the old rows' gradients."""
     for param in model.parameters():
         param.requires_grad_(False)
-    matrices = [model.get_input_embeddings().weight]
+    # The modules, not their weights, are kept for the mask: FSDP2 (accelerator.prepare)
+    # replaces the parameters of the same module objects with sharded ones.
+    modules = [model.get_input_embeddings()]
     if not _tied(model) and model.get_output_embeddings() is not None:
-        matrices.append(model.get_output_embeddings().weight)
-    for weight in matrices:
-        weight.requires_grad_(True)
+        modules.append(model.get_output_embeddings())
+    for module in modules:
+        module.weight.requires_grad_(True)
     if not new_rows_only:
         return model, None
     if not new_ids:
         raise LowlmError("pretrain.stage1.new_rows_only is set but the model has no new rows.")
     first_new = new_ids[0]
-    # The modules, not their weights: FSDP2 (accelerator.prepare) replaces the parameters of
-    # the same module objects with sharded ones.
-    modules = [model.get_input_embeddings()]
-    if not _tied(model) and model.get_output_embeddings() is not None:
-        modules.append(model.get_output_embeddings())
 
     def mask_old_rows() -> None:
         for module in modules:
@@ -262,7 +253,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     if stage == "1":
         model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
     elif stage == "2":
-        model = _prepare_stage2(model, config, new_ids, _fsdp(accelerator))
+        model = _prepare_stage2(model, config, new_ids, sharded(accelerator))
     else:  # every weight trains (a merged adapter parent leaves them frozen)
         for param in model.parameters():
             param.requires_grad_(True)

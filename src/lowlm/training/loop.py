@@ -177,11 +177,19 @@ def _trainable_names(model) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
+def sharded(accelerator) -> bool:
+    """Whether each rank holds only shards of the model (FSDP): its forward, save and load
+    then need every rank, in FSDP's own formats."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def _keep_trainable(models, weights, output_dir) -> None:
     """accelerate save_state pre-hook: a checkpoint of a LoRA or embedding stage holds the
     weights that train, not a copy of the frozen base (a 7B base is 14 GB a checkpoint).
     `weights` holds the state dicts accelerate gathered for plain and DDP models; FSDP and
-    DeepSpeed save the model their own (sharded) way and leave it empty."""
+    saves the model its own (sharded) way and leaves it empty."""
     for index, (model, state) in enumerate(zip(models, weights, strict=False)):
         names = _trainable_names(model)
         weights[index] = {key: value for key, value in state.items() if key in names}
@@ -191,7 +199,7 @@ def _save_checkpoint(
     accelerator, model, scheduler, step: int, folder: Path, keep: int, extra: dict
 ) -> None:
     """accelerate's save_state (model and optimizer as the distributed setup needs them:
-    gathered for DDP, sharded for FSDP / DeepSpeed; GradScaler; every rank's RNG), plus the
+    gathered for DDP, sharded for FSDP; GradScaler; every rank's RNG), plus the
     scheduler and state.json (written last: the checkpoint is complete when it exists), in a
     temporary folder the main process then renames into place."""
     checkpoints = folder / "checkpoints"
@@ -277,11 +285,8 @@ def _load_checkpoint(accelerator, model, scheduler, checkpoint: Path) -> dict:
             f"{checkpoint} was written with compile {was} (its weight names differ); resume "
             f"with compile {was}, or --no-resume."
         )
-    from accelerate.utils import DistributedType
-
-    own_format = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     options = {}
-    if not own_format:
+    if not sharded(accelerator):
         from safetensors import safe_open
 
         with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as handle:
@@ -574,7 +579,7 @@ def train(
     `loss_fn(model, batch)` (DPO). Every eval_every steps, `periodic(model)` adds its figures
     (benchmark scores) to the log. Writes checkpoints and log.jsonl into `folder`; returns
     the final metrics and the model as accelerate prepared it (wrapped for DDP / FSDP /
-    DeepSpeed: what accelerator.get_state_dict takes).
+    what accelerator.get_state_dict takes).
     """
     collate = collate or _collate
     from tqdm.auto import tqdm
@@ -849,16 +854,13 @@ def _scalars(entry: dict) -> dict[str, float]:
 
 def _run_periodic(accelerator, model, periodic) -> dict:
     """Benchmark figures of the model being trained (the unwrapped model). Under DDP or one
-    process the main process computes them while the others wait; a sharded model (FSDP,
-    DeepSpeed) needs every rank in each forward, so there every rank runs the same texts and
-    the main process's figures are kept."""
-    from accelerate.utils import DistributedType
-
+    process the main process computes them while the others wait; a sharded model (FSDP)
+    needs every rank in each forward, so there every rank runs the same texts and the main
+    process's figures are kept."""
     if periodic is None:
         return {}
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     results: dict = {}
-    if accelerator.is_main_process or sharded:
+    if accelerator.is_main_process or sharded(accelerator):
         unwrapped = accelerator.unwrap_model(model)
         with torch.no_grad(), accelerator.autocast():
             results = periodic(unwrapped)

@@ -244,8 +244,8 @@ def train_and_save(
         # figures are the same on each, the main process records them.
         with accelerator.autocast():
             metrics.update(final_metrics(unwrapped))
-    # The whole state, gathered from every rank's shard under FSDP / DeepSpeed ZeRO-3 (every
-    # rank takes part); the model as it is under one process or DDP.
+    # The whole state, gathered from every rank's shard under FSDP (every rank takes part);
+    # the model as it is under one process or DDP.
     state = accelerator.get_state_dict(prepared)
     saved = None
     if accelerator.is_main_process:
