@@ -148,16 +148,16 @@ def test_cache_key_changes_with_block_size_and_content(write_config, tmp_path):
 
 
 def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_path, monkeypatch):
-    import lowlm.data.blocks as blocks
+    from lowlm.data.blocks import CacheOptions, shards
 
     config = load_config(write_config(**pipeline_config(None)))
     tokenize.run(config)
     sources = resolve_sources([str(DEMO / "zh-tw.txt")])
-    monkeypatch.setattr(blocks, "SHARD_BLOCKS", 64)
+    options = CacheOptions(shard_blocks=64)
     tokenizer = config.run_dir / "tokenizer"
-    build_cache(tmp_path / "whole", tokenizer, sources, config.data, 32, 1)
+    build_cache(tmp_path / "whole", tokenizer, sources, config.data, 32, 1, 1, options)
 
-    real_save = blocks._save_progress
+    real_save = shards.save_progress
     calls = {"n": 0}
 
     def crash_after_two(*args):
@@ -166,13 +166,13 @@ def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_pa
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(blocks, "_save_progress", crash_after_two)
+    monkeypatch.setattr(shards, "save_progress", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1)
+        build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1, 1, options)
     assert (tmp_path / "resumed" / "progress.json").exists()
     assert not (tmp_path / "resumed" / "meta.json").exists()
-    monkeypatch.setattr(blocks, "_save_progress", real_save)
-    build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1)
+    monkeypatch.setattr(shards, "save_progress", real_save)
+    build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1, 1, options)
     for split in ("train", "eval"):
         whole, resumed = (
             BlockDataset(tmp_path / "whole", split),
