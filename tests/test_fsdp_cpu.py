@@ -52,8 +52,7 @@ from lowlm.config import load_config
 from lowlm.models.load import load_tokenizer
 from lowlm.stages import resize, tokenize
 
-from .conftest import REPO, pipeline_config
-from .test_resume_and_distributed import ENV, _free_port, make_run
+from .conftest import ENV, REPO, free_port, pipeline_config
 
 LAUNCH = Path(__file__).with_name("_fsdp_launch.py")
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
@@ -85,7 +84,7 @@ def fsdp_ranks(
     `state_dict` overrides its fsdp_state_dict_type."""
     command = [str(BIN / "accelerate"), "launch", "--config_file", str(FSDP_CONFIG)]
     command += ["--num_processes", "2", "--mixed_precision", "no"]
-    command += ["--main_process_port", str(_free_port())]
+    command += ["--main_process_port", str(free_port())]
     if state_dict is not None:
         command += ["--fsdp_state_dict_type", state_dict]
     return subprocess.run(
@@ -95,7 +94,7 @@ def fsdp_ranks(
 
 def ddp_ranks(*args: str) -> subprocess.CompletedProcess:
     """The same under torchrun: two gloo processes, DDP."""
-    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     return subprocess.run(
         [*command, "-m", "lowlm.cli", *args], env=ENV, capture_output=True, text=True, timeout=300
     )
@@ -163,15 +162,15 @@ def resume_after_step_4(tmp_path: Path, config: Path, stage: str, *args: str, **
 FULL_RUN = dict(full={"steps": 8, "lr": 3e-3}, log_every=2, save_every=4, eval_every=4)
 
 
-def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_path):
+def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_path, make_run):
     """The shipped fsdp.yaml (FULL_STATE_DICT): checkpoints are rank 0's gathered
     pytorch_model_fsdp.bin and optimizer.bin; FSDP2 and DDP are the same arithmetic up to
     rounding, so the log (losses, gradient norms after clipping), the step-4 weights and
     the exported model (gathered by get_state_dict: every tensor at its full shape) match a
     DDP run; a run resumed from step 4 (rank 0 loads, the ranks get their shards) ends as
     the uninterrupted one."""
-    sharded = make_run(tmp_path, "fsdp", **FULL_RUN)
-    plain = make_run(tmp_path, "ddp", **FULL_RUN)
+    sharded = make_run("fsdp", **FULL_RUN)
+    plain = make_run("ddp", **FULL_RUN)
     ok(fsdp_ranks("pretrain", str(sharded)))
     ok(ddp_ranks("pretrain", str(plain)))
     fsdp = tmp_path / "runs" / "fsdp" / "pretrain-full"
@@ -208,11 +207,11 @@ def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_
     )
 
 
-def test_fsdp2_sharded_checkpoints_resume_to_the_uninterrupted_run(tmp_path):
+def test_fsdp2_sharded_checkpoints_resume_to_the_uninterrupted_run(tmp_path, make_run):
     """SHARDED_STATE_DICT: model and optimizer in torch.distributed.checkpoint folders,
     each weight stored as one chunk per rank; a run resumed from them ends as the whole
     run."""
-    config = make_run(tmp_path, "fsdp", **FULL_RUN)
+    config = make_run("fsdp", **FULL_RUN)
     ok(fsdp_ranks("pretrain", str(config), state_dict="SHARDED_STATE_DICT"))
     folder = tmp_path / "runs" / "fsdp" / "pretrain-full"
     checkpoint = folder / "checkpoints" / "step-4"
@@ -233,7 +232,7 @@ def test_fsdp2_sharded_checkpoints_resume_to_the_uninterrupted_run(tmp_path):
     )
 
 
-def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path):
+def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path, make_run):
     """LoRA stage 2 (no embedding rows) under FSDP2: its checkpoint is FSDP's gathered file of
     the whole model (FSDP saves the model its own way, so lowlm's hook that leaves the frozen
     base out has nothing to filter), the adapter is written from get_state_dict, gradients
@@ -244,7 +243,6 @@ def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path):
     stage2 = {"steps": 8, "lr": 3e-3, "lora": lora, "train_embeddings": "none"}
     heldout = str(tmp_path / "runs" / "lora" / "tokenizer" / "heldout.txt")
     config = make_run(
-        tmp_path,
         "lora",
         stage2=stage2,
         log_every=2,
@@ -296,10 +294,10 @@ def test_fsdp2_partial_stages_see_the_prepared_parameters(write_config, tiny_bas
         assert not torch.equal(after[saved][old_rows:], before[key][old_rows:]), saved
 
 
-def test_fsdp2_refuses_trainable_embedding_rows_on_a_tied_model(tmp_path):
+def test_fsdp2_refuses_trainable_embedding_rows_on_a_tied_model(tmp_path, make_run):
     lora = {"r": 2, "alpha": 4, "dropout": 0.0}
     stage2 = {"steps": 2, "lora": lora, "train_embeddings": "all"}
-    config = make_run(tmp_path, "tied", stage2=stage2)
+    config = make_run("tied", stage2=stage2)
     result = fsdp_ranks("pretrain", str(config), "--stage", "2", timeout=180)
     assert result.returncode != 0
     assert "cannot run under FSDP on a model whose input and output embeddings are tied" in (

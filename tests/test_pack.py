@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,6 +19,8 @@ from lowlm.config import DataConfig
 from lowlm.data.blocks import CacheOptions, EncoderPlan, build_cache, choice, shards
 from lowlm.data.corpus import resolve_sources
 from lowlm.errors import LowlmError
+
+from .conftest import ENV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
@@ -340,7 +341,6 @@ def test_pieces_whose_merges_interleave_are_triggers(tokenizers):
 # (`--multi_gpu` without a GPU; `--cpu --num_processes 2` would run one), every rank calling
 # build_cache as `lowlm pretrain` does.
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Small batches and parts, so that the test corpus makes several parts per rank.
 SMALL = {"docs_per_batch": 32, "part_batches": 2, "shard_blocks": 16, "verify_every": 4}
 PART_DOCS = CacheOptions(**SMALL).part_documents
@@ -349,12 +349,6 @@ needs_accelerate = pytest.mark.skipif(
     shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
     reason="accelerate's launcher is not installed beside this Python",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def two_ranks(tmp_path: Path, builds: list[dict], **spec) -> tuple[int, list[list[dict]]]:
@@ -367,7 +361,7 @@ def two_ranks(tmp_path: Path, builds: list[dict], **spec) -> tuple[int, list[lis
     launcher = Path(sys.executable).parent / "accelerate"
     command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(_free_port()), __file__, str(out / "spec.json")]
+    command += ["--main_process_port", str(free_port()), __file__, str(out / "spec.json")]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     (out / "launch.log").write_text(done.stdout + done.stderr)
     results = [
