@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from lowlm.cli import app
+from lowlm.models.load import load_model, load_tokenizer
 
 from .conftest import DEMO
 
@@ -71,8 +72,14 @@ def test_run_command_goes_from_corpus_to_exported_model(write_config, tiny_base,
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "t"
-    for folder in ("tokenizer", "model-resized", "pretrain-stage1", "pretrain-stage2", "export"):
-        assert (run_dir / folder / "lowlm_model.json").exists() or folder == "tokenizer"
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    for folder in ("model-resized", "pretrain-stage1", "pretrain-stage2", "export"):
+        assert (run_dir / folder / "lowlm_model.json").exists(), folder
+    # the exported model is a whole model over the run's merged tokenizer
+    exported = load_model(run_dir / "export")
+    assert exported.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    assert len(tokenizer) > len(load_tokenizer(tiny_base))
+    assert load_tokenizer(run_dir / "export").get_vocab() == tokenizer.get_vocab()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [s for s, r in manifest["stages"].items() if r["status"] == "done"] == [
         "tokenize",

@@ -278,7 +278,17 @@ def test_teenytinyllama_recipes_run_scaled_down_with_a_downstream_finetune(
     )
     for stage in ("tokenize", "init", "pretrain-full", "export", "finetune", "eval"):
         assert stages[stage]["status"] == "done", stage
-    assert 0 <= stages["finetune"]["metrics"]["accuracy"] <= 1
+    # the classifier was fine-tuned from this run's exported model, and its accuracy is the
+    # share of the test examples its confusion matrix holds on the diagonal
+    run_dir = tmp_path / "runs" / recipe.removesuffix(".yaml")
+    card = json.loads((run_dir / "finetune" / "lowlm_model.json").read_text())
+    assert Path(card["trained_from"]).resolve() == (run_dir / "export").resolve()
+    confusion = json.loads((run_dir / "finetune" / "results.json").read_text())
+    confusion = confusion["confusion_matrix"]["rows_gold_columns_predicted"]
+    metrics = stages["finetune"]["metrics"]
+    assert sum(map(sum, confusion)) == metrics["test_examples"] > 0
+    correct = sum(row[i] for i, row in enumerate(confusion))
+    assert metrics["accuracy"] == correct / metrics["test_examples"]
     assert stages["eval"]["metrics"]  # bits per character on the held-out documents
 
 
