@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lowlm.cli import app
@@ -28,6 +29,7 @@ def test_validate_rejects_a_typo_with_one_sentence(write_config):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_tokenize_run_and_status_commands(write_config, sp_base, tmp_path):
     path = write_config(
         model={"tokenizer": str(sp_base)},
@@ -60,6 +62,7 @@ def test_bad_input_exits_with_one_readable_line(write_config, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_run_command_goes_from_corpus_to_exported_model(write_config, tiny_base, tmp_path):
     from .conftest import pipeline_config
 
@@ -92,6 +95,7 @@ def test_run_command_goes_from_corpus_to_exported_model(write_config, tiny_base,
     assert again.exit_code == 0 and again.stdout.count("already done") == 5
 
 
+@pytest.mark.slow
 def test_separate_commands_tokenize_init_pretrain_export(write_config, tmp_path):
     from .conftest import pipeline_config
 
@@ -116,6 +120,7 @@ def test_resize_command(write_config, tiny_base, tmp_path):
     assert "init mean" in result.stdout
 
 
+@pytest.mark.slow
 def test_finetune_and_dpo_commands(write_config, tmp_path):
     import json
 

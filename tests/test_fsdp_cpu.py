@@ -68,6 +68,7 @@ def _fsdp2_over_gloo() -> bool:
 
 
 pytestmark = [
+    pytest.mark.slow,  # every test launches two ranks
     pytest.mark.skipif(
         shutil.which("accelerate", path=str(BIN)) is None
         or shutil.which("torchrun", path=str(BIN)) is None,

@@ -55,6 +55,7 @@ def test_the_loop_reads_the_device_only_at_logging_steps(monkeypatch, prepare_ru
     assert sorted(seen) == ["finite_or_none:__float__"] * 2 + ["read:tolist"] * 2
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_foreach_adamw_resumes_on_the_fused_one(
     tmp_path, monkeypatch, make_run
 ):

@@ -111,6 +111,7 @@ def test_init_writes_a_model_for_the_runs_tokenizer(prepare_run):
 # the block cache
 
 
+@pytest.mark.slow
 def test_cache_key_changes_with_block_size_and_content(write_config, tmp_path):
     config = load_config(write_config(**pipeline_config(None)))
     tokenize.run(config)
@@ -136,6 +137,7 @@ def test_cache_key_changes_with_block_size_and_content(write_config, tmp_path):
     assert meta32["train_blocks"] > meta64["train_blocks"] > 0
 
 
+@pytest.mark.slow
 def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_path, monkeypatch):
     from lowlm.data.blocks import CacheOptions, shards
 
@@ -200,6 +202,7 @@ def test_stage1_trains_all_rows_by_default(tiny_base, prepare_run):
     assert not torch.equal(before[:100], after[:100])
 
 
+@pytest.mark.slow
 def test_stage2_trains_only_lora_and_new_rows_and_exports_faithfully(tiny_base, prepare_run):
     config = prepare_run(
         tiny_base,
@@ -242,6 +245,7 @@ def test_stage2_trains_only_lora_and_new_rows_and_exports_faithfully(tiny_base, 
     assert (config.run_dir / "export" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_full_training_from_scratch_lowers_the_loss(prepare_run):
     config = prepare_run(None, init={"size": "tiny"}, pretrain={"full": {"steps": 12, "lr": 3e-3}})
     metrics = pretrain.run(config)["full"]
@@ -355,6 +359,7 @@ def test_missing_base_model_is_a_clear_error(write_config, tmp_path):
         tokenize.run(config)
 
 
+@pytest.mark.slow
 def test_adapter_on_a_model_of_another_vocabulary_is_refused(tiny_base, prepare_run):
     config = prepare_run(tiny_base, pretrain={"stage2": {"steps": 1, "lora": {"r": 2, "alpha": 4}}})
     pretrain.run(config)
@@ -367,6 +372,7 @@ def test_adapter_on_a_model_of_another_vocabulary_is_refused(tiny_base, prepare_
     assert not (config.run_dir / "export").exists()
 
 
+@pytest.mark.slow
 def test_export_refuses_a_swapped_tokenizer(tiny_base, prepare_run):
     config = prepare_run(tiny_base, pretrain={"stage2": {"steps": 1, "lora": {"r": 2, "alpha": 4}}})
     pretrain.run(config)
@@ -381,6 +387,7 @@ def test_export_refuses_a_swapped_tokenizer(tiny_base, prepare_run):
         export.run(config, source=str(copy))
 
 
+@pytest.mark.slow
 def test_bf16_stage2_with_gradient_checkpointing_keeps_trainable_weights_fp32(
     tiny_base, prepare_run
 ):
@@ -434,6 +441,7 @@ def test_lora_directly_on_a_base_model_with_its_own_tokenizer(write_config, tiny
     assert export.run(config)["max_logit_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_cache_built_by_two_workers_equals_one(write_config, tmp_path):
     config = load_config(write_config(**pipeline_config(None)))
     tokenize.run(config)

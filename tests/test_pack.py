@@ -183,6 +183,7 @@ def test_the_cases_really_differ_without_the_stand_in_s_care(tokenizers):
     assert hf_ids(tokenizers["crossing"], text) != hf_ids(tokenizers["shuffled"], text)
 
 
+@pytest.mark.slow
 def test_two_workers_build_the_same_sentencepiece_cache(tokenizers, corpus, tmp_path):
     one = build(tmp_path / "one", tokenizers["shuffled"], corpus, num_proc=1)
     two = build(tmp_path / "two", tokenizers["shuffled"], corpus, num_proc=2)
@@ -222,6 +223,7 @@ def test_a_difference_in_the_sample_falls_back_to_hf_and_says_so(
     assert_same_cache(tmp_path / "auto", tmp_path / "hf")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_a_difference_in_a_verified_batch_stops_the_build_and_drops_its_shards(
     num_proc, tokenizers, tmp_path, monkeypatch
@@ -283,6 +285,7 @@ def test_documents_that_could_meet_a_trigger_go_to_hf(tokenizers):
     assert by_hf == 4 and got == tokenizer(docs)["input_ids"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_sentencepiece_build_resumes_to_the_same_cache(
     tokenizers, corpus, tmp_path, monkeypatch
 ):
@@ -440,6 +443,7 @@ def small_build(folder: Path, tokenizer: Path, corpus: Path) -> dict:
     return build(folder, tokenizer, corpus, options=CacheOptions(**SMALL))
 
 
+@pytest.mark.slow
 @needs_accelerate
 def test_two_ranks_build_the_one_process_cache_byte_for_byte(
     tokenizers, byte_base, corpus, tmp_path, monkeypatch
@@ -482,6 +486,7 @@ def test_two_ranks_build_the_one_process_cache_byte_for_byte(
     assert singles["sentencepiece"]["build"]["batches_verified"] >= 2
 
 
+@pytest.mark.slow
 @needs_accelerate
 def test_an_interrupted_two_rank_build_resumes_without_encoding_a_part_twice(
     tokenizers, corpus, tmp_path, monkeypatch
@@ -521,6 +526,7 @@ def test_an_interrupted_two_rank_build_resumes_without_encoding_a_part_twice(
     assert not list((tmp_path / "two").glob("parts-*"))
 
 
+@pytest.mark.slow
 @needs_accelerate
 def test_a_mismatch_on_one_rank_stops_both_with_the_one_process_error(
     tokenizers, tmp_path, monkeypatch

@@ -220,6 +220,7 @@ def test_every_recipe_validates(recipe):
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_chinese_llama_2_recipe_runs_scaled_down(tmp_path, tiny_base, local_data):
     stages = run_recipe(
         "chinese-llama-2-7b.yaml",
@@ -254,6 +255,7 @@ def test_chinese_llama_2_recipe_runs_scaled_down(tmp_path, tiny_base, local_data
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["teenytinyllama-160m.yaml", "teenytinyllama-460m.yaml"])
 def test_teenytinyllama_recipes_run_scaled_down_with_a_downstream_finetune(
     recipe, tmp_path, local_data
@@ -292,6 +294,7 @@ def test_teenytinyllama_recipes_run_scaled_down_with_a_downstream_finetune(
     assert stages["eval"]["metrics"]  # bits per character on the held-out documents
 
 
+@pytest.mark.slow
 def test_hyacinth_recipe_needs_the_remote_code_flag_and_runs_on_a_standin(
     tmp_path, glm_standin, local_data
 ):

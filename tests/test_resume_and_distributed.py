@@ -33,6 +33,7 @@ def state(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_model(run_dir / "pretrain-full").state_dict()
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_to_the_same_loss(tmp_path, make_run):
     settings = dict(full={"steps": 240, "lr": 3e-3}, save_every=20, log_every=20, eval_every=80)
     whole = make_run("whole", **settings)
@@ -86,6 +87,7 @@ def two_ranks(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, make_run):
     one = make_run("one", full={"steps": 12, "lr": 3e-3}, batch_size=4, log_every=4)
@@ -105,6 +107,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_lowlm_run_under_two_ranks_builds_every_stage_once(tmp_path):
     """tokenize and init run on the main rank while the other waits; stage 1 of a from-scratch
@@ -128,6 +131,7 @@ def test_lowlm_run_under_two_ranks_builds_every_stage_once(tmp_path):
     assert result.stdout.count("tokenize: ") == 1  # one rank did the work
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_needs_unpickling_code_is_refused_not_run(tmp_path, make_run):
     """Resume loads optimizer, scheduler and RNG state with weights_only=True: a run directory
     copied from someone else cannot run code on this machine."""
@@ -188,6 +192,7 @@ def _last_loss(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / stage / "log.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_lora_stage2_and_packed_sft_train_the_same_on_two_ranks_as_on_one(tmp_path):
     """The same global batch split over two gloo ranks: the same losses, the same adapters.
@@ -214,6 +219,7 @@ def test_lora_stage2_and_packed_sft_train_the_same_on_two_ranks_as_on_one(tmp_pa
             torch.testing.assert_close(adapters[1][key], tensor, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_lora_stage2_and_sft_resumed_from_a_checkpoint_match_the_whole_run(tmp_path):
     """LoRA dropout on: the resumed run continues the RNG as well as weights, optimizer and
     schedule (accelerate's save_state / load_state, the frozen base left out)."""
