@@ -11,23 +11,17 @@ fully_shard, save_state / load_state go through its FSDP2 code (torch.distribute
 folders for SHARDED_STATE_DICT, rank 0's gathered files for FULL_STATE_DICT), get_state_dict
 gathers the whole model, and lowlm's loop runs on top unchanged.
 
-What these runs found, fixed in lowlm (each test failed before):
-- train() in training/loop.py clipped the parameters it listed before accelerator.prepare;
-  fully_shard replaces every parameter with a DTensor one, so a full-weight stage stopped at
-  its first step ("aten.eq.Tensor got mixed torch.Tensor and DTensor" in accelerate's
-  clip_grad_norm_), and a partial one (LoRA, stage 1) clipped nothing and logged a grad_norm
-  of 0. The list is now taken after prepare, and the DTensor norm made whole.
-- Stage 1's new_rows_only mask (stages/pretrain.py) kept the pre-prepare weights too and
-  masked nothing: the old rows trained. It now looks the weights up at each step and masks
-  the rows of each rank's shard.
-- pretrain.eval_tasks hung: the main process scored the sharded model alone while the
-  other rank waited at a barrier. Under FSDP every rank now runs the same texts.
-- Stage 2's trainable embedding rows on a tied model stop in accelerate's
-  fsdp2_prepare_model (peft's TrainableTokensWrapper hides the tie from its
-  `input_weight is output_weight` check); lowlm now refuses that combination in one line
-  before training.
-- The exported model of a tied model held lm_head.weight as a second copy of the
-  embeddings (the gathered state has two tensors): save_model_folder keeps the one tied to.
+What the runs guard:
+- the loop clips the parameters accelerator.prepare made (fully_shard replaces every
+  parameter with a DTensor one), with the DTensor norm made whole;
+- stage 1's new_rows_only mask looks the weights up at each step and masks the rows of
+  each rank's shard;
+- pretrain.eval_tasks runs the same texts on every rank (a sharded forward needs them all);
+- stage 2's trainable embedding rows on a tied model are refused in one line before
+  training (peft's TrainableTokensWrapper hides the tie from accelerate's
+  fsdp2_prepare_model);
+- the exported model of a tied model holds the embeddings once (the gathered state has two
+  tensors; save_model_folder keeps the one tied to).
 
 DeepSpeed is not installed and not a test dependency; lowlm refuses it (training/session.py).
 

@@ -59,8 +59,9 @@ def test_the_loop_reads_the_device_only_at_logging_steps(monkeypatch, prepare_ru
 def test_a_checkpoint_of_the_foreach_adamw_resumes_on_the_fused_one(
     tmp_path, monkeypatch, make_run
 ):
-    """A checkpoint written before the loop used the fused AdamW holds param groups that would
-    turn it off (and the device guard with it): resuming one continues the run as if whole."""
+    """A checkpoint written with the foreach AdamW (a device without the fused kernel) holds
+    param groups that would turn the fused one off (and the device guard with it): resuming
+    one continues the run as if whole."""
     settings = dict(full={"steps": 6}, save_every=3, log_every=3)
     whole = load_config(make_run("whole", **settings))
     pretrain.run(whole)
