@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,8 +20,6 @@ from lowlm.config import DataConfig
 from lowlm.data.blocks import CacheOptions, EncoderPlan, build_cache, choice, shards
 from lowlm.data.corpus import resolve_sources
 from lowlm.errors import LowlmError
-
-from .conftest import ENV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
@@ -343,6 +342,16 @@ def test_pieces_whose_merges_interleave_are_triggers(tokenizers):
 # Over ranks: `accelerate launch` runs this file as a script in two gloo processes on this CPU
 # (`--multi_gpu` without a GPU; `--cpu --num_processes 2` would run one), every rank calling
 # build_cache as `lowlm pretrain` does.
+
+# This file also runs as the ranks' script (no package): its launch helpers are its own.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 # Small batches and parts, so that the test corpus makes several parts per rank.
 SMALL = {"docs_per_batch": 32, "part_batches": 2, "shard_blocks": 16, "verify_every": 4}
