@@ -239,8 +239,8 @@ def encoder_rates(spec: dict) -> None:
         processor = spm.SentencePieceProcessor(model_file=str(model))
         rate("sentencepiece", lambda b: processor.encode(b, num_threads=1))
     plan = blocks.choose_encoder(tokenizer, Path(spec["tokenizer"]), lines[:2000])
-    encoder = blocks._Encoder(tokenizer, plan)
-    rate(f"build_cache's encoder ({blocks._encoder_name(plan)})", encoder.encode)
+    encoder = blocks.Encoder(tokenizer, plan)
+    rate(f"build_cache's encoder ({blocks.encoder_name(plan)})", encoder.encode)
     print("RESULT " + json.dumps(rates))
 
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -114,7 +115,8 @@ def _count_syncs(work: Path) -> tuple[str, dict, str]:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    ours = [w for w in syncs if Path(w.filename).resolve() == Path(loop.__file__).resolve()]
+    training = Path(loop.__file__).resolve().parent  # the loop and its guard and logger
+    ours = [w for w in syncs if Path(w.filename).resolve().parent == training]
     where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in ours})
     status = "ok" if len(ours) <= 2 * 2 else "FAIL"  # two logging steps
     note = (
@@ -130,27 +132,30 @@ def replace_plan(plan, **changes):
     return replace(plan, **changes)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps")
-    parser.add_argument("--work", default=None)
-    parser.add_argument("--out", default=os.environ.get("OUT"))
-    args = parser.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
-    root = work / "runs"
+@dataclass
+class Run:
+    """What the checks share: the options, the folders, the configs they write and run."""
+
+    smoke: bool
+    work: Path
+    root: Path
+    cuda: bool
+    dtype: str
+    base: dict  # the from-scratch run's config
+    scratch: Path
+    tuned: dict  # LoRA stage 2, SFT and eval on the exported model
+    tuned_path: Path
+
+    @property
+    def exported(self) -> Path:
+        return self.root / "scratch" / "export"
+
+
+def configure(smoke: bool, work: Path) -> Run:
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-    import peft
-    import transformers
-
-    say(
-        "environment",
-        "ok" if torch.cuda.is_available() or args.smoke else "FAIL",
-        note=f"{device}; torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}",
-    )
-    small = args.smoke
+    root = work / "runs"
+    small = smoke
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     energy = {"enabled": False}
     base = {
@@ -169,69 +174,10 @@ def main() -> None:
             "energy": energy,
         },
     }
-    scratch = write(work / "scratch.yaml", base)
-
-    # 1. full pre-training from scratch (tokenize, init, pretrain, export)
-    try:
-        started = time.time()
-        lowlm("run", str(scratch))
-        stages = manifest(root / "scratch")
-        metrics = stages["pretrain-full"]["metrics"]
-        say(
-            f"pretrain full ({dtype})",
-            "ok",
-            metrics,
-            f"loss {metrics.get('loss', float('nan')):.3f}, {time.time() - started:.0f} s",
-        )
-    except Exception as exc:  # a check's failure is a line, the next checks still run
-        say(f"pretrain full ({dtype})", "FAIL", note=str(exc)[:200])
-        print("\n".join(LINES))
-        return
-
-    # 2. kill and resume: the same run, killed after its first checkpoint, then resumed
-    killed = dict(base, run={"name": "killed", "root": str(root)})
-    killed_path = write(work / "killed.yaml", killed)
-    try:
-        lowlm("tokenize", str(killed_path))
-        lowlm("init", str(killed_path))
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lowlm.cli", "pretrain", str(killed_path)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        first = base["pretrain"]["save_every"]
-        marker = root / "killed" / ".pretrain-full.train" / "checkpoints" / f"step-{first}"
-        deadline = time.time() + 300
-        while not (marker / "state.json").exists() and process.poll() is None:
-            if time.time() > deadline:
-                break
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        resumed = lowlm("pretrain", str(killed_path))
-        whole = manifest(root / "scratch")["pretrain-full"]["metrics"]
-        again = manifest(root / "killed")["pretrain-full"]["metrics"]
-        same = abs(whole["loss"] - again["loss"]) < 1e-3
-        say(
-            "kill + resume",
-            "ok" if "resuming from" in resumed.stdout and same else "FAIL",
-            note=f"final loss {again['loss']:.4f} vs uninterrupted {whole['loss']:.4f}",
-        )
-    except Exception as exc:
-        say("kill + resume", "FAIL", note=str(exc)[:200])
-
-    # 3. LoRA stage 2 on the exported model, export parity, packed SFT, eval
-    exported = root / "scratch" / "export"
     mc = work / "mc.jsonl"
-    with mc.open("w", encoding="utf-8") as handle:
-        for i in range(24):
-            record = {"question": f"第{i}題？", "A": "甲", "B": "乙", "C": "丙", "D": "丁"}
-            handle.write(json.dumps({**record, "answer": "ABCD"[i % 4]}, ensure_ascii=False) + "\n")
     tuned = {
         "run": {"name": "lora", "root": str(root)},
-        "model": {"base": str(exported), "dtype": dtype},
+        "model": {"base": str(root / "scratch" / "export"), "dtype": dtype},
         "pretrain": {
             "corpus": [str(DEMO / "zh-tw.txt")],
             "block_size": base["pretrain"]["block_size"],
@@ -262,7 +208,87 @@ def main() -> None:
             ],
         },
     }
+    scratch = write(work / "scratch.yaml", base)
     tuned_path = write(work / "lora.yaml", tuned)
+    cuda = torch.cuda.is_available()
+    return Run(smoke, work, root, cuda, dtype, base, scratch, tuned, tuned_path)
+
+
+def check_environment(run: Run) -> bool:
+    import peft
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    say(
+        "environment",
+        "ok" if torch.cuda.is_available() or run.smoke else "FAIL",
+        note=f"{device}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}",
+    )
+    return True
+
+
+def check_pretrain_full(run: Run) -> bool:
+    """Full pre-training from scratch (tokenize, init, pretrain, export); the later checks
+    need its model, so its failure ends the checks."""
+    check = f"pretrain full ({run.dtype})"
+    try:
+        started = time.time()
+        lowlm("run", str(run.scratch))
+        metrics = manifest(run.root / "scratch")["pretrain-full"]["metrics"]
+        loss = metrics.get("loss", float("nan"))
+        say(check, "ok", metrics, f"loss {loss:.3f}, {time.time() - started:.0f} s")
+        return True
+    except Exception as exc:  # a check's failure is a line, the next checks still run
+        say(check, "FAIL", note=str(exc)[:200])
+        return False
+
+
+def check_kill_and_resume(run: Run) -> bool:
+    """The same run, killed after its first checkpoint, then resumed."""
+    killed_path = write(
+        run.work / "killed.yaml", dict(run.base, run={"name": "killed", "root": str(run.root)})
+    )
+    try:
+        lowlm("tokenize", str(killed_path))
+        lowlm("init", str(killed_path))
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lowlm.cli", "pretrain", str(killed_path)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        first = run.base["pretrain"]["save_every"]
+        marker = run.root / "killed" / ".pretrain-full.train" / "checkpoints" / f"step-{first}"
+        deadline = time.time() + 300
+        while not (marker / "state.json").exists() and process.poll() is None:
+            if time.time() > deadline:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        resumed = lowlm("pretrain", str(killed_path))
+        whole = manifest(run.root / "scratch")["pretrain-full"]["metrics"]
+        again = manifest(run.root / "killed")["pretrain-full"]["metrics"]
+        same = abs(whole["loss"] - again["loss"]) < 1e-3
+        say(
+            "kill + resume",
+            "ok" if "resuming from" in resumed.stdout and same else "FAIL",
+            note=f"final loss {again['loss']:.4f} vs uninterrupted {whole['loss']:.4f}",
+        )
+    except Exception as exc:
+        say("kill + resume", "FAIL", note=str(exc)[:200])
+    return True
+
+
+def check_tuning_stages(run: Run) -> bool:
+    """LoRA stage 2 on the exported model, export parity, packed SFT, eval."""
+    with (run.work / "mc.jsonl").open("w", encoding="utf-8") as handle:
+        for i in range(24):
+            record = {"question": f"第{i}題？", "A": "甲", "B": "乙", "C": "丙", "D": "丁"}
+            handle.write(json.dumps({**record, "answer": "ABCD"[i % 4]}, ensure_ascii=False) + "\n")
     for check, command, stage in (
         ("pretrain stage 2 (LoRA)", ["pretrain", "--stage", "2"], "pretrain-stage2"),
         ("export parity", ["export"], "export"),
@@ -270,8 +296,8 @@ def main() -> None:
         ("eval", ["eval"], "eval"),
     ):
         try:
-            lowlm(*command, str(tuned_path))
-            metrics = manifest(root / "lora")[stage]["metrics"]
+            lowlm(*command, str(run.tuned_path))
+            metrics = manifest(run.root / "lora")[stage]["metrics"]
             note = ""
             if stage == "export":
                 note = f"max |logit diff| {metrics['max_logit_diff']:.2e}"
@@ -280,17 +306,22 @@ def main() -> None:
             say(check, "ok", metrics, note)
         except Exception as exc:
             say(check, "FAIL", note=str(exc)[:200])
+    return True
 
-    # 4. the shared-prefix cache gives the scores of whole prompts on this device
+
+def check_prefix_cache(run: Run) -> bool:
+    """The shared-prefix cache gives the scores of whole prompts on this device."""
+    import torch
+
     try:
         sys.path.insert(0, str(REPO / "src"))
         from lowlm.evaluation.scoring import Request, score_requests
         from lowlm.models.load import load_pretrained, load_tokenizer
 
-        model = load_pretrained(str(exported), dtype=torch.float32)
+        model = load_pretrained(str(run.exported), dtype=torch.float32)
         if torch.cuda.is_available():
             model = model.to("cuda")
-        tokenizer = load_tokenizer(exported)
+        tokenizer = load_tokenizer(run.exported)
         shots = "".join(f"例題{i}？\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案： A\n\n" for i in range(5))
         requests = [
             Request(
@@ -307,110 +338,156 @@ def main() -> None:
         say("eval prefix cache", "ok" if worst < 1e-3 else "FAIL", note=f"max |diff| {worst:.2e}")
     except Exception as exc:
         say("eval prefix cache", "FAIL", note=str(exc)[:200])
+    return True
 
-    # 5. the switches: each attention kernel, compile, liger, QLoRA; the same short stage 2
-    #    run on the exported model, with tokens/s and memory for each
-    cuda = torch.cuda.is_available()
-    variants = [
-        ("stage 2 eager attention", ["--set", "model.attn_implementation=eager"], None),
-        ("stage 2 sdpa attention", ["--set", "model.attn_implementation=sdpa"], None),
-        (
-            "stage 2 flash_attention_2",
-            ["--set", "model.attn_implementation=flash_attention_2"],
-            "flash_attn",
-        ),
-        ("stage 2 grad checkpointing", ["--set", "pretrain.gradient_checkpointing=true"], None),
-        ("stage 2 compile", ["--set", "pretrain.compile=true"], None),
-        ("stage 2 liger kernel", ["--set", "pretrain.liger_kernel=true"], "liger_kernel"),
-        ("stage 2 QLoRA 4-bit", ["--set", "pretrain.stage2.quantize_base=4bit"], "bitsandbytes"),
-        (
-            "stage 2 isolated docs",
-            ["--set", "pretrain.isolate_documents=true"],
-            None,
-        ),
-    ]
-    for index, (check, overrides, package) in enumerate(variants):
-        if package is not None and (not cuda or not _installed(package)):
+
+# Each switch on the same short stage 2 run: (check, overrides, package it needs on CUDA).
+SWITCHES = [
+    ("stage 2 eager attention", ["--set", "model.attn_implementation=eager"], None),
+    ("stage 2 sdpa attention", ["--set", "model.attn_implementation=sdpa"], None),
+    (
+        "stage 2 flash_attention_2",
+        ["--set", "model.attn_implementation=flash_attention_2"],
+        "flash_attn",
+    ),
+    ("stage 2 grad checkpointing", ["--set", "pretrain.gradient_checkpointing=true"], None),
+    ("stage 2 compile", ["--set", "pretrain.compile=true"], None),
+    ("stage 2 liger kernel", ["--set", "pretrain.liger_kernel=true"], "liger_kernel"),
+    ("stage 2 QLoRA 4-bit", ["--set", "pretrain.stage2.quantize_base=4bit"], "bitsandbytes"),
+    ("stage 2 isolated docs", ["--set", "pretrain.isolate_documents=true"], None),
+]
+
+
+def check_switches(run: Run) -> bool:
+    """Each attention kernel, compile, liger, QLoRA: tokens/s and memory for each."""
+    for index, (check, overrides, package) in enumerate(SWITCHES):
+        if package is not None and (not run.cuda or not _installed(package)):
             say(check, "skipped", note=f"needs CUDA and {package}")
             continue
-        variant = dict(tuned, run={"name": f"switch-{index}", "root": str(root)})
-        path = write(work / f"switch-{index}.yaml", variant)
+        variant = dict(run.tuned, run={"name": f"switch-{index}", "root": str(run.root)})
+        path = write(run.work / f"switch-{index}.yaml", variant)
         try:
             lowlm("pretrain", "--stage", "2", str(path), *overrides)
-            metrics = manifest(root / f"switch-{index}")["pretrain-stage2"]["metrics"]
+            metrics = manifest(run.root / f"switch-{index}")["pretrain-stage2"]["metrics"]
             say(check, "ok", metrics, f"loss {metrics.get('loss', float('nan')):.3f}")
         except Exception as exc:
             say(check, "FAIL", note=str(exc)[:200])
+    return True
 
-    # 6. packed documents stay apart under each kernel on this device (bf16 tolerance)
+
+def check_packed_isolation(run: Run) -> bool:
+    """Packed documents stay apart under each kernel on this device (bf16 tolerance)."""
+    import torch
+
     try:
+        from lowlm.models.load import load_pretrained
         from lowlm.training.loop import check_isolation
 
         kernels = ["sdpa", "eager"] + (["flash_attention_2"] if _installed("flash_attn") else [])
         for kernel in kernels:
-            model = load_pretrained(str(exported), dtype=torch.bfloat16 if cuda else torch.float32)
+            dtype = torch.bfloat16 if run.cuda else torch.float32
+            model = load_pretrained(str(run.exported), dtype=dtype)
             model.set_attn_implementation(kernel)
-            model = model.to("cuda" if cuda else "cpu")
-            check_isolation(model, model.config.vocab_size, model.device, precise=not cuda)
+            model = model.to("cuda" if run.cuda else "cpu")
+            check_isolation(model, model.config.vocab_size, model.device, precise=not run.cuda)
             say(f"packed isolation {kernel}", "ok")
     except Exception as exc:
         say("packed isolation", "FAIL", note=str(exc)[:200])
+    return True
 
-    # 7. FSDP2 through accelerate on this one device: train, checkpoint, resume, save
-    if cuda and shutil.which("accelerate", path=str(Path(sys.executable).parent)):
-        fsdp = dict(base, run={"name": "fsdp", "root": str(root)})
-        fsdp_path = write(work / "fsdp.yaml", fsdp)
-        launch = [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--config_file",
-            str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
-            "--num_processes",
-            "1",
-            "-m",
-            "lowlm.cli",
-        ]
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-        try:
-            lowlm("tokenize", str(fsdp_path))
-            lowlm("init", str(fsdp_path))
-            result = subprocess.run(
-                [*launch, "pretrain", "--stage", "full", str(fsdp_path)],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            if result.returncode != 0:
-                raise RuntimeError(result.stderr.strip().splitlines()[-1])
-            metrics = manifest(root / "fsdp")["pretrain-full"]["metrics"]
-            whole = manifest(root / "scratch")["pretrain-full"]["metrics"]
-            close = abs(metrics["loss"] - whole["loss"]) < 0.05
-            lowlm("export", str(fsdp_path))  # the saved model loads and merges
-            say(
-                "FSDP2 (1 process) full",
-                "ok" if close else "FAIL",
-                metrics,
-                f"loss {metrics['loss']:.3f} vs DDP-free {whole['loss']:.3f}",
-            )
-        except Exception as exc:
-            say("FSDP2 (1 process) full", "FAIL", note=str(exc)[:200])
-    else:
+
+def check_fsdp2(run: Run) -> bool:
+    """FSDP2 through accelerate on this one device: train, checkpoint, resume, save."""
+    if not (run.cuda and shutil.which("accelerate", path=str(Path(sys.executable).parent))):
         say("FSDP2 (1 process) full", "skipped", note="needs CUDA and accelerate")
+        return True
+    fsdp_path = write(
+        run.work / "fsdp.yaml", dict(run.base, run={"name": "fsdp", "root": str(run.root)})
+    )
+    launch = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
+        "--num_processes",
+        "1",
+        "-m",
+        "lowlm.cli",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    try:
+        lowlm("tokenize", str(fsdp_path))
+        lowlm("init", str(fsdp_path))
+        result = subprocess.run(
+            [*launch, "pretrain", "--stage", "full", str(fsdp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip().splitlines()[-1])
+        metrics = manifest(run.root / "fsdp")["pretrain-full"]["metrics"]
+        whole = manifest(run.root / "scratch")["pretrain-full"]["metrics"]
+        close = abs(metrics["loss"] - whole["loss"]) < 0.05
+        lowlm("export", str(fsdp_path))  # the saved model loads and merges
+        say(
+            "FSDP2 (1 process) full",
+            "ok" if close else "FAIL",
+            metrics,
+            f"loss {metrics['loss']:.3f} vs DDP-free {whole['loss']:.3f}",
+        )
+    except Exception as exc:
+        say("FSDP2 (1 process) full", "FAIL", note=str(exc)[:200])
+    return True
 
-    # 8. host syncs: the loop reads the device at logging steps only (torch's sync debug mode
-    #    warns at every synchronizing call; those made by lowlm's loop are counted)
-    if cuda:
-        try:
-            say("host syncs per step", *_count_syncs(work))
-        except Exception as exc:
-            say("host syncs per step", "FAIL", note=str(exc)[:200])
-    else:
+
+def check_host_syncs(run: Run) -> bool:
+    """The loop reads the device at logging steps only (torch's sync debug mode warns at
+    every synchronizing call; those made by lowlm's training code are counted)."""
+    if not run.cuda:
         say("host syncs per step", "skipped", note="needs CUDA")
+        return True
+    try:
+        say("host syncs per step", *_count_syncs(run.work))
+    except Exception as exc:
+        say("host syncs per step", "FAIL", note=str(exc)[:200])
+    return True
 
-    goal = manifest(root / "scratch")["pretrain-full"]["metrics"].get("mfu")
-    if goal is not None and cuda:
+
+def check_mfu_goal(run: Run) -> bool:
+    goal = manifest(run.root / "scratch")["pretrain-full"]["metrics"].get("mfu")
+    if goal is not None and run.cuda:
         say("goal: MFU >= 35%", "ok" if goal >= 0.35 else "not met", note=f"{100 * goal:.1f}%")
+    return True
 
+
+# In order; one returning False ends the run (the later checks need what it made).
+CHECKS = [
+    check_environment,
+    check_pretrain_full,
+    check_kill_and_resume,
+    check_tuning_stages,
+    check_prefix_cache,
+    check_switches,
+    check_packed_isolation,
+    check_fsdp2,
+    check_host_syncs,
+    check_mfu_goal,
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
+    run = configure(args.smoke, work)
+    for check in CHECKS:
+        if not check(run):
+            print("\n".join(LINES))
+            return
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

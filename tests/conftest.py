@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 ASSETS = Path.home() / ".cache" / "lowlm-assets"
+# Launched processes: one thread each (two ranks share the machine's cores).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -158,3 +162,50 @@ def pipeline_config(base: Path | None, **sections) -> dict:
             else:
                 config[section][key] = value
     return config
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on, for a launcher's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def make_run(tmp_path):
+    """Tokenize and init a tiny from-scratch run named NAME under tmp_path/runs, with these
+    pretrain settings; returns its config path."""
+    from lowlm.config import load_config
+    from lowlm.stages import init, tokenize
+
+    def make(name: str, **pretrain_section) -> Path:
+        raw = pipeline_config(None, init={"size": "tiny"}, pretrain=pretrain_section)
+        raw["run"] = {"name": name, "root": str(tmp_path / "runs")}
+        raw["tokenize"]["num_threads"] = 1
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        config = load_config(path)
+        tokenize.run(config)
+        init.run(config)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def prepare_run(write_config):
+    """The config of a run whose tokenizer is merged and whose model is resized onto `base`
+    (or, base None, initialised)."""
+    from lowlm.config import load_config
+    from lowlm.stages import init, resize, tokenize
+
+    def prepare(base: Path | None, **sections):
+        config = load_config(write_config(**pipeline_config(base, **sections)))
+        tokenize.run(config)
+        if base is None:
+            init.run(config)
+        else:
+            resize.run(config)
+        return config
+
+    return prepare

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lowlm.cli import app
+from lowlm.models.load import load_model, load_tokenizer
 
 from .conftest import DEMO
 
@@ -27,6 +29,7 @@ def test_validate_rejects_a_typo_with_one_sentence(write_config):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_tokenize_run_and_status_commands(write_config, sp_base, tmp_path):
     path = write_config(
         model={"tokenizer": str(sp_base)},
@@ -59,6 +62,7 @@ def test_bad_input_exits_with_one_readable_line(write_config, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_run_command_goes_from_corpus_to_exported_model(write_config, tiny_base, tmp_path):
     from .conftest import pipeline_config
 
@@ -71,8 +75,14 @@ def test_run_command_goes_from_corpus_to_exported_model(write_config, tiny_base,
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "t"
-    for folder in ("tokenizer", "model-resized", "pretrain-stage1", "pretrain-stage2", "export"):
-        assert (run_dir / folder / "lowlm_model.json").exists() or folder == "tokenizer"
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    for folder in ("model-resized", "pretrain-stage1", "pretrain-stage2", "export"):
+        assert (run_dir / folder / "lowlm_model.json").exists(), folder
+    # the exported model is a whole model over the run's merged tokenizer
+    exported = load_model(run_dir / "export")
+    assert exported.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    assert len(tokenizer) > len(load_tokenizer(tiny_base))
+    assert load_tokenizer(run_dir / "export").get_vocab() == tokenizer.get_vocab()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [s for s, r in manifest["stages"].items() if r["status"] == "done"] == [
         "tokenize",
@@ -85,6 +95,7 @@ def test_run_command_goes_from_corpus_to_exported_model(write_config, tiny_base,
     assert again.exit_code == 0 and again.stdout.count("already done") == 5
 
 
+@pytest.mark.slow
 def test_separate_commands_tokenize_init_pretrain_export(write_config, tmp_path):
     from .conftest import pipeline_config
 
@@ -109,6 +120,7 @@ def test_resize_command(write_config, tiny_base, tmp_path):
     assert "init mean" in result.stdout
 
 
+@pytest.mark.slow
 def test_finetune_and_dpo_commands(write_config, tmp_path):
     import json
 

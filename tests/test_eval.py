@@ -222,6 +222,7 @@ def test_bits_per_character_of_a_known_text(tiny, tmp_path):
     assert result["token_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_command_writes_results_samples_and_compares(
     write_config, tiny_base, releases, tmp_path
 ):
@@ -461,6 +462,7 @@ def test_ceval_test_split_writes_the_leaderboard_submission(releases, write_conf
     assert task["submission"] and "acc" not in task
 
 
+@pytest.mark.slow
 def test_pretrain_and_sft_score_eval_tasks_every_eval_every_steps(write_config, tmp_path):
     from lowlm.stages import init, pretrain, sft, tokenize
 

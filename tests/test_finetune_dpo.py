@@ -34,6 +34,7 @@ def from_scratch(write_config, **sections):
     return config
 
 
+@pytest.mark.slow
 def test_finetune_beats_the_majority_class_and_writes_its_results(write_config, tmp_path):
     labelled(tmp_path / "train.jsonl", 96, 0)
     labelled(tmp_path / "test.jsonl", 60, 1)
@@ -122,6 +123,7 @@ def preference_pairs(path, count: int, seed: int) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_held_out_reward_accuracy(write_config, tmp_path):
     preference_pairs(tmp_path / "pairs.jsonl", 48, 0)
     config = from_scratch(

@@ -11,23 +11,17 @@ fully_shard, save_state / load_state go through its FSDP2 code (torch.distribute
 folders for SHARDED_STATE_DICT, rank 0's gathered files for FULL_STATE_DICT), get_state_dict
 gathers the whole model, and lowlm's loop runs on top unchanged.
 
-What these runs found, fixed in lowlm (each test failed before):
-- train() in training/loop.py clipped the parameters it listed before accelerator.prepare;
-  fully_shard replaces every parameter with a DTensor one, so a full-weight stage stopped at
-  its first step ("aten.eq.Tensor got mixed torch.Tensor and DTensor" in accelerate's
-  clip_grad_norm_), and a partial one (LoRA, stage 1) clipped nothing and logged a grad_norm
-  of 0. The list is now taken after prepare, and the DTensor norm made whole.
-- Stage 1's new_rows_only mask (stages/pretrain.py) kept the pre-prepare weights too and
-  masked nothing: the old rows trained. It now looks the weights up at each step and masks
-  the rows of each rank's shard.
-- pretrain.eval_tasks hung: the main process scored the sharded model alone while the
-  other rank waited at a barrier. Under FSDP every rank now runs the same texts.
-- Stage 2's trainable embedding rows on a tied model stop in accelerate's
-  fsdp2_prepare_model (peft's TrainableTokensWrapper hides the tie from its
-  `input_weight is output_weight` check); lowlm now refuses that combination in one line
-  before training.
-- The exported model of a tied model held lm_head.weight as a second copy of the
-  embeddings (the gathered state has two tensors): save_model_folder keeps the one tied to.
+What the runs guard:
+- the loop clips the parameters accelerator.prepare made (fully_shard replaces every
+  parameter with a DTensor one), with the DTensor norm made whole;
+- stage 1's new_rows_only mask looks the weights up at each step and masks the rows of
+  each rank's shard;
+- pretrain.eval_tasks runs the same texts on every rank (a sharded forward needs them all);
+- stage 2's trainable embedding rows on a tied model are refused in one line before
+  training (peft's TrainableTokensWrapper hides the tie from accelerate's
+  fsdp2_prepare_model);
+- the exported model of a tied model holds the embeddings once (the gathered state has two
+  tensors; save_model_folder keeps the one tied to).
 
 DeepSpeed is not installed and not a test dependency; lowlm refuses it (training/session.py).
 
@@ -52,8 +46,7 @@ from lowlm.config import load_config
 from lowlm.models.load import load_tokenizer
 from lowlm.stages import resize, tokenize
 
-from .conftest import REPO, pipeline_config
-from .test_resume_and_distributed import ENV, _free_port, make_run
+from .conftest import ENV, REPO, free_port, pipeline_config
 
 LAUNCH = Path(__file__).with_name("_fsdp_launch.py")
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
@@ -69,6 +62,7 @@ def _fsdp2_over_gloo() -> bool:
 
 
 pytestmark = [
+    pytest.mark.slow,  # every test launches two ranks
     pytest.mark.skipif(
         shutil.which("accelerate", path=str(BIN)) is None
         or shutil.which("torchrun", path=str(BIN)) is None,
@@ -85,7 +79,7 @@ def fsdp_ranks(
     `state_dict` overrides its fsdp_state_dict_type."""
     command = [str(BIN / "accelerate"), "launch", "--config_file", str(FSDP_CONFIG)]
     command += ["--num_processes", "2", "--mixed_precision", "no"]
-    command += ["--main_process_port", str(_free_port())]
+    command += ["--main_process_port", str(free_port())]
     if state_dict is not None:
         command += ["--fsdp_state_dict_type", state_dict]
     return subprocess.run(
@@ -95,7 +89,7 @@ def fsdp_ranks(
 
 def ddp_ranks(*args: str) -> subprocess.CompletedProcess:
     """The same under torchrun: two gloo processes, DDP."""
-    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     return subprocess.run(
         [*command, "-m", "lowlm.cli", *args], env=ENV, capture_output=True, text=True, timeout=300
     )
@@ -163,15 +157,15 @@ def resume_after_step_4(tmp_path: Path, config: Path, stage: str, *args: str, **
 FULL_RUN = dict(full={"steps": 8, "lr": 3e-3}, log_every=2, save_every=4, eval_every=4)
 
 
-def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_path):
+def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_path, make_run):
     """The shipped fsdp.yaml (FULL_STATE_DICT): checkpoints are rank 0's gathered
     pytorch_model_fsdp.bin and optimizer.bin; FSDP2 and DDP are the same arithmetic up to
     rounding, so the log (losses, gradient norms after clipping), the step-4 weights and
     the exported model (gathered by get_state_dict: every tensor at its full shape) match a
     DDP run; a run resumed from step 4 (rank 0 loads, the ranks get their shards) ends as
     the uninterrupted one."""
-    sharded = make_run(tmp_path, "fsdp", **FULL_RUN)
-    plain = make_run(tmp_path, "ddp", **FULL_RUN)
+    sharded = make_run("fsdp", **FULL_RUN)
+    plain = make_run("ddp", **FULL_RUN)
     ok(fsdp_ranks("pretrain", str(sharded)))
     ok(ddp_ranks("pretrain", str(plain)))
     fsdp = tmp_path / "runs" / "fsdp" / "pretrain-full"
@@ -208,11 +202,11 @@ def test_fsdp2_full_stage_with_the_shipped_config_trains_as_ddp_and_resumes(tmp_
     )
 
 
-def test_fsdp2_sharded_checkpoints_resume_to_the_uninterrupted_run(tmp_path):
+def test_fsdp2_sharded_checkpoints_resume_to_the_uninterrupted_run(tmp_path, make_run):
     """SHARDED_STATE_DICT: model and optimizer in torch.distributed.checkpoint folders,
     each weight stored as one chunk per rank; a run resumed from them ends as the whole
     run."""
-    config = make_run(tmp_path, "fsdp", **FULL_RUN)
+    config = make_run("fsdp", **FULL_RUN)
     ok(fsdp_ranks("pretrain", str(config), state_dict="SHARDED_STATE_DICT"))
     folder = tmp_path / "runs" / "fsdp" / "pretrain-full"
     checkpoint = folder / "checkpoints" / "step-4"
@@ -233,7 +227,7 @@ def test_fsdp2_sharded_checkpoints_resume_to_the_uninterrupted_run(tmp_path):
     )
 
 
-def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path):
+def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path, make_run):
     """LoRA stage 2 (no embedding rows) under FSDP2: its checkpoint is FSDP's gathered file of
     the whole model (FSDP saves the model its own way, so lowlm's hook that leaves the frozen
     base out has nothing to filter), the adapter is written from get_state_dict, gradients
@@ -244,7 +238,6 @@ def test_fsdp2_lora_stage2_checkpoints_in_fsdp_layout_and_resumes(tmp_path):
     stage2 = {"steps": 8, "lr": 3e-3, "lora": lora, "train_embeddings": "none"}
     heldout = str(tmp_path / "runs" / "lora" / "tokenizer" / "heldout.txt")
     config = make_run(
-        tmp_path,
         "lora",
         stage2=stage2,
         log_every=2,
@@ -296,10 +289,10 @@ def test_fsdp2_partial_stages_see_the_prepared_parameters(write_config, tiny_bas
         assert not torch.equal(after[saved][old_rows:], before[key][old_rows:]), saved
 
 
-def test_fsdp2_refuses_trainable_embedding_rows_on_a_tied_model(tmp_path):
+def test_fsdp2_refuses_trainable_embedding_rows_on_a_tied_model(tmp_path, make_run):
     lora = {"r": 2, "alpha": 4, "dropout": 0.0}
     stage2 = {"steps": 2, "lora": lora, "train_embeddings": "all"}
-    config = make_run(tmp_path, "tied", stage2=stage2)
+    config = make_run("tied", stage2=stage2)
     result = fsdp_ranks("pretrain", str(config), "--stage", "2", timeout=180)
     assert result.returncode != 0
     assert "cannot run under FSDP on a model whose input and output embeddings are tied" in (

@@ -26,6 +26,7 @@ runner = CliRunner()
 PIPELINE = ["tokenize", "resize", "pretrain-stage1", "pretrain-stage2", "export", "sft", "eval"]
 
 
+@pytest.mark.slow
 def test_stage_order_and_parents_are_declared_in_one_module():
     """No stage module keeps its own list of which stage feeds which."""
     source = Path(__file__).resolve().parents[1] / "src" / "lowlm"
@@ -94,6 +95,7 @@ def stale_after(path: Path, overrides: list[str] | None = None) -> list[str]:
     return [name for name in PIPELINE if found[name] == "stale"]
 
 
+@pytest.mark.slow
 def test_every_stage_is_done_after_run(pipeline):
     path, _ = pipeline
     assert stale_after(path) == []
@@ -101,6 +103,7 @@ def test_every_stage_is_done_after_run(pipeline):
     assert result.exit_code == 0 and result.stdout.count(" done ") == len(PIPELINE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "first"),
     [
@@ -177,6 +180,7 @@ def test_an_artifact_touched_after_its_stage_is_stale_and_refused_downstream(pip
         card.write_bytes(original)
 
 
+@pytest.mark.slow
 def test_sft_after_a_changed_parent_refuses_and_generate_refuses_the_old_adapter(
     write_config, tmp_path
 ):

@@ -7,6 +7,7 @@ import json
 import random
 
 import numpy as np
+import pytest
 
 from lowlm.config import load_config
 from lowlm.data.heldout import is_held_out
@@ -43,6 +44,7 @@ def build(write_config, corpus, **sections):
     return config
 
 
+@pytest.mark.slow
 def test_no_training_stage_sees_a_held_out_document(write_config, tmp_path):
     corpus = tmp_path / "random.txt"
     unique = random_corpus(corpus, documents=80, copies=3, length=12)
@@ -110,6 +112,7 @@ def test_no_training_stage_sees_a_held_out_document(write_config, tmp_path):
     assert metrics["heldout_text_excluded"] == 1 and metrics["examples"] == 1
 
 
+@pytest.mark.slow
 def test_held_out_loss_is_what_memorisation_cannot_reach(write_config, tmp_path):
     """Trained to memorise random lines, the model predicts its training lines far better than
     the held-out ones; a held-out figure that included training text would not show the gap."""

@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 
 from lowlm.config import load_config
 from lowlm.stages import pretrain
-from lowlm.training import loop
-
-from .test_model_stages import prepared
-from .test_resume_and_distributed import make_run
+from lowlm.training import guard, loop, metrics
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
-LOOP_STEP_CODE = {"train", "record", "read", "take_window", "_finite_or_none"}
+# The code of a training step: the loop and the guard and logger it calls.
+STEP_FILES = {loop.__file__, guard.__file__, metrics.__file__}
+STEP_CODE = {"train", "_micro_batches", "_loss_scales", "_forward_backward", "guarded_update"}
+STEP_CODE |= {"record", "read", "take_window", "finite_or_none"}
 
 
 def _count_host_reads(monkeypatch) -> list[str]:
@@ -32,9 +32,8 @@ def _count_host_reads(monkeypatch) -> list[str]:
 
         def wrapper(self, *args, _original=original, _name=name, **kwargs):
             caller = sys._getframe(1)
-            if caller.f_code.co_filename == loop.__file__ and caller.f_code.co_name in (
-                LOOP_STEP_CODE
-            ):
+            code = caller.f_code
+            if code.co_filename in STEP_FILES and code.co_name in STEP_CODE:
                 seen.append(f"{caller.f_code.co_name}:{_name}")
             return _original(self, *args, **kwargs)
 
@@ -42,9 +41,8 @@ def _count_host_reads(monkeypatch) -> list[str]:
     return seen
 
 
-def test_the_loop_reads_the_device_only_at_logging_steps(write_config, monkeypatch):
-    config = prepared(
-        write_config,
+def test_the_loop_reads_the_device_only_at_logging_steps(monkeypatch, prepare_run):
+    config = prepare_run(
         None,
         init={"size": "tiny"},
         pretrain={"full": {"steps": 8}, "log_every": 4, "eval_every": 100, "save_every": 100},
@@ -54,18 +52,22 @@ def test_the_loop_reads_the_device_only_at_logging_steps(write_config, monkeypat
     assert metrics["steps"] == 8 and metrics["loss"] is not None
     # Two logging steps, each one read of the step ledger and the gradient norm's value; the
     # loop before read loss, tokens and the guard's flags at every step.
-    assert sorted(seen) == ["_finite_or_none:__float__"] * 2 + ["read:tolist"] * 2
+    assert sorted(seen) == ["finite_or_none:__float__"] * 2 + ["read:tolist"] * 2
 
 
-def test_a_checkpoint_of_the_foreach_adamw_resumes_on_the_fused_one(tmp_path, monkeypatch):
-    """A checkpoint written before the loop used the fused AdamW holds param groups that would
-    turn it off (and the device guard with it): resuming one continues the run as if whole."""
+@pytest.mark.slow
+def test_a_checkpoint_of_the_foreach_adamw_resumes_on_the_fused_one(
+    tmp_path, monkeypatch, make_run
+):
+    """A checkpoint written with the foreach AdamW (a device without the fused kernel) holds
+    param groups that would turn the fused one off (and the device guard with it): resuming
+    one continues the run as if whole."""
     settings = dict(full={"steps": 6}, save_every=3, log_every=3)
-    whole = load_config(make_run(tmp_path, "whole", **settings))
+    whole = load_config(make_run("whole", **settings))
     pretrain.run(whole)
-    older = load_config(make_run(tmp_path, "older", **settings))
+    older = load_config(make_run("older", **settings))
     with monkeypatch.context() as patched:
-        patched.setattr(loop, "_fused_adamw", lambda accelerator: False)
+        patched.setattr(loop, "fused_adamw_available", lambda accelerator: False)
         pretrain.run(older)
     work = tmp_path / "runs" / "older"
     target = work / ".pretrain-full.train" / "checkpoints"
@@ -87,7 +89,7 @@ def pretrain_loss(tmp_path, name: str) -> float:
     return json.loads(lines[-1])["loss"]
 
 
-def test_model_flops_count_weights_that_multiply_and_attention(write_config):
+def test_model_flops_count_weights_that_multiply_and_attention(prepare_run):
     """MFU's numerator: 6 FLOPs per weight that multiplies (4 with a frozen base), the input
     embedding left out unless it is the output layer too, plus 12 x layers x width per
     position attended; the log's figure is that over the window's time and the peak."""
@@ -107,13 +109,12 @@ def test_model_flops_count_weights_that_multiply_and_attention(write_config):
 
     untied, tied = llama(False), llama(True)
     total = sum(p.numel() for p in untied.parameters())
-    assert loop.training_flops(untied, frozen_base=False) == (6 * (total - 64_000), 12 * 3 * 64)
-    assert loop.training_flops(untied, frozen_base=True)[0] == 4 * (total - 64_000)
+    assert metrics.training_flops(untied, frozen_base=False) == (6 * (total - 64_000), 12 * 3 * 64)
+    assert metrics.training_flops(untied, frozen_base=True)[0] == 4 * (total - 64_000)
     # tied: the one matrix is the output layer, which multiplies
-    assert loop.training_flops(tied, frozen_base=False)[0] == 6 * (total - 64_000)
+    assert metrics.training_flops(tied, frozen_base=False)[0] == 6 * (total - 64_000)
 
-    config = prepared(
-        write_config,
+    config = prepare_run(
         None,
         init={"size": "tiny"},
         pretrain={"full": {"steps": 4}, "log_every": 2, "peak_tflops": 1.0},
@@ -122,7 +123,7 @@ def test_model_flops_count_weights_that_multiply_and_attention(write_config):
     from lowlm.models.load import load_model
 
     model = load_model(config.run_dir / "pretrain-full")
-    per_token, per_position = loop.training_flops(model, frozen_base=False)
+    per_token, per_position = metrics.training_flops(model, frozen_base=False)
     block = config.pretrain.block_size
     log = [json.loads(line) for line in (config.run_dir / "pretrain-full" / "log.jsonl").open()]
     for entry in (e for e in log if "mfu" in e):

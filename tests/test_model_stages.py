@@ -15,20 +15,9 @@ from lowlm.data.corpus import resolve_sources, source_hashes
 from lowlm.errors import LowlmError
 from lowlm.models.load import load_model, load_pretrained, load_tokenizer
 from lowlm.models.presets import llama_config
-from lowlm.stages import export, init, pretrain, resize, tokenize
+from lowlm.stages import export, pretrain, resize, tokenize
 
 from .conftest import DEMO, pipeline_config
-
-
-def prepared(write_config, base, **sections):
-    """Config of a run whose tokenizer is merged and whose model is resized (or initialised)."""
-    config = load_config(write_config(**pipeline_config(base, **sections)))
-    tokenize.run(config)
-    if base is None:
-        init.run(config)
-    else:
-        resize.run(config)
-    return config
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -38,8 +27,8 @@ def weights(model) -> dict[str, torch.Tensor]:
 # resize
 
 
-def test_resize_keeps_base_rows_bit_identical_and_stays_tied(write_config, tiny_base):
-    config = prepared(write_config, tiny_base)
+def test_resize_keeps_base_rows_bit_identical_and_stays_tied(tiny_base, prepare_run):
+    config = prepare_run(tiny_base)
     base = load_pretrained(str(tiny_base))
     resized = load_model(config.run_dir / "model-resized")
     tokenizer = load_tokenizer(config.run_dir / "tokenizer")
@@ -58,8 +47,8 @@ def test_resize_keeps_base_rows_bit_identical_and_stays_tied(write_config, tiny_
     assert metrics["metrics"]["heldout_loss_per_char_resized"] > 0
 
 
-def test_subword_mean_row_is_the_mean_of_its_base_subtokens(write_config, tiny_base_untied):
-    config = prepared(write_config, tiny_base_untied)
+def test_subword_mean_row_is_the_mean_of_its_base_subtokens(tiny_base_untied, prepare_run):
+    config = prepare_run(tiny_base_untied)
     base = load_pretrained(str(tiny_base_untied))
     resized = load_model(config.run_dir / "model-resized")
     base_tok = load_tokenizer(tiny_base_untied)
@@ -80,8 +69,8 @@ def test_subword_mean_row_is_the_mean_of_its_base_subtokens(write_config, tiny_b
 
 
 @pytest.mark.parametrize("method", ["mean", "random"])
-def test_mean_and_random_initialisation(write_config, tiny_base, method):
-    config = prepared(write_config, tiny_base, resize={"init": method, "pad_to_multiple_of": None})
+def test_mean_and_random_initialisation(tiny_base, method, prepare_run):
+    config = prepare_run(tiny_base, resize={"init": method, "pad_to_multiple_of": None})
     base = load_pretrained(str(tiny_base)).get_input_embeddings().weight
     new = load_model(config.run_dir / "model-resized").get_input_embeddings().weight
     rows = new[base.shape[0] :]
@@ -112,8 +101,8 @@ def test_named_sizes_match_teeny_tiny_llama(sp_base):
         llama_config(InitConfig(size="custom"), tokenizer)
 
 
-def test_init_writes_a_model_for_the_runs_tokenizer(write_config):
-    config = prepared(write_config, None, init={"size": "tiny"})
+def test_init_writes_a_model_for_the_runs_tokenizer(prepare_run):
+    config = prepare_run(None, init={"size": "tiny"})
     model = load_model(config.run_dir / "model-init")
     assert model.config.vocab_size == len(load_tokenizer(config.run_dir / "tokenizer"))
     assert model.config.hidden_size == 64
@@ -122,6 +111,7 @@ def test_init_writes_a_model_for_the_runs_tokenizer(write_config):
 # the block cache
 
 
+@pytest.mark.slow
 def test_cache_key_changes_with_block_size_and_content(write_config, tmp_path):
     config = load_config(write_config(**pipeline_config(None)))
     tokenize.run(config)
@@ -147,17 +137,18 @@ def test_cache_key_changes_with_block_size_and_content(write_config, tmp_path):
     assert meta32["train_blocks"] > meta64["train_blocks"] > 0
 
 
+@pytest.mark.slow
 def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_path, monkeypatch):
-    import lowlm.data.blocks as blocks
+    from lowlm.data.blocks import CacheOptions, shards
 
     config = load_config(write_config(**pipeline_config(None)))
     tokenize.run(config)
     sources = resolve_sources([str(DEMO / "zh-tw.txt")])
-    monkeypatch.setattr(blocks, "SHARD_BLOCKS", 64)
+    options = CacheOptions(shard_blocks=64)
     tokenizer = config.run_dir / "tokenizer"
-    build_cache(tmp_path / "whole", tokenizer, sources, config.data, 32, 1)
+    build_cache(tmp_path / "whole", tokenizer, sources, config.data, 32, 1, 1, options)
 
-    real_save = blocks._save_progress
+    real_save = shards.save_progress
     calls = {"n": 0}
 
     def crash_after_two(*args):
@@ -166,13 +157,13 @@ def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_pa
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(blocks, "_save_progress", crash_after_two)
+    monkeypatch.setattr(shards, "save_progress", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1)
+        build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1, 1, options)
     assert (tmp_path / "resumed" / "progress.json").exists()
     assert not (tmp_path / "resumed" / "meta.json").exists()
-    monkeypatch.setattr(blocks, "_save_progress", real_save)
-    build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1)
+    monkeypatch.setattr(shards, "save_progress", real_save)
+    build_cache(tmp_path / "resumed", tokenizer, sources, config.data, 32, 1, 1, options)
     for split in ("train", "eval"):
         whole, resumed = (
             BlockDataset(tmp_path / "whole", split),
@@ -185,9 +176,8 @@ def test_interrupted_cache_build_resumes_to_the_same_blocks(write_config, tmp_pa
 # pretrain
 
 
-def test_stage1_trains_only_the_new_embedding_rows_when_asked(write_config, tiny_base_untied):
-    config = prepared(
-        write_config,
+def test_stage1_trains_only_the_new_embedding_rows_when_asked(tiny_base_untied, prepare_run):
+    config = prepare_run(
         tiny_base_untied,
         pretrain={"stage1": {"steps": 4, "lr": 1e-2, "new_rows_only": True}},
     )
@@ -204,17 +194,17 @@ def test_stage1_trains_only_the_new_embedding_rows_when_asked(write_config, tiny
     assert (config.run_dir / "pretrain-stage1" / "embeddings.safetensors").exists()
 
 
-def test_stage1_trains_all_rows_by_default(write_config, tiny_base):
-    config = prepared(write_config, tiny_base, pretrain={"stage1": {"steps": 3, "lr": 1e-2}})
+def test_stage1_trains_all_rows_by_default(tiny_base, prepare_run):
+    config = prepare_run(tiny_base, pretrain={"stage1": {"steps": 3, "lr": 1e-2}})
     pretrain.run(config, stage="1")
     before = load_model(config.run_dir / "model-resized").get_input_embeddings().weight
     after = load_model(config.run_dir / "pretrain-stage1").get_input_embeddings().weight
     assert not torch.equal(before[:100], after[:100])
 
 
-def test_stage2_trains_only_lora_and_new_rows_and_exports_faithfully(write_config, tiny_base):
-    config = prepared(
-        write_config,
+@pytest.mark.slow
+def test_stage2_trains_only_lora_and_new_rows_and_exports_faithfully(tiny_base, prepare_run):
+    config = prepare_run(
         tiny_base,
         pretrain={
             "stage1": {"steps": 2},
@@ -255,10 +245,9 @@ def test_stage2_trains_only_lora_and_new_rows_and_exports_faithfully(write_confi
     assert (config.run_dir / "export" / "tokenizer.json").exists()
 
 
-def test_full_training_from_scratch_lowers_the_loss(write_config):
-    config = prepared(
-        write_config, None, init={"size": "tiny"}, pretrain={"full": {"steps": 12, "lr": 3e-3}}
-    )
+@pytest.mark.slow
+def test_full_training_from_scratch_lowers_the_loss(prepare_run):
+    config = prepare_run(None, init={"size": "tiny"}, pretrain={"full": {"steps": 12, "lr": 3e-3}})
     metrics = pretrain.run(config)["full"]
     log = [json.loads(line) for line in (config.run_dir / "pretrain-full" / "log.jsonl").open()]
     assert log[-1]["loss"] < log[0]["loss"]
@@ -268,9 +257,8 @@ def test_full_training_from_scratch_lowers_the_loss(write_config):
     assert record["status"] == "done" and record["energy"]["measured"] is False
 
 
-def test_energy_is_recorded_with_its_method(write_config):
-    config = prepared(
-        write_config,
+def test_energy_is_recorded_with_its_method(prepare_run):
+    config = prepare_run(
         None,
         init={"size": "tiny"},
         pretrain={"full": {"steps": 2}, "energy": {"enabled": True}},
@@ -306,15 +294,15 @@ def _bad_gradient_norms(monkeypatch, bad_steps, seen):
 
 @pytest.mark.parametrize("guard", ["device", "host"])
 def test_a_non_finite_gradient_norm_skips_the_update_and_is_counted(
-    write_config, monkeypatch, guard
+    monkeypatch, guard, prepare_run
 ):
     """The fused AdamW skips the update on the device; where the update cannot take a device
     flag (fp16 loss scaling, or no fused kernel), the host decides each step: both skip."""
     if guard == "host":
         from lowlm.training import loop
 
-        monkeypatch.setattr(loop, "_fused_adamw", lambda accelerator: False)
-    config = prepared(write_config, None, init={"size": "tiny"}, pretrain={"full": {"steps": 5}})
+        monkeypatch.setattr(loop, "fused_adamw_available", lambda accelerator: False)
+    config = prepare_run(None, init={"size": "tiny"}, pretrain={"full": {"steps": 5}})
     seen: list = []
     _bad_gradient_norms(monkeypatch, {3}, seen)
     metrics = pretrain.run(config)["full"]
@@ -328,9 +316,8 @@ def test_a_non_finite_gradient_norm_skips_the_update_and_is_counted(
     assert {"step": 3, "skipped": "non-finite"} in log
 
 
-def test_non_finite_steps_in_a_row_stop_with_the_last_good_checkpoint(write_config, monkeypatch):
-    config = prepared(
-        write_config,
+def test_non_finite_steps_in_a_row_stop_with_the_last_good_checkpoint(monkeypatch, prepare_run):
+    config = prepare_run(
         None,
         init={"size": "tiny"},
         pretrain={"full": {"steps": 8}, "save_every": 2, "max_skipped_steps": 2},
@@ -372,10 +359,9 @@ def test_missing_base_model_is_a_clear_error(write_config, tmp_path):
         tokenize.run(config)
 
 
-def test_adapter_on_a_model_of_another_vocabulary_is_refused(write_config, tiny_base):
-    config = prepared(
-        write_config, tiny_base, pretrain={"stage2": {"steps": 1, "lora": {"r": 2, "alpha": 4}}}
-    )
+@pytest.mark.slow
+def test_adapter_on_a_model_of_another_vocabulary_is_refused(tiny_base, prepare_run):
+    config = prepare_run(tiny_base, pretrain={"stage2": {"steps": 1, "lora": {"r": 2, "alpha": 4}}})
     pretrain.run(config)
     card_path = config.run_dir / "model-resized" / "lowlm_model.json"
     card = json.loads(card_path.read_text())
@@ -386,10 +372,9 @@ def test_adapter_on_a_model_of_another_vocabulary_is_refused(write_config, tiny_
     assert not (config.run_dir / "export").exists()
 
 
-def test_export_refuses_a_swapped_tokenizer(write_config, tiny_base):
-    config = prepared(
-        write_config, tiny_base, pretrain={"stage2": {"steps": 1, "lora": {"r": 2, "alpha": 4}}}
-    )
+@pytest.mark.slow
+def test_export_refuses_a_swapped_tokenizer(tiny_base, prepare_run):
+    config = prepare_run(tiny_base, pretrain={"stage2": {"steps": 1, "lora": {"r": 2, "alpha": 4}}})
     pretrain.run(config)
     adapter = config.run_dir / "pretrain-stage2"
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
@@ -402,11 +387,11 @@ def test_export_refuses_a_swapped_tokenizer(write_config, tiny_base):
         export.run(config, source=str(copy))
 
 
+@pytest.mark.slow
 def test_bf16_stage2_with_gradient_checkpointing_keeps_trainable_weights_fp32(
-    write_config, tiny_base
+    tiny_base, prepare_run
 ):
-    config = prepared(
-        write_config,
+    config = prepare_run(
         tiny_base,
         model={"base": str(tiny_base), "dtype": "bf16"},
         pretrain={
@@ -420,11 +405,10 @@ def test_bf16_stage2_with_gradient_checkpointing_keeps_trainable_weights_fp32(
     assert {t.dtype for t in adapter.values()} == {torch.float32}
 
 
-def test_fp16_without_a_gpu_is_a_clear_error(write_config, tiny_base):
+def test_fp16_without_a_gpu_is_a_clear_error(tiny_base, prepare_run):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    config = prepared(
-        write_config,
+    config = prepare_run(
         tiny_base,
         model={"base": str(tiny_base), "dtype": "fp16"},
         pretrain={"stage2": {"steps": 1}},
@@ -457,6 +441,7 @@ def test_lora_directly_on_a_base_model_with_its_own_tokenizer(write_config, tiny
     assert export.run(config)["max_logit_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_cache_built_by_two_workers_equals_one(write_config, tmp_path):
     config = load_config(write_config(**pipeline_config(None)))
     tokenize.run(config)

@@ -17,7 +17,7 @@ import pytest
 
 import lowlm.data.blocks as blocks
 from lowlm.config import DataConfig
-from lowlm.data.blocks import EncoderPlan, build_cache
+from lowlm.data.blocks import CacheOptions, EncoderPlan, build_cache, choice, shards
 from lowlm.data.corpus import resolve_sources
 from lowlm.errors import LowlmError
 
@@ -115,17 +115,18 @@ def entangled_folder(root: Path, plain: Path) -> Path:
     return folder
 
 
-def build(folder: Path, tokenizer: Path, corpus: Path, num_proc: int = 1) -> dict:
-    build_cache(folder, tokenizer, resolve_sources([str(corpus)]), DataConfig(), 16, 7, num_proc)
+def build(folder: Path, tokenizer: Path, corpus: Path, num_proc: int = 1, options=None) -> dict:
+    sources = resolve_sources([str(corpus)])
+    build_cache(folder, tokenizer, sources, DataConfig(), 16, 7, num_proc, options)
     return json.loads((folder / "meta.json").read_text())
 
 
-def reference(folder: Path, tokenizer: Path, corpus: Path, monkeypatch) -> dict:
-    """The cache as the HF tokenizer's own batch call builds it (the path before sentencepiece)."""
+def reference(folder: Path, tokenizer: Path, corpus: Path, monkeypatch, options=None) -> dict:
+    """The cache as the HF tokenizer's own batch call builds it (no sentencepiece)."""
     with monkeypatch.context() as patch:
         plan = EncoderPlan(kind="hf", reason="reference", hf_fast=False)
-        patch.setattr(blocks, "choose_encoder", lambda *args: plan)
-        return build(folder, tokenizer, corpus)
+        patch.setattr(choice, "choose_encoder", lambda *args: plan)
+        return build(folder, tokenizer, corpus, options=options)
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
@@ -181,6 +182,7 @@ def test_the_cases_really_differ_without_the_stand_in_s_care(tokenizers):
     assert hf_ids(tokenizers["crossing"], text) != hf_ids(tokenizers["shuffled"], text)
 
 
+@pytest.mark.slow
 def test_two_workers_build_the_same_sentencepiece_cache(tokenizers, corpus, tmp_path):
     one = build(tmp_path / "one", tokenizers["shuffled"], corpus, num_proc=1)
     two = build(tmp_path / "two", tokenizers["shuffled"], corpus, num_proc=2)
@@ -200,19 +202,19 @@ def test_a_normaliser_sentencepiece_has_and_hf_lacks_falls_back_to_hf(
     assert_same_cache(tmp_path / "auto", tmp_path / "hf")
 
 
-real_stand_in = blocks._sentencepiece_stand_in
+real_stand_in = choice.sentencepiece_stand_in
 
 
-def unpatched(tokenizer, folder):
+def unpatched(tokenizer, folder, *options):
     """The stand-in without its rewritten scores: what a missed difference would look like."""
-    plan, _ = real_stand_in(tokenizer, folder)
+    plan, _ = real_stand_in(tokenizer, folder, *options)
     return replace(plan, model=(folder / "tokenizer.model").read_bytes()), ""
 
 
 def test_a_difference_in_the_sample_falls_back_to_hf_and_says_so(
     tokenizers, corpus, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(blocks, "_sentencepiece_stand_in", unpatched)
+    monkeypatch.setattr(choice, "sentencepiece_stand_in", unpatched)
     meta = build(tmp_path / "auto", tokenizers["shuffled"], corpus)
     assert meta["build"]["encoder"] == "hf-fast"
     assert "sentencepiece gave other ids for sample document" in meta["build"]["encoder_reason"]
@@ -220,6 +222,7 @@ def test_a_difference_in_the_sample_falls_back_to_hf_and_says_so(
     assert_same_cache(tmp_path / "auto", tmp_path / "hf")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_a_difference_in_a_verified_batch_stops_the_build_and_drops_its_shards(
     num_proc, tokenizers, tmp_path, monkeypatch
@@ -229,26 +232,23 @@ def test_a_difference_in_a_verified_batch_stops_the_build_and_drops_its_shards(
     # Three batches of one-letter documents (one merge each: no order to get wrong), then text.
     text = (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()[:40]
     corpus.write_text("a\nI\n" * 12 + "\n".join(text), encoding="utf-8")
-    monkeypatch.setattr(blocks, "SAMPLE_DOCS", 0)
-    monkeypatch.setattr(blocks, "DOCS_PER_BATCH", 8)
-    monkeypatch.setattr(blocks, "VERIFY_EVERY", 3)
-    monkeypatch.setattr(blocks, "SHARD_BLOCKS", 1)
-    monkeypatch.setattr(blocks, "_sentencepiece_stand_in", unpatched)
+    options = CacheOptions(sample_docs=0, docs_per_batch=8, verify_every=3, shard_blocks=1)
+    monkeypatch.setattr(choice, "sentencepiece_stand_in", unpatched)
     saved = []
-    real_save = blocks._save_progress
-    monkeypatch.setattr(blocks, "_save_progress", lambda *a: saved.append(real_save(*a) or 1))
+    real_save = shards.save_progress
+    monkeypatch.setattr(shards, "save_progress", lambda *a: saved.append(real_save(*a) or 1))
     cache = tmp_path / "cache"
     with pytest.raises(LowlmError, match="different ids for document .* of batch 3"):
-        build(cache, tokenizer, corpus, num_proc)
+        build(cache, tokenizer, corpus, num_proc, options)
     assert saved, "shards were written before the verified batch"
     assert not list(cache.glob("*.bin")) and not (cache / "progress.json").exists()
     assert (cache / blocks.MISMATCH_FILE).exists()
 
-    monkeypatch.setattr(blocks, "_sentencepiece_stand_in", real_stand_in)
-    meta = build(cache, tokenizer, corpus, num_proc)  # the rerun uses HF
+    monkeypatch.setattr(choice, "sentencepiece_stand_in", real_stand_in)
+    meta = build(cache, tokenizer, corpus, num_proc, options)  # the rerun uses HF
     assert meta["build"]["encoder"] == "hf-fast"
     assert "an earlier build found sentencepiece wrong" in meta["build"]["encoder_reason"]
-    reference(tmp_path / "hf", tokenizer, corpus, monkeypatch)
+    reference(tmp_path / "hf", tokenizer, corpus, monkeypatch, options)
     assert_same_cache(cache, tmp_path / "hf")
 
 
@@ -266,9 +266,9 @@ def test_documents_that_could_meet_a_trigger_go_to_hf(tokenizers):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizers["added"])
-    plan, _ = blocks._sentencepiece_stand_in(tokenizer, tokenizers["added"])
-    prefix, suffix = blocks._special_frame(tokenizer)
-    encoder = blocks._Encoder(tokenizer, replace(plan, prefix=prefix, suffix=suffix))
+    plan, _ = choice.sentencepiece_stand_in(tokenizer, tokenizers["added"])
+    prefix, suffix = choice.special_frame(tokenizer)
+    encoder = blocks.Encoder(tokenizer, replace(plan, prefix=prefix, suffix=suffix))
     docs = [
         "plain text",
         "a zebra",  # an added token
@@ -284,14 +284,14 @@ def test_documents_that_could_meet_a_trigger_go_to_hf(tokenizers):
     assert by_hf == 4 and got == tokenizer(docs)["input_ids"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_sentencepiece_build_resumes_to_the_same_cache(
     tokenizers, corpus, tmp_path, monkeypatch
 ):
     tokenizer = tokenizers["shuffled"]
-    monkeypatch.setattr(blocks, "SHARD_BLOCKS", 16)
-    monkeypatch.setattr(blocks, "DOCS_PER_BATCH", 32)
-    build(tmp_path / "whole", tokenizer, corpus)
-    real_save = blocks._save_progress
+    options = CacheOptions(shard_blocks=16, docs_per_batch=32)
+    build(tmp_path / "whole", tokenizer, corpus, options=options)
+    real_save = shards.save_progress
     calls = {"n": 0}
 
     def crash_after_three(*args):
@@ -300,11 +300,11 @@ def test_an_interrupted_sentencepiece_build_resumes_to_the_same_cache(
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(blocks, "_save_progress", crash_after_three)
+    monkeypatch.setattr(shards, "save_progress", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        build(tmp_path / "resumed", tokenizer, corpus)
-    monkeypatch.setattr(blocks, "_save_progress", real_save)
-    meta = build(tmp_path / "resumed", tokenizer, corpus)
+        build(tmp_path / "resumed", tokenizer, corpus, options=options)
+    monkeypatch.setattr(shards, "save_progress", real_save)
+    meta = build(tmp_path / "resumed", tokenizer, corpus, options=options)
     assert meta["build"]["resumed_at_document"] > 0
     assert_same_cache(tmp_path / "whole", tmp_path / "resumed")
 
@@ -315,9 +315,9 @@ def test_random_text_gets_the_hf_ids(name, tokenizers):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizers[name])
-    plan, _ = blocks._sentencepiece_stand_in(tokenizer, tokenizers[name])
-    prefix, suffix = blocks._special_frame(tokenizer)
-    encoder = blocks._Encoder(tokenizer, replace(plan, prefix=prefix, suffix=suffix))
+    plan, _ = choice.sentencepiece_stand_in(tokenizer, tokenizers[name])
+    prefix, suffix = choice.special_frame(tokenizer)
+    encoder = blocks.Encoder(tokenizer, replace(plan, prefix=prefix, suffix=suffix))
     rng = random.Random(2)
     alphabet = [" ", "  ", "\u2581", "e", "t", "the", "we take", "ana", "zebra", "<s>", "\t"]
     alphabet += ["\n", "1", "23", "é", "中文", "😀", "-", "--", ".", "None", "ab", "ba"]
@@ -334,8 +334,8 @@ def test_pieces_whose_merges_interleave_are_triggers(tokenizers):
     products = ["".join(merge) for merge in merges]
     i = next(i for i in range(len(products) - 2) if products[i] == products[i + 2])
     assert products[i] != products[i + 1]  # the edit is what HF loaded: A, B, A
-    plan, _ = blocks._sentencepiece_stand_in(tokenizer, tokenizers["entangled"])
-    encoder = blocks._Encoder(tokenizer, plan)
+    plan, _ = choice.sentencepiece_stand_in(tokenizer, tokenizers["entangled"])
+    encoder = blocks.Encoder(tokenizer, plan)
     assert encoder.routed([products[i], products[i + 1], "zzz"]) == [0, 1]
 
 
@@ -343,21 +343,24 @@ def test_pieces_whose_merges_interleave_are_triggers(tokenizers):
 # (`--multi_gpu` without a GPU; `--cpu --num_processes 2` would run one), every rank calling
 # build_cache as `lowlm pretrain` does.
 
+# This file also runs as the ranks' script (no package): its launch helpers are its own.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # Small batches and parts, so that the test corpus makes several parts per rank.
-SMALL = {"DOCS_PER_BATCH": 32, "PART_BATCHES": 2, "SHARD_BLOCKS": 16, "VERIFY_EVERY": 4}
-PART_DOCS = SMALL["DOCS_PER_BATCH"] * SMALL["PART_BATCHES"]
+SMALL = {"docs_per_batch": 32, "part_batches": 2, "shard_blocks": 16, "verify_every": 4}
+PART_DOCS = CacheOptions(**SMALL).part_documents
 
 needs_accelerate = pytest.mark.skipif(
     shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
     reason="accelerate's launcher is not installed beside this Python",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def two_ranks(tmp_path: Path, builds: list[dict], **spec) -> tuple[int, list[list[dict]]]:
@@ -370,7 +373,7 @@ def two_ranks(tmp_path: Path, builds: list[dict], **spec) -> tuple[int, list[lis
     launcher = Path(sys.executable).parent / "accelerate"
     command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(_free_port()), __file__, str(out / "spec.json")]
+    command += ["--main_process_port", str(free_port()), __file__, str(out / "spec.json")]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     (out / "launch.log").write_text(done.stdout + done.stderr)
     results = [
@@ -398,17 +401,14 @@ def _rank_main(spec_path: str) -> None:
     rank = state.process_index
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
-    for name, value in spec.get("consts", {}).items():
-        setattr(blocks, name, value)
+    options = CacheOptions(**spec.get("options", {}))
     if spec.get("unpatched"):
-        blocks._sentencepiece_stand_in = unpatched
+        choice.sentencepiece_stand_in = unpatched
 
     def exit_after(function: str, key: str, log: Path | None = None):
-        """Wrap blocks.FUNCTION; with spec[key] = [rank, n], that rank dies (as if killed)
+        """Wrap shards.FUNCTION; with spec[key] = [rank, n], that rank dies (as if killed)
         after its n-th call; with `log`, the first argument's name is logged."""
-        if not hasattr(blocks, function):  # lowlm before builds over ranks
-            return
-        real = getattr(blocks, function)
+        real = getattr(shards, function)
         calls = []
 
         def wrapped(*args):
@@ -420,10 +420,10 @@ def _rank_main(spec_path: str) -> None:
             if spec.get(key) == [rank, len(calls)]:
                 os._exit(3)
 
-        setattr(blocks, function, wrapped)
+        setattr(shards, function, wrapped)
 
-    exit_after("_write_part", "exit_after_parts", out / f"parts-rank{rank}.txt")
-    exit_after("_save_progress", "exit_after_progress")
+    exit_after("write_part", "exit_after_parts", out / f"parts-rank{rank}.txt")
+    exit_after("save_progress", "exit_after_progress")
     for i, build in enumerate(spec["builds"]):
         try:
             meta = build_cache(
@@ -434,6 +434,7 @@ def _rank_main(spec_path: str) -> None:
                 16,
                 7,
                 int(build.get("num_proc", 1)),
+                options,
             )
             result = {"meta": meta}
         except LowlmError as exc:
@@ -446,14 +447,12 @@ def _rank_main(spec_path: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def small_build(folder: Path, tokenizer: Path, corpus: Path, monkeypatch) -> dict:
-    """The one-process build with the constants the ranks use."""
-    with monkeypatch.context() as patch:
-        for name, value in SMALL.items():
-            patch.setattr(blocks, name, value)
-        return build(folder, tokenizer, corpus)
+def small_build(folder: Path, tokenizer: Path, corpus: Path) -> dict:
+    """The one-process build with the options the ranks use."""
+    return build(folder, tokenizer, corpus, options=CacheOptions(**SMALL))
 
 
+@pytest.mark.slow
 @needs_accelerate
 def test_two_ranks_build_the_one_process_cache_byte_for_byte(
     tokenizers, byte_base, corpus, tmp_path, monkeypatch
@@ -462,27 +461,27 @@ def test_two_ranks_build_the_one_process_cache_byte_for_byte(
     the shards and meta.json a single process gives (sentencepiece and HF encoders)."""
     cases = {"sentencepiece": tokenizers["shuffled"], "hf-fast": byte_base}
     singles = {
-        name: small_build(tmp_path / f"one-{name}", tokenizer, corpus, monkeypatch)
+        name: small_build(tmp_path / f"one-{name}", tokenizer, corpus)
         for name, tokenizer in cases.items()
     }
     builds = [
         {"folder": tmp_path / f"two-{name}", "tokenizer": t, "corpus": corpus, "num_proc": 2}
         for name, t in cases.items()
     ]
-    _, results = two_ranks(tmp_path, builds, consts=SMALL)
+    _, results = two_ranks(tmp_path, builds, options=SMALL)
     for (name, single), outcome in zip(singles.items(), results, strict=True):
         assert_same_cache(tmp_path / f"one-{name}", tmp_path / f"two-{name}")
         meta = json.loads((tmp_path / f"two-{name}" / "meta.json").read_text())
-        assert outcome == [{"meta": blocks._public(meta)}] * 2  # both ranks return it
+        assert outcome == [{"meta": blocks.cache_description(meta)}] * 2  # both ranks return it
         record, alone = meta["build"], single["build"]
         assert record["encoder"] == alone["encoder"] == name
         assert record["ranks"] == 2 and record["num_proc"] == 2 and record["processes"] == 4
         assert alone["ranks"] == 1 and alone["processes"] == 1
-        batches = -(-meta["documents"] // SMALL["DOCS_PER_BATCH"])
+        batches = -(-meta["documents"] // SMALL["docs_per_batch"])
         per_rank = record["per_rank"]
         assert [r["rank"] for r in per_rank] == [0, 1]
         assert all(r["batches"] > 0 and r["parts_written"] > 0 for r in per_rank), per_rank
-        assert sum(r["batches"] for r in per_rank) == batches > 4 * SMALL["PART_BATCHES"]
+        assert sum(r["batches"] for r in per_rank) == batches > 4 * SMALL["part_batches"]
         assert sum(r["documents"] for r in per_rank) == meta["documents"]
         assert sum(r["mb"] for r in per_rank) == pytest.approx(alone["mb"], abs=2e-3)
         assert record["mb"] == pytest.approx(alone["mb"], abs=1e-3)
@@ -496,6 +495,7 @@ def test_two_ranks_build_the_one_process_cache_byte_for_byte(
     assert singles["sentencepiece"]["build"]["batches_verified"] >= 2
 
 
+@pytest.mark.slow
 @needs_accelerate
 def test_an_interrupted_two_rank_build_resumes_without_encoding_a_part_twice(
     tokenizers, corpus, tmp_path, monkeypatch
@@ -503,16 +503,18 @@ def test_an_interrupted_two_rank_build_resumes_without_encoding_a_part_twice(
     """Killed while encoding (rank 1 after its first part), then while the main rank merges
     (after its first progress.json): the third launch finishes the cache of one process."""
     tokenizer = tokenizers["shuffled"]
-    small_build(tmp_path / "whole", tokenizer, corpus, monkeypatch)
+    small_build(tmp_path / "whole", tokenizer, corpus)
     builds = [{"folder": tmp_path / "two", "tokenizer": tokenizer, "corpus": corpus}]
     parts = tmp_path / "two" / f"parts-{PART_DOCS}"
-    status, _ = two_ranks(tmp_path, builds, consts=SMALL, exit_after_parts=[1, 1], expect_exit=True)
+    status, _ = two_ranks(
+        tmp_path, builds, options=SMALL, exit_after_parts=[1, 1], expect_exit=True
+    )
     assert status != 0 and not (tmp_path / "two" / "meta.json").exists()
     first = {path.name for path in parts.glob("part-*.npz")}  # complete: written atomically
     assert "part-000000000064.npz" in first  # rank 1's first part (rank 0's are 0, 128, ...)
 
     status, _ = two_ranks(
-        tmp_path, builds, consts=SMALL, exit_after_progress=[0, 1], expect_exit=True
+        tmp_path, builds, options=SMALL, exit_after_progress=[0, 1], expect_exit=True
     )
     assert status != 0 and not (tmp_path / "two" / "meta.json").exists()
     second = parts_written(tmp_path / "ranks-1")
@@ -522,7 +524,7 @@ def test_an_interrupted_two_rank_build_resumes_without_encoding_a_part_twice(
     progress = json.loads((tmp_path / "two" / "progress.json").read_text())
     assert progress["documents"] > 0 and progress["documents"] % PART_DOCS == 0
 
-    _, results = two_ranks(tmp_path, builds, consts=SMALL)
+    _, results = two_ranks(tmp_path, builds, options=SMALL)
     assert not parts_written(tmp_path / "ranks-2")  # nothing left to encode
     assert "error" not in results[0][0]
     meta = json.loads((tmp_path / "two" / "meta.json").read_text())
@@ -533,6 +535,7 @@ def test_an_interrupted_two_rank_build_resumes_without_encoding_a_part_twice(
     assert not list((tmp_path / "two").glob("parts-*"))
 
 
+@pytest.mark.slow
 @needs_accelerate
 def test_a_mismatch_on_one_rank_stops_both_with_the_one_process_error(
     tokenizers, tmp_path, monkeypatch
@@ -543,18 +546,16 @@ def test_a_mismatch_on_one_rank_stops_both_with_the_one_process_error(
     corpus = tmp_path / "corpus.txt"
     text = (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()[:40]
     corpus.write_text("a\nI\n" * 12 + "\n".join(text), encoding="utf-8")
-    consts = {"SAMPLE_DOCS": 0, "DOCS_PER_BATCH": 8, "VERIFY_EVERY": 3, "SHARD_BLOCKS": 1}
-    consts["PART_BATCHES"] = 1
-    for name, value in consts.items():
-        monkeypatch.setattr(blocks, name, value)
-    monkeypatch.setattr(blocks, "_sentencepiece_stand_in", unpatched)
+    small = {"sample_docs": 0, "docs_per_batch": 8, "verify_every": 3, "shard_blocks": 1}
+    small["part_batches"] = 1
+    monkeypatch.setattr(choice, "sentencepiece_stand_in", unpatched)
     with pytest.raises(LowlmError) as alone:
-        build(tmp_path / "one" / "cache", tokenizer, corpus)
+        build(tmp_path / "one" / "cache", tokenizer, corpus, options=CacheOptions(**small))
     assert "of batch 3" in str(alone.value)
 
     cache = tmp_path / "two" / "cache"
     builds = [{"folder": cache, "tokenizer": tokenizer, "corpus": corpus}]
-    _, results = two_ranks(tmp_path, builds, consts=consts, unpatched=True)
+    _, results = two_ranks(tmp_path, builds, options=small, unpatched=True)
     assert results[0] == [{"error": str(alone.value)}] * 2
     assert (cache / blocks.MISMATCH_FILE).exists()
     assert not [p for pattern in ("*.bin", "parts-*", "progress.json") for p in cache.glob(pattern)]

@@ -220,6 +220,7 @@ def test_every_recipe_validates(recipe):
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_chinese_llama_2_recipe_runs_scaled_down(tmp_path, tiny_base, local_data):
     stages = run_recipe(
         "chinese-llama-2-7b.yaml",
@@ -254,6 +255,7 @@ def test_chinese_llama_2_recipe_runs_scaled_down(tmp_path, tiny_base, local_data
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["teenytinyllama-160m.yaml", "teenytinyllama-460m.yaml"])
 def test_teenytinyllama_recipes_run_scaled_down_with_a_downstream_finetune(
     recipe, tmp_path, local_data
@@ -278,10 +280,21 @@ def test_teenytinyllama_recipes_run_scaled_down_with_a_downstream_finetune(
     )
     for stage in ("tokenize", "init", "pretrain-full", "export", "finetune", "eval"):
         assert stages[stage]["status"] == "done", stage
-    assert 0 <= stages["finetune"]["metrics"]["accuracy"] <= 1
+    # the classifier was fine-tuned from this run's exported model, and its accuracy is the
+    # share of the test examples its confusion matrix holds on the diagonal
+    run_dir = tmp_path / "runs" / recipe.removesuffix(".yaml")
+    card = json.loads((run_dir / "finetune" / "lowlm_model.json").read_text())
+    assert Path(card["trained_from"]).resolve() == (run_dir / "export").resolve()
+    confusion = json.loads((run_dir / "finetune" / "results.json").read_text())
+    confusion = confusion["confusion_matrix"]["rows_gold_columns_predicted"]
+    metrics = stages["finetune"]["metrics"]
+    assert sum(map(sum, confusion)) == metrics["test_examples"] > 0
+    correct = sum(row[i] for i, row in enumerate(confusion))
+    assert metrics["accuracy"] == correct / metrics["test_examples"]
     assert stages["eval"]["metrics"]  # bits per character on the held-out documents
 
 
+@pytest.mark.slow
 def test_hyacinth_recipe_needs_the_remote_code_flag_and_runs_on_a_standin(
     tmp_path, glm_standin, local_data
 ):

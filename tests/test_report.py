@@ -125,6 +125,7 @@ def _images(page: str) -> list[bytes]:
     return images
 
 
+@pytest.mark.slow
 def test_report_shows_every_stage_with_its_status_and_the_charts(run):
     page = _report(run)
     stages = Graph(load_config(run)).enabled()
@@ -151,6 +152,7 @@ def test_report_shows_every_stage_with_its_status_and_the_charts(run):
     assert ">Recorded answers</h2>" in page  # eval's samples, read, not generated
 
 
+@pytest.mark.slow
 def test_a_changed_input_shows_the_stage_as_stale_with_its_reason(run):
     page = _report(run, "--set", "sft.lr=0.5")
     statuses = _statuses(page)
@@ -202,6 +204,7 @@ def chromium() -> str:
     return found
 
 
+@pytest.mark.slow
 def test_the_page_renders_in_headless_chromium_with_every_chart(run, chromium, tmp_path):
     from PIL import Image
 

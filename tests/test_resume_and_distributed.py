@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,22 +21,7 @@ from lowlm.errors import LowlmError
 from lowlm.models.load import load_model
 from lowlm.stages import init, pretrain, tokenize
 
-from .conftest import pipeline_config
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def make_run(tmp_path: Path, name: str, **pretrain_section) -> Path:
-    """Tokenize and init a tiny from-scratch run; return its config path."""
-    raw = pipeline_config(None, init={"size": "tiny"}, pretrain=pretrain_section)
-    raw["run"] = {"name": name, "root": str(tmp_path / "runs")}
-    raw["tokenize"]["num_threads"] = 1
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
-    config = load_config(path)
-    tokenize.run(config)
-    init.run(config)
-    return path
+from .conftest import ENV, free_port, pipeline_config
 
 
 def final_log(run_dir: Path) -> dict:
@@ -49,10 +33,11 @@ def state(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_model(run_dir / "pretrain-full").state_dict()
 
 
-def test_run_killed_with_sigkill_resumes_to_the_same_loss(tmp_path):
+@pytest.mark.slow
+def test_run_killed_with_sigkill_resumes_to_the_same_loss(tmp_path, make_run):
     settings = dict(full={"steps": 240, "lr": 3e-3}, save_every=20, log_every=20, eval_every=80)
-    whole = make_run(tmp_path, "whole", **settings)
-    killed = make_run(tmp_path, "killed", **settings)
+    whole = make_run("whole", **settings)
+    killed = make_run("killed", **settings)
     # Every training run is a fresh process with one thread, so float results can be equal.
     command = [sys.executable, "-m", "lowlm.cli", "pretrain"]
     subprocess.run([*command, str(whole)], env=ENV, check=True, capture_output=True)
@@ -87,12 +72,6 @@ def test_run_killed_with_sigkill_resumes_to_the_same_loss(tmp_path):
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 needs_torchrun = pytest.mark.skipif(
     shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
     reason="torchrun is not installed beside this Python",
@@ -102,16 +81,17 @@ needs_torchrun = pytest.mark.skipif(
 def two_ranks(*args: str) -> subprocess.CompletedProcess:
     """`lowlm ARGS` under torchrun with two gloo processes on this CPU."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
     return subprocess.run(
         [*command, "-m", "lowlm.cli", *args], env=ENV, capture_output=True, text=True, timeout=300
     )
 
 
+@pytest.mark.slow
 @needs_torchrun
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    one = make_run(tmp_path, "one", full={"steps": 12, "lr": 3e-3}, batch_size=4, log_every=4)
-    two = make_run(tmp_path, "two", full={"steps": 12, "lr": 3e-3}, batch_size=2, log_every=4)
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, make_run):
+    one = make_run("one", full={"steps": 12, "lr": 3e-3}, batch_size=4, log_every=4)
+    two = make_run("two", full={"steps": 12, "lr": 3e-3}, batch_size=2, log_every=4)
     tokenizers = [
         (tmp_path / "runs" / n / "tokenizer" / "tokenizer.json").read_bytes()
         for n in ("one", "two")
@@ -127,6 +107,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_lowlm_run_under_two_ranks_builds_every_stage_once(tmp_path):
     """tokenize and init run on the main rank while the other waits; stage 1 of a from-scratch
@@ -150,10 +131,11 @@ def test_lowlm_run_under_two_ranks_builds_every_stage_once(tmp_path):
     assert result.stdout.count("tokenize: ") == 1  # one rank did the work
 
 
-def test_a_checkpoint_that_needs_unpickling_code_is_refused_not_run(tmp_path):
+@pytest.mark.slow
+def test_a_checkpoint_that_needs_unpickling_code_is_refused_not_run(tmp_path, make_run):
     """Resume loads optimizer, scheduler and RNG state with weights_only=True: a run directory
     copied from someone else cannot run code on this machine."""
-    path = make_run(tmp_path, "evil", full={"steps": 6}, save_every=2)
+    path = make_run("evil", full={"steps": 6}, save_every=2)
     config = load_config(path)
     pretrain.run(config, resume=False)
     work = tmp_path / "runs" / "evil"
@@ -210,6 +192,7 @@ def _last_loss(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / stage / "log.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_lora_stage2_and_packed_sft_train_the_same_on_two_ranks_as_on_one(tmp_path):
     """The same global batch split over two gloo ranks: the same losses, the same adapters.
@@ -236,6 +219,7 @@ def test_lora_stage2_and_packed_sft_train_the_same_on_two_ranks_as_on_one(tmp_pa
             torch.testing.assert_close(adapters[1][key], tensor, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_lora_stage2_and_sft_resumed_from_a_checkpoint_match_the_whole_run(tmp_path):
     """LoRA dropout on: the resumed run continues the RNG as well as weights, optimizer and
     schedule (accelerate's save_state / load_state, the frozen base left out)."""
@@ -283,8 +267,10 @@ def test_lora_stage2_and_sft_resumed_from_a_checkpoint_match_the_whole_run(tmp_p
         ({"compiled": True}, "was written with compile on"),
     ],
 )
-def test_a_checkpoint_from_another_setup_is_refused_before_training(tmp_path, edit, message):
-    path = make_run(tmp_path, "other", full={"steps": 4}, save_every=2)
+def test_a_checkpoint_from_another_setup_is_refused_before_training(
+    tmp_path, edit, message, make_run
+):
+    path = make_run("other", full={"steps": 4}, save_every=2)
     config = load_config(path)
     pretrain.run(config, resume=False)
     work = tmp_path / "runs" / "other"

@@ -265,6 +265,7 @@ ANSWERS = [
 ]
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_eight_examples_and_generates_a_trained_answer(write_config, tmp_path):
     data = tmp_path / "eight.jsonl"
     data.write_text(

@@ -47,11 +47,39 @@ def prepared(write_config):
     return make
 
 
-def test_eager_attention_and_gradient_checkpointing_train_packed_sft(prepared):
+def test_eager_attention_and_gradient_checkpointing_train_packed_sft(prepared, monkeypatch):
+    """Both switches are in force while the stage trains: attention runs through the eager
+    kernel, and the decoder layers run under activation checkpointing."""
+    import transformers.modeling_utils
+    from transformers.models.llama import modeling_llama
+
+    calls = {"eager": 0, "checkpoint": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    eager = counted("eager", modeling_llama.eager_attention_forward)
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", eager)
+    checkpoint = counted("checkpoint", transformers.modeling_utils.checkpoint)
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", checkpoint)
     path = prepared(gradient_checkpointing=True)
     config = load_config(path, ["model.attn_implementation=eager"])
     metrics = sft.run(config)
     assert metrics["packed_blocks"] >= 1 and metrics["loss"] is not None
+    layers = config_layers(config)
+    # two optimizer steps of one micro-batch each: every layer, every step
+    assert calls["checkpoint"] >= 2 * layers
+    assert calls["eager"] >= 2 * layers
+
+
+def config_layers(config) -> int:
+    from lowlm.models.load import load_model
+
+    return load_model(config.run_dir / "model-init").config.num_hidden_layers
 
 
 @pytest.mark.parametrize(

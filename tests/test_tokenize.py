@@ -248,6 +248,7 @@ MISTRAL = ASSETS / "tokenizers" / "mistral-v1" / "tokenizer.model"
 ZH_TW = ASSETS / "corpus" / "zh-TW"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (MISTRAL.exists() and ZH_TW.exists()), reason="real assets absent")
 def test_real_mistral_merge_reaches_1_6_chinese_chars_per_token(write_config):
     _, report, _ = run_tokenize(

@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from lowlm.data.corpus import Source, resolve_sources
 from lowlm.errors import LowlmError
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
 
 def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, object]]:
     if source.hf_name is not None:

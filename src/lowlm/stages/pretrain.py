@@ -35,7 +35,7 @@ from lowlm.models.load import (
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.stages.eval import periodic_eval
 from lowlm.tokenization.base import resolve_base_tokenizer
-from lowlm.training.loop import document_positions, seed_everything, sharded
+from lowlm.training.loop import document_positions, model_is_sharded, seed_everything
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
@@ -253,7 +253,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     if stage == "1":
         model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
     elif stage == "2":
-        model = _prepare_stage2(model, config, new_ids, sharded(accelerator))
+        model = _prepare_stage2(model, config, new_ids, model_is_sharded(accelerator))
     else:  # every weight trains (a merged adapter parent leaves them frozen)
         for param in model.parameters():
             param.requires_grad_(True)
