@@ -13,9 +13,32 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 from lowlm.data.corpus import Source, resolve_sources
 from lowlm.errors import LowlmError
+
+_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"}
+
+
+def read_csv_text(path: Path) -> str:
+    """A CSV's text; invalid UTF-8 or a control byte stops with the file and line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise LowlmError(
+            f"{path}:{line}: invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8."
+        ) from None
+    bad = next((i for i, ch in enumerate(text) if ch in _CONTROL), None)
+    if bad is not None:
+        line = text.count("\n", 0, bad) + 1
+        raise LowlmError(
+            f"{path}:{line}: control character U+{ord(text[bad]):04X} in the file; remove it "
+            "(a damaged or binary file?)."
+        )
+    return text
 
 
 def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, object]]:
@@ -55,8 +78,6 @@ def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, ob
             yield f"{path} row {index}", row
         return
     if path.suffix == ".csv":
-        from lowlm.evaluation.benchmarks import read_csv_text
-
         for number, row in enumerate(csv.DictReader(io.StringIO(read_csv_text(path))), start=2):
             yield f"{path}:{number}", row
         return

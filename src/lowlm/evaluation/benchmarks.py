@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowlm.data.records import read_csv_text
 from lowlm.errors import LowlmError
 
 LETTERS = ("A", "B", "C", "D")
@@ -406,27 +407,6 @@ def _root(path: Path, benchmark: Benchmark, split: str) -> Path:
 
 
 REQUIRED_COLUMNS = ("question", "a", "b", "c", "d", "answer")
-_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"}
-
-
-def read_csv_text(path: Path) -> str:
-    """A CSV's text; invalid UTF-8 or a control byte stops with the file and line."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise LowlmError(
-            f"{path}:{line}: invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8."
-        ) from None
-    bad = next((i for i, ch in enumerate(text) if ch in _CONTROL), None)
-    if bad is not None:
-        line = text.count("\n", 0, bad) + 1
-        raise LowlmError(
-            f"{path}:{line}: control character U+{ord(text[bad]):04X} in the file; remove it "
-            "(a damaged or binary file?)."
-        )
-    return text
 
 
 def _parse_rows(
