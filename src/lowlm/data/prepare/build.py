@@ -8,6 +8,7 @@ kept documents, the removed samples and stats.json into the stage's (temporary) 
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ def resolve(config: LowlmConfig, work: Path) -> Resolved:
     lid_path = lid.model_file(cfg.lid.model)
     lid_label = lid.model_label(lid.load_model(lid_path), row, cfg.lid.model)
     files, datasets = inputs.resolve_inputs(cfg.inputs)
+    _check_warc_extras(files)
     fineweb2, source = languages.fineweb2_config(row, cfg.language_config)
     thresholds = quality.base_thresholds(fineweb2, cfg.lid.threshold, row.code == "eng_Latn")
     if cfg.lid.threshold is None and not fineweb2:
@@ -72,6 +74,15 @@ def resolve(config: LowlmConfig, work: Path) -> Resolved:
         unit = "characters" if tokenizer_name == "characters" else "words"
         resolved.decontamination = decontaminate.describe(counts, skipped, resolved.n_grams, unit)
     return resolved
+
+
+def _check_warc_extras(files: list[tuple[str, str]]) -> None:
+    missing = [m for m in ("warcio", "trafilatura") if importlib.util.find_spec(m) is None]
+    if missing and any(kind == "warc" for _, kind in files):
+        raise LowlmError(
+            f"WARC inputs need {' and '.join(missing)} (text extraction as FineWeb does): "
+            "pip install 'datatrove[io,processing]'."
+        )
 
 
 def _calibrate(config: LowlmConfig, resolved: Resolved, work: Path) -> None:
