@@ -68,11 +68,13 @@ def resolve(config: LowlmConfig, work: Path) -> Resolved:
     )
     if cfg.decontaminate.enabled:
         texts, skipped = decontaminate.benchmark_texts(config)
-        counts = decontaminate.write_index(
+        counts, short = decontaminate.write_index(
             texts, work / "decont-index", tokenizer, resolved.n_grams
         )
         unit = "characters" if tokenizer_name == "characters" else "words"
-        resolved.decontamination = decontaminate.describe(counts, skipped, resolved.n_grams, unit)
+        resolved.decontamination = decontaminate.describe(
+            counts, short, skipped, resolved.n_grams, unit
+        )
     return resolved
 
 

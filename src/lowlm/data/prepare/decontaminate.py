@@ -29,14 +29,15 @@ from lowlm.errors import LowlmError
 BENCHMARK_TASKS = {"mmlu", "ceval", "cmmlu", "tmmluplus"}
 
 
-def _task_texts(task: EvalTask) -> list[str]:
+def _task_texts(task: EvalTask) -> dict[str, list[str]]:
     from lowlm.evaluation.tasks import benchmark_questions, mc_questions
 
     loaded = mc_questions(task) if task.name == "mc" else benchmark_questions(task)
-    texts = []
+    texts: dict[str, list[str]] = {"questions": [], "other": []}
     for group in (*loaded.evaluated.values(), *loaded.pools.values()):
         for q in group:
-            texts += [q.question, *q.choices, " ".join([q.question, *q.choices])]
+            texts["questions"].append(q.question)
+            texts["other"] += [*q.choices, " ".join([q.question, *q.choices])]
     return texts
 
 
@@ -50,13 +51,14 @@ def _record_strings(value) -> list[str]:
     return []
 
 
-def benchmark_texts(config: LowlmConfig) -> tuple[dict[str, list[str]], list[str]]:
-    """({benchmark name: texts}, [tasks not checked, with why]) for the eval tasks the config
-    names (eval, pretrain and sft eval_tasks) and prepare.decontaminate.sft_test."""
+def benchmark_texts(config: LowlmConfig) -> tuple[dict[str, dict], list[str]]:
+    """({benchmark name: {"questions": [...], "other": [choices, question + choices, SFT
+    strings]}}, [tasks not checked, with why]) for the eval tasks the config names (eval,
+    pretrain and sft eval_tasks) and prepare.decontaminate.sft_test."""
     from lowlm.data.records import read_records
 
     tasks = [*config.eval.tasks, *config.pretrain.eval_tasks, *config.sft.eval_tasks]
-    texts: dict[str, list[str]] = {}
+    texts: dict[str, dict] = {}
     skipped: list[str] = []
     seen = set()
     for task in tasks:
@@ -67,11 +69,14 @@ def benchmark_texts(config: LowlmConfig) -> tuple[dict[str, list[str]], list[str
             skipped.append(f"{task.name} (no local path; the Hub copy is not read offline)")
             continue
         name = task.name if task.name != "mc" else f"mc-{Path(task.path or '').stem}"
-        texts.setdefault(_safe(name), []).extend(_task_texts(task))
+        entry = texts.setdefault(_safe(name), {"questions": [], "other": []})
+        for kind, found in _task_texts(task).items():
+            entry[kind] += found
     for pattern in config.prepare.decontaminate.sft_test:
         for where, record in read_records(pattern):
             name = _safe(f"sft_test-{Path(where.rsplit(':', 1)[0]).stem}")
-            texts.setdefault(name, []).extend(_record_strings(record))
+            entry = texts.setdefault(name, {"questions": [], "other": []})
+            entry["other"] += _record_strings(record)
     return texts, skipped
 
 
@@ -80,18 +85,22 @@ def _safe(name: str) -> str:
 
 
 def write_index(
-    texts: dict[str, list[str]], folder: Path, tokenizer, n_grams: int
-) -> dict[str, int]:
-    """Write `<benchmark>.index.hashes` per benchmark; returns the n-gram count of each."""
+    texts: dict[str, dict], folder: Path, tokenizer, n_grams: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Write `<benchmark>.index.hashes` per benchmark; returns the n-gram count of each and,
+    per benchmark, how many questions are shorter than one n-gram (they cannot be matched)."""
     config = NGramsDecontConfig(n_grams=n_grams)
     hash_func = create_hash_func(config.hash_config)
     folder.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for name, strings in texts.items():
+    counts, too_short = {}, {}
+    for name, entry in texts.items():
         hashes = set()
-        for text in strings:
-            words = tokenizer.word_tokenize(simplify_text(text, config.norm_config))
-            hashes.update(hash_func(" ".join(gram)) for gram in ngrams(words, n_grams))
+        too_short[name] = 0
+        for kind, strings in entry.items():
+            for text in strings:
+                words = tokenizer.word_tokenize(simplify_text(text, config.norm_config))
+                too_short[name] += kind == "questions" and len(words) < n_grams
+                hashes.update(hash_func(" ".join(gram)) for gram in ngrams(words, n_grams))
         if not hashes:
             continue
         array = np.array(sorted(hashes), dtype=config.hash_config.np_descr)
@@ -102,7 +111,7 @@ def write_index(
             f"no eval question or SFT test text is {n_grams} units long, so nothing can be "
             "checked; lower prepare.decontaminate.n_gram / char_n_gram or turn it off."
         )
-    return counts
+    return counts, too_short
 
 
 def decontamination_filter(folder: Path, tokenizer, n_grams: int, exclusion_writer):
@@ -114,5 +123,13 @@ def decontamination_filter(folder: Path, tokenizer, n_grams: int, exclusion_writ
     )
 
 
-def describe(counts: dict[str, int], skipped: list[str], n_grams: int, unit: str) -> dict:
-    return {"n_gram": n_grams, "unit": unit, "index_ngrams": counts, "not_checked": skipped}
+def describe(
+    counts: dict[str, int], too_short: dict[str, int], skipped: list[str], n_grams: int, unit: str
+) -> dict:
+    return {
+        "n_gram": n_grams,
+        "unit": unit,
+        "index_ngrams": counts,
+        "questions_shorter_than_n_gram": too_short,
+        "not_checked": skipped,
+    }
