@@ -70,6 +70,7 @@ def test_prepare_keeps_the_target_language_drops_copies_and_writes_stats(write_c
     assert "already done" in again.output
 
 
+@pytest.mark.slow
 def test_run_tokenizes_the_prepared_corpus_and_marks_the_heldout_documents(write_config, tmp_path):
     raw = write_text(tmp_path / "raw.txt", blocks(ZH, 5, 200))
     path = write_config(
@@ -153,6 +154,10 @@ def test_planted_benchmark_questions_are_removed_and_counted(write_config, tmp_p
     assert stats["decontamination"]["removed"] == {"mc-quiz": 8}
     assert stats["decontamination"]["unit"] == "characters"
     assert not any(q in r["text"] for r in kept_rows(tmp_path) for q in questions)
+    report = invoke("report", path)
+    assert report.exit_code == 0, report.output
+    html = (tmp_path / "runs/t/report.html").read_text(encoding="utf-8")
+    assert "Corpus preparation" in html and "mc-quiz" in html and "Removed documents" in html
 
 
 def test_calibration_loosens_thresholds_to_keep_clean_text(write_config, tmp_path):
@@ -275,3 +280,72 @@ def test_prepare_without_datatrove_names_the_extra(write_config, raw, monkeypatc
         lambda name, *a: None if name == "datatrove" else real(name, *a),
     )
     _refused(invoke("prepare", prepare_config(write_config, [raw])), "lowlm[prepare]")
+
+
+def test_a_local_hugging_face_dataset_is_read_and_its_text_field_checked(write_config, tmp_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    zh = blocks(ZH, 6, 12)
+    pq.write_table(
+        pa.table({"content": zh, "id": [f"row-{i}" for i in range(12)]}), folder / "train.parquet"
+    )
+    path = prepare_config(write_config, [f"hf:{folder}"], text_field="content")
+    result = invoke("prepare", path)
+    assert result.exit_code == 0, result.output
+    assert {r["id"] for r in kept_rows(tmp_path)} <= {f"row-{i}" for i in range(12)}
+    assert kept_rows(tmp_path)
+    _refused(
+        invoke("prepare", prepare_config(write_config, [f"hf:{folder}"])),
+        "no text field 'text'",
+        "content",
+    )
+
+
+def test_rehydration_writes_a_document_once_per_cluster_member(write_config, tmp_path):
+    zh = blocks(ZH, 6, 30)
+    near = [doc.replace("的", "之", 1) if "的" in doc else doc + "。" for doc in zh[:5]]
+    raw = write_text(tmp_path / "raw.txt", zh + near + near)  # 3-member clusters (1 exact)
+    path = prepare_config(write_config, [raw], dedup={"rehydrate": True, "max_copies": 5})
+    assert invoke("prepare", path).exit_code == 0
+    rows = kept_rows(tmp_path)
+    sizes = [r["minhash_cluster_size"] for r in rows]
+    assert max(sizes) >= 2
+    by_text = {}
+    for r in rows:
+        by_text[r["text"]] = by_text.get(r["text"], 0) + 1
+    assert all(by_text[r["text"]] == min(r["minhash_cluster_size"], 5) for r in rows)
+
+
+def test_sft_test_answers_are_decontaminated_too(write_config, tmp_path):
+    docs = blocks(ZH, 6, 30)
+    answer = ZH[2500] + ZH[2501]
+    sft_test = tmp_path / "sft-test.jsonl"
+    sft_test.write_text(json.dumps({"instruction": "問", "output": answer}) + "\n", "utf-8")
+    raw = write_text(tmp_path / "raw.txt", docs + [docs[0].replace(ZH[0], answer)])
+    path = prepare_config(write_config, [raw], decontaminate={"sft_test": [str(sft_test)]})
+    assert invoke("prepare", path).exit_code == 0
+    stats = json.loads((tmp_path / "runs/t/corpus/stats.json").read_text(encoding="utf-8"))
+    assert stats["decontamination"]["removed"] == {"sft_test-sft-test": 1}
+
+
+def test_slurm_and_ray_executors_get_the_configured_resources(tmp_path):
+    from lowlm.data.prepare.pipeline import Phase, Runner
+    from lowlm.data.prepare.settings import ExecutorConfig
+    from lowlm.errors import LowlmError
+
+    slurm = ExecutorConfig(kind="slurm", partition="cpu", time="01:00:00", cpus_per_task=4)
+    executor = Runner(slurm, tmp_path, print)._executor(Phase("filter", [], 8), tmp_path, None)
+    assert type(executor).__name__ == "SlurmPipelineExecutor"
+    assert (executor.partition, executor.time, executor.cpus_per_task, executor.tasks) == (
+        "cpu",
+        "01:00:00",
+        4,
+        8,
+    )
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        with pytest.raises(LowlmError, match=r"datatrove\[ray\]"):
+            Runner(ExecutorConfig(kind="ray"), tmp_path, print)._executor(
+                Phase("filter", [], 8), tmp_path, None
+            )

@@ -35,6 +35,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
 
 def _work(run: StageRun) -> dict:
     from lowlm.data.prepare.build import resolve, run_pipeline
+    from lowlm.data.prepare.pipeline import TaskFailed
 
     config = run.config
     # datatrove's completion markers live here: named by the key and the executor's layout, a
@@ -47,6 +48,8 @@ def _work(run: StageRun) -> dict:
         with atomic_dir(run.folder) as out:
             stats = run_pipeline(config, resolved, work, out, print)
             atomic_write_json(out / "stats.json", stats)
+    except TaskFailed:
+        raise  # its logs and finished tasks stay in `work`
     except LowlmError:
         shutil.rmtree(work, ignore_errors=True)  # bad input: nothing is left to resume
         raise

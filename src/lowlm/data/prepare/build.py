@@ -9,6 +9,7 @@ kept documents, the removed samples and stats.json into the stage's (temporary) 
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,7 +162,8 @@ def run_pipeline(
     steps.append(pipeline.JsonlWriter(str(filtered), output_filename="${rank}.jsonl.gz"))
     tasks = cfg.executor.tasks or max(len(resolved.files), 1) + len(resolved.datasets)
     phase = runner.run("filter", steps, tasks)
-    say(summary.progress_line(phase, "read and filtered"))
+    input_bytes = sum(os.path.getsize(path) for path, _ in resolved.files)
+    say(summary.progress_line(phase, "read and filtered", input_bytes))
     bad_files = readers.read_bad_files(work / "bad-files")
     summary.check_bad_files(bad_files, cfg.bad_files)
     shards = pipeline.shard_count(filtered)

@@ -40,6 +40,7 @@ from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.utils.hashing import HashConfig
+from datatrove.utils.logging import setup_default_logger
 
 from lowlm.data.heldout import is_held_out
 from lowlm.data.prepare.settings import ExecutorConfig
@@ -51,6 +52,10 @@ MINHASH = MinhashConfig(  # FineWeb-2's settings
     hashes_per_bucket=8,
     n_grams=5,
 )
+
+
+class TaskFailed(LowlmError):
+    """A datatrove task raised: the work folder is kept (logs, finished tasks to resume)."""
 
 
 def document_text(doc: Document) -> str:
@@ -156,8 +161,14 @@ class Runner:
         logs = self.work / "logs" / name
         started = time.time()
         executor = self._executor(phase, logs, workers)
-        with _datatrove_logs_to(self.work / "datatrove.log"):
-            executor.run()
+        try:
+            with _datatrove_logs_to(self.work / "datatrove.log"):
+                executor.run()
+        except Exception as exc:  # noqa: BLE001 - a task's failure, reported in one line
+            raise TaskFailed(
+                f"prepare's {name} step failed in a task ({type(exc).__name__}: {exc}); its log is "
+                f"in {logs / 'logs'}, and a rerun resumes from the tasks that finished."
+            ) from None
         if self.executor.kind == "slurm":
             _wait_for_slurm(executor)
         phase.seconds = time.time() - started
@@ -230,18 +241,21 @@ def _merged_stats(logs: Path) -> list[dict]:
 
 @contextlib.contextmanager
 def _datatrove_logs_to(path: Path):
-    """datatrove logs every task to stderr; send that to a file (the stage prints its own
-    progress lines), and restore stderr afterwards."""
+    """datatrove logs every task to stderr; send that (the file descriptor of worker processes,
+    and sys.stderr of tasks run in this process) to a file: the stage prints its own progress
+    lines. stderr is restored afterwards."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with open(path, "ab") as log:
+    with open(path, "a", encoding="utf-8") as log:
         os.dup2(log.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stderr(log):
+                yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            setup_default_logger()  # datatrove's default sink: the restored stderr, not the file
 
 
 def shard_reader(folder: Path) -> JsonlReader:

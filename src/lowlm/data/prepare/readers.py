@@ -173,6 +173,17 @@ class InputReader(BaseReader):
                     yield document
 
 
+def hf_row(self, data: dict, path: str, id_in_file: int | str) -> dict:
+    """datatrove's row adapter, but a row without the text field stops the task by name
+    (datatrove's own skips it with a warning, which would hide a wrong text_field)."""
+    if self.text_key not in data:
+        raise UnreadableInput(
+            f"dataset {path}: no text field '{self.text_key}' (fields: "
+            f"{', '.join(map(str, data))}); set prepare.text_field"
+        )
+    return self._default_adapter(data, path, id_in_file)
+
+
 def hf_readers(names: list[str], text_field: str, split: str) -> list:
     """datatrove's Hugging Face reader for each dataset name (`name` or `name:subset`)."""
     from datatrove.pipeline.readers import HuggingFaceDatasetReader
@@ -182,7 +193,9 @@ def hf_readers(names: list[str], text_field: str, split: str) -> list:
         dataset, _, subset = name.partition(":")
         options = {"split": split, **({"name": subset} if subset else {})}
         readers.append(
-            HuggingFaceDatasetReader(dataset, options, text_key=text_field, streaming=True)
+            HuggingFaceDatasetReader(
+                dataset, options, text_key=text_field, streaming=True, adapter=hf_row
+            )
         )
     return readers
 

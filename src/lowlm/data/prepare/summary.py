@@ -75,18 +75,21 @@ def funnel(phases) -> list[dict]:
     return rows
 
 
-def progress_line(phase, verb: str) -> str:
+def progress_line(phase, verb: str, input_bytes: int = 0) -> str:
+    """What a phase did: documents, input MB (local files, as stored) and MB/s, or documents
+    per second where it read no input file."""
     steps = _steps(phase)
-    read = steps.get("read")
-    if read is not None:
-        megabytes = read.get("doc_len", {}).get("total", 0) / 1e6
-        documents = _count(read, "documents")
-        rate = megabytes / max(phase.seconds, 1e-9)
-        return (
-            f"prepare: {phase.name}: {documents:,} documents, {megabytes:.1f} M characters "
-            f"{verb} in {phase.seconds:.1f} s ({rate:.2f} M characters/s, {phase.tasks} tasks)"
-        )
-    return f"prepare: {phase.name}: {verb} in {phase.seconds:.1f} s ({phase.tasks} tasks)"
+    read = steps.get("read") or next(iter(phase.stats), {}).get("stats", {})
+    documents = _count(read, "documents") or _count(read, "total")
+    seconds = max(phase.seconds, 1e-9)
+    if input_bytes:
+        rate = f"{input_bytes / 1e6:.1f} MB of input files, {input_bytes / 1e6 / seconds:.2f} MB/s"
+    else:
+        rate = f"{documents / seconds:,.0f} documents/s"
+    return (
+        f"prepare: {phase.name}: {documents:,} documents {verb} in {phase.seconds:.1f} s "
+        f"({rate}; {phase.tasks} tasks)"
+    )
 
 
 def everything_removed(phases) -> str:
