@@ -349,3 +349,21 @@ def test_slurm_and_ray_executors_get_the_configured_resources(tmp_path):
             Runner(ExecutorConfig(kind="ray"), tmp_path, print)._executor(
                 Phase("filter", [], 8), tmp_path, None
             )
+
+
+def test_tokenize_and_pretrain_read_prepare_only_when_their_corpus_is_unset(write_config, raw):
+    from lowlm.config import load_config
+    from lowlm.graph import Graph
+
+    prepared = load_config(prepare_config(write_config, [raw]))
+    assert Graph(prepared).plan("tokenize").parents == ["prepare"]
+    own = load_config(
+        write_config(
+            prepare={"inputs": [str(raw)], "language": "cmn_Hant"},
+            tokenize={"corpus": [str(raw)]},
+            pretrain={"full": {"steps": 1}},
+            init={"size": "tiny"},
+        )
+    )
+    assert Graph(own).plan("tokenize").parents == []
+    assert "prepare" not in Graph(own).plan("pretrain-full").parents

@@ -262,6 +262,7 @@ class Stage:
     config: Callable[[LowlmConfig], dict]  # the config it reads, hashed
     files: Callable[[LowlmConfig], dict] = _none  # what it reads outside the run, hashed
     needs: tuple[str, ...] = ()  # run stages it reads whenever they are enabled
+    corpus_reader: str | None = None  # tokenize / pretrain: reads prepare's corpus by default
     models_from: tuple[str, ...] = ()  # its model: the first enabled of these...
     base_fallback: bool = False  # ...else model.base
     override: Callable[[LowlmConfig], str | None] = lambda c: None  # a model named in config
@@ -291,7 +292,7 @@ STAGES: dict[str, Stage] = {
             lambda c: bool(c.tokenize.corpus or c.prepare.inputs),
             _tokenize_config,
             _tokenize_files,
-            needs=("prepare",),
+            corpus_reader="tokenize",
         ),
         Stage(
             "init",
@@ -322,7 +323,8 @@ STAGES: dict[str, Stage] = {
             _pretrain_enabled("pretrain-stage1"),
             _pretrain_config("pretrain-stage1"),
             _pretrain_files,
-            needs=("prepare", "tokenize"),
+            needs=("tokenize",),
+            corpus_reader="pretrain",
             models_from=("resize", "init"),
         ),
         Stage(
@@ -332,7 +334,8 @@ STAGES: dict[str, Stage] = {
             _pretrain_enabled("pretrain-stage2"),
             _pretrain_config("pretrain-stage2"),
             _pretrain_files,
-            needs=("prepare", "tokenize"),
+            needs=("tokenize",),
+            corpus_reader="pretrain",
             models_from=("pretrain-stage1", "resize", "init"),
             base_fallback=True,
         ),
@@ -343,7 +346,8 @@ STAGES: dict[str, Stage] = {
             _pretrain_enabled("pretrain-full"),
             _pretrain_config("pretrain-full"),
             _pretrain_files,
-            needs=("prepare", "tokenize"),
+            needs=("tokenize",),
+            corpus_reader="pretrain",
             models_from=("pretrain-stage2", "pretrain-stage1", "resize", "init"),
             base_fallback=True,
         ),
@@ -488,6 +492,9 @@ class Graph:
         inputs = dict(stage.config(self.config))
         inputs.update(stage.files(self.config))
         parents = [n for n in stage.needs if STAGES[n].enabled(self.config)]
+        if stage.corpus_reader and STAGES["prepare"].enabled(self.config):
+            if corpus_patterns(self.config, stage.corpus_reader) == prepared_corpus(self.config):
+                parents.insert(0, "prepare")
         model_stage, model = (None, None)
         if stage.models_from or stage.override(self.config) or override:
             model_stage, model = self.model_source(name, override)
