@@ -1,6 +1,7 @@
 """Benchmark `lowlm prepare` against the same datatrove pipeline written by hand, in the same
-invocation: MB/s per process (input JSONL bytes / wall seconds / worker processes) and peak
-resident memory, at two corpus sizes.
+invocation: MB/s per process (input JSONL bytes / wall seconds / worker processes), MB per
+CPU-second of all its processes (its cost, which other programs competing for the CPUs do not
+change) and peak resident memory, at two corpus sizes.
 
 The corpus is real pt-BR text (`~/.cache/lowlm-assets/corpus/pt-BR`, else the bundled zh-TW
 demo text) made noisy: documents of 3-8 random paragraphs, plus English documents, exact
@@ -195,9 +196,11 @@ def child(args) -> None:
     runner = run_lowlm if args.child == "lowlm" else run_by_hand
     runner(Path(args.corpus), work, args.language, args.workers)
     seconds = time.perf_counter() - started
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": max(own, children)}))
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(u.ru_utime + u.ru_stime for u in (own, children))
+    peak = max(own.ru_maxrss, children.ru_maxrss) / 1024
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}))
 
 
 def measure(kind: str, corpus: Path, language: str, workers: int, scratch: Path) -> dict:
@@ -227,7 +230,9 @@ def main() -> None:
         child(args)
         return
     scratch = Path(args.scratch)
-    print(f"{'MB':>5} {'pipeline':<9} {'seconds':>8} {'MB/s/proc':>10} {'peak MB':>8}")
+    print(
+        f"{'MB':>5} {'pipeline':<9} {'seconds':>8} {'MB/s/proc':>10} {'MB/CPU-s':>9} {'peak MB':>8}"
+    )
     for megabytes in args.mb:
         corpus = scratch / f"corpus-{megabytes}"
         if not corpus.is_dir():
@@ -240,14 +245,16 @@ def main() -> None:
             for kind in ("lowlm", "hand"):
                 result = measure(kind, corpus, language, args.workers, scratch)
                 rate = size / result["seconds"] / args.workers
-                rates.setdefault(kind, []).append(rate)
+                per_cpu = size / result["cpu_seconds"]
+                rates.setdefault(kind, []).append((rate, per_cpu))
                 print(
-                    f"{size:5.0f} {kind:<9} {result['seconds']:8.1f} {rate:10.2f} "
+                    f"{size:5.0f} {kind:<9} {result['seconds']:8.1f} {rate:10.2f} {per_cpu:9.2f} "
                     f"{result['peak_mb']:8.0f}",
                     flush=True,
                 )
-        best = {kind: max(values) for kind, values in rates.items()}
-        print(f"{size:5.0f} lowlm / hand-written MB/s: {best['lowlm'] / best['hand']:.2f}x")
+        best = {kind: [max(v) for v in zip(*values, strict=True)] for kind, values in rates.items()}
+        wall, cpu = (best["lowlm"][i] / best["hand"][i] for i in (0, 1))
+        print(f"{size:5.0f} lowlm / hand-written: {wall:.2f}x MB/s, {cpu:.2f}x MB per CPU-second")
 
 
 if __name__ == "__main__":

@@ -367,3 +367,14 @@ def test_tokenize_and_pretrain_read_prepare_only_when_their_corpus_is_unset(writ
     )
     assert Graph(own).plan("tokenize").parents == []
     assert "prepare" not in Graph(own).plan("pretrain-full").parents
+
+
+def test_the_demo_prepares_its_raw_sample_offline(tmp_path):
+    from .conftest import REPO
+
+    result = invoke("prepare", REPO / "configs" / "demo.yaml", "--set", f"run.root={tmp_path}")
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "demo/corpus/stats.json").read_text(encoding="utf-8"))
+    funnel = {row["step"]: row for row in stats["funnel"]}
+    assert funnel["read"]["documents"] == 205
+    assert funnel["language"]["removed"] >= 20 and funnel["exact"]["removed"] >= 10
