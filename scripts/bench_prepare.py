@@ -8,7 +8,8 @@ demo text) made noisy: documents of 3-8 random paragraphs, plus English document
 copies, near copies and spam, in 4 JSONL files. Both pipelines do the same work with the same
 thresholds (FineWeb-2's por_Latn / cmn_Hani), the same word tokenizer and the same local
 lid.176.ftz: read -> language ID -> Gopher repetition -> FineWeb quality -> Gopher quality ->
-JSONL; exact dedup; MinHash (5-grams, 14 x 8); exact + MinHash filters -> PII -> parquet. The
+JSONL; exact dedup; MinHash (5-grams, 14 x 8); exact + MinHash filters -> FTFY -> PII ->
+parquet. The
 hand-written one is FineWeb-2's script shape with datatrove's own LanguageFilter given the
 local model through lowlm's 10-line FastTextLID subclass (offline, its download cannot run).
 Each run is a fresh process (its own peak memory, read with getrusage); lowlm and hand runs
@@ -114,7 +115,7 @@ def run_by_hand(corpus: Path, work: Path, language: str, workers: int) -> None:
         GopherRepetitionFilter,
         LanguageFilter,
     )
-    from datatrove.pipeline.formatters import PIIFormatter
+    from datatrove.pipeline.formatters import FTFYFormatter, PIIFormatter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
@@ -184,6 +185,7 @@ def run_by_hand(corpus: Path, work: Path, language: str, workers: int) -> None:
         JsonlReader(filtered),
         ExactDedupFilter(dups, EXACT),
         MinhashDedupFilter(mh["remove"], load_cluster_sizes=True),
+        FTFYFormatter(),
         PIIFormatter(),
         ParquetWriter(str(work / "output")),
     ]

@@ -171,8 +171,7 @@ def run_pipeline(
         raise LowlmError(summary.everything_removed(runner.phases))
     dedup_filters = pipeline.dedup_phases(runner, filtered, work, resolved.tokenizer, cfg.dedup)
     final = [pipeline.shard_reader(filtered), *(make(writer) for make in dedup_filters)]
-    if cfg.pii:
-        final.append(pipeline.pii_step())
+    final += pipeline.final_touches(cfg.pii)
     data = config.data
     final.append(pipeline.MarkHeldOut(config.run.seed, data.heldout_fraction, data.nfkc))
     if cfg.dedup.rehydrate:

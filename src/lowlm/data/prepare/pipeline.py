@@ -5,7 +5,7 @@
 2. exact dedup: signatures (one task per shard) -> find duplicates (1 task).
 3. MinHash: signatures (same reader and task count as the filter below) -> buckets (one task
    per bucket) -> clusters (1 task, cluster sizes kept).
-4. write: the shards again -> exact filter -> MinHash filter -> PII -> held-out mark ->
+4. write: the shards again -> exact filter -> MinHash filter -> FTFY -> PII -> held-out mark ->
    rehydration (optional) -> parquet.
 Each run has its own logging folder (completion markers, stats) inside a work folder named by
 the stage's key, so a rerun after a kill skips finished tasks and a changed input never reuses
@@ -36,7 +36,7 @@ from datatrove.pipeline.dedup import (
 )
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
-from datatrove.pipeline.formatters import PIIFormatter
+from datatrove.pipeline.formatters import FTFYFormatter, PIIFormatter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.utils.hashing import HashConfig
@@ -305,8 +305,9 @@ def _exact_sig(work: Path) -> ExactDedupSignature:
     return ExactDedupSignature(str(work / "exact-sigs"), EXACT)
 
 
-def pii_step() -> PIIFormatter:
-    return PIIFormatter()
+def final_touches(pii: bool) -> list:
+    """FineWeb-2's last formatters: FTFY (mojibake and broken Unicode), then PII."""
+    return [FTFYFormatter(), *([PIIFormatter()] if pii else [])]
 
 
 def output_writer(folder: Path) -> ParquetWriter:
