@@ -73,7 +73,7 @@ def build_corpus(clean, other, planted_base, questions, spam_phrases, extra=None
     return docs
 
 
-def measure(tmp_path, write_config, docs, language, reference, eval_tasks) -> dict:
+def measure(tmp_path, write_config, docs, language, reference, eval_tasks, calibrate=True) -> dict:
     corpus = tmp_path / "noisy.jsonl"
     corpus.write_text(
         "".join(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for _, i, t in docs),
@@ -85,7 +85,7 @@ def measure(tmp_path, write_config, docs, language, reference, eval_tasks) -> di
         prepare={
             "inputs": [str(corpus)],
             "language": language,
-            "calibrate_from": [str(clean_file)],
+            "calibrate_from": [str(clean_file)] if calibrate else [],
             "removed_samples": 100_000,
             "executor": {"workers": 2},
         },
@@ -186,6 +186,8 @@ def test_recall_on_a_noisy_zh_tw_corpus(write_config, tmp_path):
             i for i in ids["clean"] if figures["removed_by"].get(i, "").startswith("script")
         ]
         figures["traditional_kept_by_script_check"] = 1 - len(by_script) / len(ids["clean"])
+    uncalibrated = measure(tmp_path, write_config, docs, "cmn_Hant", reference, [], False)
+    figures["clean_kept_fineweb2_thresholds"] = uncalibrated["clean_kept"]
     add_checkable_recall(figures, questions, "cmn_Hant", 20)
     _report("zh-TW", figures)
     assert figures["other"] >= 0.95
@@ -220,6 +222,8 @@ def test_recall_on_a_noisy_pt_br_corpus(write_config, tmp_path):
     docs = build_corpus(clean, other, planted_base, questions, SPAM_PT)
     figures = measure(tmp_path, write_config, docs, "por_Latn", reference, tasks)
     assert set(figures["stats"]["decontamination"]["index_ngrams"]) == {"mc-prova", "mmlu"}
+    uncalibrated = measure(tmp_path, write_config, docs, "por_Latn", reference, [], False)
+    figures["clean_kept_fineweb2_thresholds"] = uncalibrated["clean_kept"]
     add_checkable_recall(figures, questions, "por_Latn", 13)
     _report("pt-BR", figures)
     assert figures["other"] >= 0.95
