@@ -160,7 +160,7 @@ def run_pipeline(
     filtered = work / "filtered"
     steps = _filter_steps(config, resolved, work, writer)
     steps.append(pipeline.JsonlWriter(str(filtered), output_filename="${rank}.jsonl.gz"))
-    tasks = cfg.executor.tasks or max(len(resolved.files), 1) + len(resolved.datasets)
+    tasks = cfg.executor.tasks or max(len(resolved.files) + len(resolved.datasets), 1)
     phase = runner.run("filter", steps, tasks)
     input_bytes = sum(os.path.getsize(path) for path, _ in resolved.files)
     say(summary.progress_line(phase, "read and filtered", input_bytes))

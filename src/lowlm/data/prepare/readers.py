@@ -76,8 +76,8 @@ class InputReader(BaseReader):
                     self.update_doc_stats(document)
                     yield document
             except Exception as exc:  # noqa: BLE001 - any failure of one file is reported by name
-                reason = str(exc) if isinstance(exc, UnreadableInput) else f"{type(exc).__name__}"
-                reason = reason if isinstance(exc, UnreadableInput) else f"{reason}: {exc}"
+                named = isinstance(exc, UnreadableInput)
+                reason = str(exc) if named else f"{type(exc).__name__}: {exc}"
                 self.stat_update("bad_files")
                 folder = Path(self.bad_files_folder)
                 folder.mkdir(parents=True, exist_ok=True)

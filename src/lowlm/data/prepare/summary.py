@@ -15,6 +15,7 @@ from lowlm.rundir import atomic_write_text
 # datatrove step name -> the funnel's name for it
 STEP_NAMES = {
     "📄 lowlm inputs": "read",
+    "🤗 HuggingFace": "read-hf",
     "🌍 Language ID": "language",
     "🈶 Han script": "script",
     "💥 N-grams decontaminate": "decontaminate",
@@ -28,10 +29,16 @@ _FUNNEL_PHASES = ("filter", "write")
 
 
 def _steps(phase) -> dict[str, dict]:
-    found = {}
+    """The phase's stats by funnel name; every reader's counts summed under `read`."""
+    found: dict[str, dict] = {}
     for stat in phase.stats:
         short = STEP_NAMES.get(stat["name"].split(": ", 1)[-1])
-        if short:
+        if short and short.startswith("read"):
+            read = found.setdefault("read", Counter())
+            read["documents"] += _count(stat["stats"], "documents")
+            read["characters"] += int(stat["stats"].get("doc_len", {}).get("total", 0))
+            read["invalid_utf8_lines"] += _count(stat["stats"], "invalid_utf8_lines")
+        elif short:
             found[short] = stat["stats"]
     return found
 
@@ -80,7 +87,7 @@ def progress_line(phase, verb: str, input_bytes: int = 0) -> str:
     per second where it read no input file."""
     steps = _steps(phase)
     read = steps.get("read") or next(iter(phase.stats), {}).get("stats", {})
-    documents = _count(read, "documents") or _count(read, "total")
+    documents = _count(read, "documents") if "documents" in read else _count(read, "total")
     seconds = max(phase.seconds, 1e-9)
     if input_bytes:
         rate = f"{input_bytes / 1e6:.1f} MB of input files, {input_bytes / 1e6 / seconds:.2f} MB/s"
@@ -141,10 +148,10 @@ def build_stats(config: LowlmConfig, resolved, phases, out: Path, bad_files: lis
     steps = _steps(filter_phase)
     read = steps.get("read", {})
     language = steps.get("language", {})
+    decontaminate = steps.get("decontaminate", {})
     contamination = {
-        k.removeprefix("contaminated_"): _count(v_stats, k)
-        for v_stats in [steps.get("decontaminate", {})]
-        for k in v_stats
+        k.removeprefix("contaminated_"): _count(decontaminate, k)
+        for k in decontaminate
         if k.startswith("contaminated_")
     }
     histogram = [_count(language, f"language_score_bin_{k}") for k in range(SCORE_BINS)]
