@@ -9,7 +9,7 @@ copies, near copies and spam, in 4 JSONL files. Both pipelines do the same work 
 thresholds (FineWeb-2's por_Latn / cmn_Hani), the same word tokenizer and the same local
 lid.176.ftz: read -> language ID -> Gopher repetition -> FineWeb quality -> Gopher quality ->
 JSONL; exact dedup; MinHash (5-grams, 14 x 8); exact + MinHash filters -> FTFY -> PII ->
-parquet. The
+parquet; the documents each keeps are printed, to show they did the same work. The
 hand-written one is FineWeb-2's script shape with datatrove's own LanguageFilter given the
 local model through lowlm's 10-line FastTextLID subclass (offline, its download cannot run).
 Each run is a fresh process (its own peak memory, read with getrusage); lowlm and hand runs
@@ -202,7 +202,10 @@ def child(args) -> None:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(u.ru_utime + u.ru_stime for u in (own, children))
     peak = max(own.ru_maxrss, children.ru_maxrss) / 1024
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}))
+    import pyarrow.parquet as pq
+
+    kept = sum(pq.read_metadata(p).num_rows for p in work.rglob("*.parquet"))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak, "kept": kept}))
 
 
 def measure(kind: str, corpus: Path, language: str, workers: int, scratch: Path) -> dict:
@@ -251,7 +254,7 @@ def main() -> None:
                 rates.setdefault(kind, []).append((rate, per_cpu))
                 print(
                     f"{size:5.0f} {kind:<9} {result['seconds']:8.1f} {rate:10.2f} {per_cpu:9.2f} "
-                    f"{result['peak_mb']:8.0f}",
+                    f"{result['peak_mb']:8.0f} {result['kept']:8d}",
                     flush=True,
                 )
         best = {kind: [max(v) for v in zip(*values, strict=True)] for kind, values in rates.items()}
