@@ -334,7 +334,7 @@ def test_slurm_and_ray_executors_get_the_configured_resources(tmp_path):
     from lowlm.errors import LowlmError
 
     slurm = ExecutorConfig(kind="slurm", partition="cpu", time="01:00:00", cpus_per_task=4)
-    executor = Runner(slurm, tmp_path, print)._executor(Phase("filter", [], 8), tmp_path, None)
+    executor = Runner(slurm, tmp_path)._executor(Phase("filter", [], 8), tmp_path, None)
     assert type(executor).__name__ == "SlurmPipelineExecutor"
     assert (executor.partition, executor.time, executor.cpus_per_task, executor.tasks) == (
         "cpu",
@@ -346,7 +346,7 @@ def test_slurm_and_ray_executors_get_the_configured_resources(tmp_path):
 
     if importlib.util.find_spec("ray") is None:
         with pytest.raises(LowlmError, match=r"datatrove\[ray\]"):
-            Runner(ExecutorConfig(kind="ray"), tmp_path, print)._executor(
+            Runner(ExecutorConfig(kind="ray"), tmp_path)._executor(
                 Phase("filter", [], 8), tmp_path, None
             )
 
@@ -378,3 +378,29 @@ def test_the_demo_prepares_its_raw_sample_offline(tmp_path):
     funnel = {row["step"]: row for row in stats["funnel"]}
     assert funnel["read"]["documents"] == 205
     assert funnel["language"]["removed"] >= 20 and funnel["exact"]["removed"] >= 10
+
+
+def test_progress_lines_report_tasks_documents_and_megabytes(tmp_path, capsys):
+    import time
+
+    from datatrove.pipeline.base import PipelineStep
+
+    from lowlm.data.prepare.inputs import resolve_inputs
+    from lowlm.data.prepare.pipeline import Runner
+    from lowlm.data.prepare.readers import InputReader
+    from lowlm.data.prepare.settings import ExecutorConfig
+
+    class Slow(PipelineStep):
+        name = "slow"
+
+        def run(self, data, rank=0, world_size=1):
+            for doc in data:
+                time.sleep(0.002)
+                yield doc
+
+    files, _ = resolve_inputs([str(DEMO / "raw-sample.jsonl"), str(DEMO / "en.txt")])
+    reader = InputReader(files, "text", "lines", str(tmp_path / "bad"))
+    runner = Runner(ExecutorConfig(workers=1), tmp_path, progress_every=0.2)
+    runner.run("filter", [reader, Slow()], 2, [111_453, 113_038])
+    lines = capsys.readouterr().out.splitlines()
+    assert "prepare: filter: 1 of 2 tasks done, 205 documents, 0.1 MB" in "\n".join(lines)

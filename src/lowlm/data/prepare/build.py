@@ -149,7 +149,7 @@ def run_pipeline(
 ) -> dict:
     """Run every phase; write out/*.parquet, out/removed/<reason>.jsonl, out/stats.json."""
     cfg = config.prepare
-    runner = pipeline.Runner(cfg.executor, work, say)
+    runner = pipeline.Runner(cfg.executor, work)
     removed = work / "removed"
 
     def writer(step: str):
@@ -161,9 +161,10 @@ def run_pipeline(
     steps = _filter_steps(config, resolved, work, writer)
     steps.append(pipeline.JsonlWriter(str(filtered), output_filename="${rank}.jsonl.gz"))
     tasks = cfg.executor.tasks or max(len(resolved.files) + len(resolved.datasets), 1)
-    phase = runner.run("filter", steps, tasks)
-    input_bytes = sum(os.path.getsize(path) for path, _ in resolved.files)
-    say(summary.progress_line(phase, "read and filtered", input_bytes))
+    sizes = [os.path.getsize(path) for path, _ in resolved.files]
+    task_bytes = [sum(sizes[rank::tasks]) for rank in range(tasks)]  # InputReader's sharding
+    phase = runner.run("filter", steps, tasks, task_bytes)
+    say(summary.progress_line(phase, "read and filtered", sum(sizes)))
     bad_files = readers.read_bad_files(work / "bad-files")
     summary.check_bad_files(bad_files, cfg.bad_files)
     shards = pipeline.shard_count(filtered)

@@ -18,9 +18,9 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,9 +121,6 @@ class Rehydrate(PipelineStep):
                 yield doc
 
 
-_COLUMNS = ("source", "language_score", "target_language_score", "minhash_cluster_size")
-
-
 def parquet_row(self, document: Document) -> dict:
     """One kept document as a row: text, id, its source, scores, cluster size, held-out flag,
     and every other field of the input row as JSON."""
@@ -151,32 +148,38 @@ class Phase:
 class Runner:
     """Runs phases with the configured executor, each logging into work/logs/<phase>."""
 
-    def __init__(self, executor: ExecutorConfig, work: Path, say: Callable[[str], None]):
-        self.executor, self.work, self.say = executor, work, say
+    def __init__(self, executor: ExecutorConfig, work: Path, progress_every: float = 30.0):
+        self.executor, self.work, self.progress_every = executor, work, progress_every
         self.phases: list[Phase] = []
-        self._previous = None
 
-    def run(self, name: str, steps: list, tasks: int, workers: int | None = None) -> Phase:
+    def run(self, name: str, steps: list, tasks: int, task_bytes: list[int] | None = None) -> Phase:
+        """Run one phase; while it runs, a line every `progress_every` seconds says how many
+        tasks, documents and input MB are done (task_bytes: the input bytes of each task)."""
         phase = Phase(name, steps, max(tasks, 1))
         logs = self.work / "logs" / name
         started = time.time()
-        executor = self._executor(phase, logs, workers)
+        executor = self._executor(phase, logs)
+        stop = threading.Event()
+        progress = (phase, logs, task_bytes, started, stop, self.progress_every)
+        threading.Thread(target=_report_progress, args=progress, daemon=True).start()
         try:
             with _datatrove_logs_to(self.work / "datatrove.log"):
                 executor.run()
+            if self.executor.kind == "slurm":
+                _wait_for_slurm(executor)
         except Exception as exc:  # noqa: BLE001 - a task's failure, reported in one line
             raise TaskFailed(
                 f"prepare's {name} step failed in a task ({type(exc).__name__}: {exc}); its log is "
                 f"in {logs / 'logs'}, and a rerun resumes from the tasks that finished."
             ) from None
-        if self.executor.kind == "slurm":
-            _wait_for_slurm(executor)
+        finally:
+            stop.set()
         phase.seconds = time.time() - started
         phase.stats = _merged_stats(logs)
         self.phases.append(phase)
         return phase
 
-    def _executor(self, phase: Phase, logs: Path, workers: int | None):
+    def _executor(self, phase: Phase, logs: Path):
         cfg = self.executor
         if cfg.kind == "local":
             from datatrove.executor import LocalPipelineExecutor
@@ -185,7 +188,7 @@ class Runner:
             return LocalPipelineExecutor(
                 phase.steps,
                 tasks=phase.tasks,
-                workers=min(workers or cores, cores, phase.tasks),
+                workers=min(cores, phase.tasks),
                 logging_dir=str(logs),
             )
         if cfg.kind == "ray":
@@ -221,6 +224,25 @@ class Runner:
             slurm_logs_folder=str(Path(cfg.logs) / phase.name) if cfg.logs else None,
             venv_path=str(Path(sys.prefix) / "bin" / "activate"),
         )
+
+
+def _report_progress(phase: Phase, logs: Path, task_bytes, started: float, stop, every) -> None:
+    """Every `every` seconds until `stop`: tasks done, and the documents and input MB of the
+    finished tasks (their stats files)."""
+    while not stop.wait(every):
+        done = sorted((logs / "stats").glob("*.json")) if (logs / "stats").is_dir() else []
+        documents = 0
+        for file in done:
+            with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+                documents += int(
+                    json.loads(file.read_text(encoding="utf-8"))[0]["stats"].get("documents", 0)
+                )
+        line = f"prepare: {phase.name}: {len(done)} of {phase.tasks} tasks done"
+        if task_bytes:
+            megabytes = sum(task_bytes[int(f.stem)] for f in done if int(f.stem) < len(task_bytes))
+            rate = megabytes / 1e6 / max(time.time() - started, 1e-9)
+            line += f", {documents:,} documents, {megabytes / 1e6:.1f} MB ({rate:.2f} MB/s)"
+        print(line, flush=True)
 
 
 def _wait_for_slurm(executor) -> None:
@@ -272,7 +294,8 @@ def dedup_phases(runner: Runner, filtered: Path, work: Path, tokenizer, dedup) -
     shards = shard_count(filtered)
     filters = []
     if dedup.exact:
-        runner.run("exact-signatures", [shard_reader(filtered), _exact_sig(work)], shards)
+        signature = ExactDedupSignature(str(work / "exact-sigs"), EXACT)
+        runner.run("exact-signatures", [shard_reader(filtered), signature], shards)
         runner.run(
             "exact-find",
             [ExactFindDedups(str(work / "exact-sigs"), str(work / "exact-dups"), EXACT)],
@@ -299,10 +322,6 @@ def dedup_phases(runner: Runner, filtered: Path, work: Path, tokenizer, dedup) -
             )
         )
     return filters
-
-
-def _exact_sig(work: Path) -> ExactDedupSignature:
-    return ExactDedupSignature(str(work / "exact-sigs"), EXACT)
 
 
 def final_touches(pii: bool) -> list:
