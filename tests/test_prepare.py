@@ -334,7 +334,7 @@ def test_slurm_and_ray_executors_get_the_configured_resources(tmp_path):
     from lowlm.errors import LowlmError
 
     slurm = ExecutorConfig(kind="slurm", partition="cpu", time="01:00:00", cpus_per_task=4)
-    executor = Runner(slurm, tmp_path)._executor(Phase("filter", [], 8), tmp_path, None)
+    executor = Runner(slurm, tmp_path)._executor(Phase("filter", [], 8), tmp_path)
     assert type(executor).__name__ == "SlurmPipelineExecutor"
     assert (executor.partition, executor.time, executor.cpus_per_task, executor.tasks) == (
         "cpu",
@@ -346,9 +346,7 @@ def test_slurm_and_ray_executors_get_the_configured_resources(tmp_path):
 
     if importlib.util.find_spec("ray") is None:
         with pytest.raises(LowlmError, match=r"datatrove\[ray\]"):
-            Runner(ExecutorConfig(kind="ray"), tmp_path)._executor(
-                Phase("filter", [], 8), tmp_path, None
-            )
+            Runner(ExecutorConfig(kind="ray"), tmp_path)._executor(Phase("filter", [], 8), tmp_path)
 
 
 def test_tokenize_and_pretrain_read_prepare_only_when_their_corpus_is_unset(write_config, raw):
