@@ -71,12 +71,22 @@ def test_prepare_keeps_the_target_language_drops_copies_and_writes_stats(write_c
 
 
 @pytest.mark.slow
-def test_run_tokenizes_the_prepared_corpus_and_marks_the_heldout_documents(write_config, tmp_path):
+def test_run_trains_on_the_prepared_corpus_and_marks_the_heldout_documents(write_config, tmp_path):
     raw = write_text(tmp_path / "raw.txt", blocks(ZH, 5, 200))
     path = write_config(
         data={"heldout_fraction": 0.1},
         prepare={"inputs": [str(raw)], "language": "cmn_Hant", "executor": {"workers": 1}},
         tokenize={"merge": False, "vocab_size": 1500, "holdout_lines": 10, "num_threads": 1},
+        init={"size": "tiny"},
+        pretrain={
+            "full": {"steps": 2},
+            "block_size": 32,
+            "batch_size": 2,
+            "eval_every": 2,
+            "save_every": 2,
+            "max_eval_blocks": 2,
+            "energy": {"enabled": False},
+        },
     )
     result = invoke("run", path)
     assert result.exit_code == 0, result.output
@@ -84,6 +94,8 @@ def test_run_tokenizes_the_prepared_corpus_and_marks_the_heldout_documents(write
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["stages"]["prepare"]["status"] == "done"
     assert "parent:prepare" in manifest["stages"]["tokenize"]["inputs"]
+    assert manifest["stages"]["pretrain-full"]["status"] == "done"
+    assert "parent:prepare" in manifest["stages"]["pretrain-full"]["inputs"]
     heldout_docs = [r["text"] for r in kept_rows(tmp_path) if r["heldout"]]
     assert heldout_docs
     heldout_lines = (run_dir / "tokenizer" / "heldout.txt").read_text(encoding="utf-8")
