@@ -55,8 +55,6 @@ def resolve(config: LowlmConfig, work: Path) -> Resolved:
     _check_warc_extras(files)
     fineweb2, source = languages.fineweb2_config(row, cfg.language_config)
     thresholds = quality.base_thresholds(fineweb2, cfg.lid.threshold, row.code == "eng_Latn")
-    if cfg.lid.threshold is None and not fineweb2:
-        thresholds["language_score"] = 0.65  # datatrove's LanguageFilter default
     resolved = Resolved(
         row, tokenizer, tokenizer_name, lid_path, lid_label, files, datasets, thresholds, source
     )

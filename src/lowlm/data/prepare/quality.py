@@ -37,6 +37,7 @@ _LOWER |= {"max_non_alpha_words_ratio", "min_stop_words"}  # Gopher's name: a le
 def base_thresholds(fineweb2: dict, language_score: float | None, english: bool) -> dict:
     """Per-filter keyword arguments from a FineWeb-2 language configuration, as FineWeb-2's
     pipeline passes them; datatrove's defaults where the configuration is empty."""
+    # FineWeb-2's score for the language, else datatrove's LanguageFilter default
     score = language_score if language_score is not None else fineweb2.get("language_score", 0.65)
     thresholds = {
         "language_score": float(score),
