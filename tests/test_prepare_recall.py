@@ -182,9 +182,11 @@ def test_recall_on_a_noisy_zh_tw_corpus(write_config, tmp_path):
         figures["simplified_removed"] = sum(
             i not in figures["kept"] for i in ids["simplified"]
         ) / len(ids["simplified"])
-        by_script = [
-            i for i in ids["clean"] if figures["removed_by"].get(i, "").startswith("script")
-        ]
+        removed_by = figures["removed_by"]
+        figures["simplified_removed_by_script_check"] = sum(
+            removed_by.get(i, "").startswith("script") for i in ids["simplified"]
+        ) / len(ids["simplified"])
+        by_script = [i for i in ids["clean"] if removed_by.get(i, "").startswith("script")]
         figures["traditional_kept_by_script_check"] = 1 - len(by_script) / len(ids["clean"])
     uncalibrated = measure(tmp_path, write_config, docs, "cmn_Hant", reference, [], False)
     figures["clean_kept_fineweb2_thresholds"] = uncalibrated["clean_kept"]
