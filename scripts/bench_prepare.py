@@ -96,9 +96,58 @@ def run_lowlm(corpus: Path, work: Path, language: str, workers: int) -> None:
     prepare.run(load_config(path))
 
 
+def hand_filters(language: str) -> tuple[list, object]:
+    """datatrove's LID and FineWeb-2's three filters as FineWeb-2's script passes them; returns
+    (steps, word tokenizer)."""
+    import yaml
+    from datatrove.pipeline.filters import (
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+        LanguageFilter,
+    )
+
+    from lowlm.data.prepare.languages import check_language, word_tokenizer
+    from lowlm.data.prepare.lid import LocalFastTextLID, bundled_ft176
+
+    name = "cmn_Hani" if language == "cmn_Hant" else language
+    cfg = yaml.safe_load((REPO / f"src/lowlm/data/prepare/fineweb2/{name}.yml").read_text())
+    tokenizer, _ = word_tokenizer(check_language(language))  # spaCy is not installed here
+    label = "pt" if language == "por_Latn" else "zh"
+    lid = LanguageFilter([label], cfg["language_score"])
+    lid.model = LocalFastTextLID(str(bundled_ft176()), [label])  # offline: no download
+    steps = [
+        lid,
+        GopherRepetitionFilter(
+            dup_para_frac=0,
+            dup_line_char_frac=0,
+            dup_para_char_frac=0,
+            dup_line_frac=cfg["dup_line_frac"],
+            top_n_grams=cfg["top_n_grams"],
+            dup_n_grams=cfg["dup_n_grams"],
+            language=tokenizer,
+        ),
+        FineWebQualityFilter(
+            short_line_thr=999,
+            char_duplicates_ratio=0.1,
+            line_punct_thr=cfg["line_punct_thr"],
+            new_line_ratio=cfg["new_line_ratio"],
+            language=tokenizer,
+        ),
+        GopherQualityFilter(
+            max_avg_word_length=cfg["max_avg_word_length"],
+            min_avg_word_length=cfg["min_avg_word_length"],
+            stop_words=cfg["stopwords"],
+            max_non_alpha_words_ratio=cfg["max_non_alpha_words_ratio"],
+            min_stop_words=2,
+            language=tokenizer,
+        ),
+    ]
+    return steps, tokenizer
+
+
 def run_by_hand(corpus: Path, work: Path, language: str, workers: int) -> None:
     """FineWeb-2's pipeline shape, with datatrove's classes only."""
-    import yaml
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import (
         ExactDedupFilter,
@@ -109,26 +158,13 @@ def run_by_hand(corpus: Path, work: Path, language: str, workers: int) -> None:
         MinhashDedupSignature,
     )
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
-    from datatrove.pipeline.filters import (
-        FineWebQualityFilter,
-        GopherQualityFilter,
-        GopherRepetitionFilter,
-        LanguageFilter,
-    )
     from datatrove.pipeline.formatters import FTFYFormatter, PIIFormatter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
-    from lowlm.data.prepare.languages import check_language, word_tokenizer
-    from lowlm.data.prepare.lid import LocalFastTextLID, bundled_ft176
     from lowlm.data.prepare.pipeline import EXACT, MINHASH
 
-    name = "cmn_Hani" if language == "cmn_Hant" else language
-    cfg = yaml.safe_load((REPO / f"src/lowlm/data/prepare/fineweb2/{name}.yml").read_text())
-    tokenizer, _ = word_tokenizer(check_language(language))  # spaCy is not installed here
-    label = "pt" if language == "por_Latn" else "zh"
-    lid = LanguageFilter([label], cfg["language_score"])
-    lid.model = LocalFastTextLID(str(bundled_ft176()), [label])  # offline: no download
+    filters, tokenizer = hand_filters(language)
     tasks = len(list(corpus.glob("*.jsonl")))
 
     def run(name: str, steps: list, count: int) -> None:
@@ -137,39 +173,7 @@ def run_by_hand(corpus: Path, work: Path, language: str, workers: int) -> None:
         ).run()
 
     filtered = str(work / "filtered")
-    run(
-        "filter",
-        [
-            JsonlReader(str(corpus)),
-            lid,
-            GopherRepetitionFilter(
-                dup_para_frac=0,
-                dup_line_char_frac=0,
-                dup_para_char_frac=0,
-                dup_line_frac=cfg["dup_line_frac"],
-                top_n_grams=cfg["top_n_grams"],
-                dup_n_grams=cfg["dup_n_grams"],
-                language=tokenizer,
-            ),
-            FineWebQualityFilter(
-                short_line_thr=999,
-                char_duplicates_ratio=0.1,
-                line_punct_thr=cfg["line_punct_thr"],
-                new_line_ratio=cfg["new_line_ratio"],
-                language=tokenizer,
-            ),
-            GopherQualityFilter(
-                max_avg_word_length=cfg["max_avg_word_length"],
-                min_avg_word_length=cfg["min_avg_word_length"],
-                stop_words=cfg["stopwords"],
-                max_non_alpha_words_ratio=cfg["max_non_alpha_words_ratio"],
-                min_stop_words=2,
-                language=tokenizer,
-            ),
-            JsonlWriter(filtered),
-        ],
-        tasks,
-    )
+    run("filter", [JsonlReader(str(corpus)), *filters, JsonlWriter(filtered)], tasks)
     shards = len(list(Path(filtered).glob("*.jsonl.gz")))
     sigs, dups = str(work / "exact-sigs"), str(work / "exact-dups")
     run("exact-sig", [JsonlReader(filtered), ExactDedupSignature(sigs, EXACT)], shards)
