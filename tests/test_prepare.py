@@ -414,3 +414,21 @@ def test_progress_lines_report_tasks_documents_and_megabytes(tmp_path, capsys):
     runner.run("filter", [reader, Slow()], 2, [111_453, 113_038])
     lines = capsys.readouterr().out.splitlines()
     assert "prepare: filter: 1 of 2 tasks done, 205 documents, 0.1 MB" in "\n".join(lines)
+
+
+def test_warc_inputs_without_trafilatura_name_the_extra(write_config, tmp_path, monkeypatch):
+    import importlib.util
+
+    warc = _warc(tmp_path / "c.warc.gz", "<p>文字</p>")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "trafilatura" else real(name, *a),
+    )
+    _refused(
+        invoke("prepare", prepare_config(write_config, [warc])),
+        "trafilatura",
+        "datatrove[io,processing]",
+    )
+    _nothing_written(tmp_path)
