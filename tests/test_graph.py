@@ -37,7 +37,8 @@ def test_stage_order_and_parents_are_declared_in_one_module():
         for name in ("PARENTS", "SOURCES", "STAGE_FOLDERS", ".newest("):
             assert name not in text, f"{path} declares {name}"
         assert '["export", "pretrain-full"' not in text and "'pretrain-stage2'," not in text
-    assert ORDER[0] == "tokenize" and ORDER[-1] == "eval"
+    assert ORDER[:2] == ["prepare", "tokenize"] and ORDER[-1] == "eval"
+    assert all(p in ORDER[: ORDER.index(s)] for s in ORDER for p in STAGES[s].needs)
     assert all(p in ORDER[: ORDER.index(s)] for s in ORDER for p in STAGES[s].models_from)
 
 

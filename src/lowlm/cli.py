@@ -157,6 +157,14 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Raw text in, a clean, deduplicated, decontaminated target-language corpus out."""
+    from lowlm.stages import prepare as stage
+
+    _call(stage.run, config, set_, force=force)
+
+
+@app.command()
 def tokenize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Train a target-language tokenizer and merge it into the base vocabulary."""
     from lowlm.stages import tokenize as stage

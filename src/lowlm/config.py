@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lowlm.data.prepare.settings import PrepareConfig
 from lowlm.errors import LowlmError
 
 
@@ -436,6 +437,7 @@ class LowlmConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     resize: ResizeConfig = Field(default_factory=ResizeConfig)
     init: InitConfig = Field(default_factory=InitConfig)

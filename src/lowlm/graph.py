@@ -56,13 +56,26 @@ _PRETRAIN_STAGES = {
 }
 
 
-def _dump(section, exclude: set[str] | None = None) -> str:
-    return sha256_text(
-        json.dumps(section.model_dump(exclude=exclude), sort_keys=True, ensure_ascii=False)
-    )
+def _dump(section, exclude: set[str] | None = None, include: set[str] | None = None) -> str:
+    dumped = section.model_dump(exclude=exclude, include=include)
+    return sha256_text(json.dumps(dumped, sort_keys=True, ensure_ascii=False))
 
 
 # ----- what each stage reads from the config --------------------------------------------------
+
+
+def _prepare_config(c: LowlmConfig) -> dict:
+    read = {
+        "config.prepare": _dump(c.prepare, exclude={"executor"}),  # where it runs, not what
+        "config.data": _dump(c.data, include={"heldout_fraction", "nfkc"}),
+        "config.run.seed": str(c.run.seed),
+    }
+    if c.prepare.decontaminate.enabled:  # the eval questions it removes copies of
+        tasks = [*c.eval.tasks, *c.pretrain.eval_tasks, *c.sft.eval_tasks]
+        read["config.eval_tasks"] = sha256_text(
+            json.dumps([t.model_dump() for t in tasks], sort_keys=True, ensure_ascii=False)
+        )
+    return read
 
 
 def _tokenize_config(c: LowlmConfig) -> dict:
@@ -162,8 +175,40 @@ def _base_tokenizer_id(c: LowlmConfig) -> str:
     return content_id(spec)
 
 
+def prepared_corpus(c: LowlmConfig) -> list[str]:
+    """The kept documents `prepare` writes: the corpus tokenize and pretrain read by default."""
+    return [str(c.run_dir / STAGES["prepare"].folder / "*.parquet")]
+
+
+def corpus_patterns(c: LowlmConfig, reader: str) -> list[str]:
+    """The corpus `reader` (tokenize or pretrain) reads: its own setting, pretrain's else
+    tokenize's, else the prepared corpus when the config prepares one."""
+    own = c.pretrain.corpus if reader == "pretrain" else []
+    return own or c.tokenize.corpus or (prepared_corpus(c) if c.prepare.inputs else [])
+
+
+def _prepare_files(c: LowlmConfig) -> dict:
+    from lowlm.data.prepare.inputs import resolve_inputs
+
+    files, datasets = resolve_inputs(c.prepare.inputs)
+    read = {f"input:{path}": content_id(path) for path, _ in files}
+    read.update({f"input:hf:{name}": sha256_text(name) for name in datasets})
+    calibration, _ = (
+        resolve_inputs(c.prepare.calibrate_from) if c.prepare.calibrate_from else ([], [])
+    )
+    read.update({f"calibrate_from:{path}": content_id(path) for path, _ in calibration})
+    extra = [c.prepare.language_config, c.prepare.lid.model]
+    if c.prepare.decontaminate.enabled:
+        tasks = [*c.eval.tasks, *c.pretrain.eval_tasks, *c.sft.eval_tasks]
+        extra += [t.path for t in tasks if t.name != "ppl"] + c.prepare.decontaminate.sft_test
+    for path in extra:
+        if path and Path(path).exists():
+            read[f"file:{path}"] = content_id(path)
+    return read
+
+
 def _tokenize_files(c: LowlmConfig) -> dict:
-    files = _sources("corpus", c.tokenize.corpus)
+    files = _sources("corpus", c.tokenize.corpus) if c.tokenize.corpus else {}
     for label, path in c.tokenize.eval_texts.items():
         if not Path(path).is_file():
             raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
@@ -174,7 +219,8 @@ def _tokenize_files(c: LowlmConfig) -> dict:
 
 
 def _pretrain_files(c: LowlmConfig) -> dict:
-    return _sources("corpus", c.pretrain.corpus or c.tokenize.corpus)
+    own = c.pretrain.corpus or c.tokenize.corpus
+    return _sources("corpus", own) if own else {}  # else prepare's, keyed through its parent
 
 
 def _sft_files(c: LowlmConfig) -> dict:
@@ -216,6 +262,7 @@ class Stage:
     config: Callable[[LowlmConfig], dict]  # the config it reads, hashed
     files: Callable[[LowlmConfig], dict] = _none  # what it reads outside the run, hashed
     needs: tuple[str, ...] = ()  # run stages it reads whenever they are enabled
+    corpus_reader: str | None = None  # tokenize / pretrain: reads prepare's corpus by default
     models_from: tuple[str, ...] = ()  # its model: the first enabled of these...
     base_fallback: bool = False  # ...else model.base
     override: Callable[[LowlmConfig], str | None] = lambda c: None  # a model named in config
@@ -231,12 +278,21 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage(
+            "prepare",
+            "corpus",
+            "lowlm prepare",
+            lambda c: bool(c.prepare.inputs),
+            _prepare_config,
+            _prepare_files,
+        ),
+        Stage(
             "tokenize",
             "tokenizer",
             "lowlm tokenize",
-            lambda c: bool(c.tokenize.corpus),
+            lambda c: bool(c.tokenize.corpus or c.prepare.inputs),
             _tokenize_config,
             _tokenize_files,
+            corpus_reader="tokenize",
         ),
         Stage(
             "init",
@@ -251,7 +307,10 @@ STAGES: dict[str, Stage] = {
             "model-resized",
             "lowlm resize",
             lambda c: (
-                not c.init.size and bool(c.model.base and c.tokenize.merge and c.tokenize.corpus)
+                not c.init.size
+                and bool(
+                    c.model.base and c.tokenize.merge and (c.tokenize.corpus or c.prepare.inputs)
+                )
             ),
             _resize_config,
             lambda c: {f"base:{c.model.base}": content_id(c.model.base)} if c.model.base else {},
@@ -265,6 +324,7 @@ STAGES: dict[str, Stage] = {
             _pretrain_config("pretrain-stage1"),
             _pretrain_files,
             needs=("tokenize",),
+            corpus_reader="pretrain",
             models_from=("resize", "init"),
         ),
         Stage(
@@ -275,6 +335,7 @@ STAGES: dict[str, Stage] = {
             _pretrain_config("pretrain-stage2"),
             _pretrain_files,
             needs=("tokenize",),
+            corpus_reader="pretrain",
             models_from=("pretrain-stage1", "resize", "init"),
             base_fallback=True,
         ),
@@ -286,6 +347,7 @@ STAGES: dict[str, Stage] = {
             _pretrain_config("pretrain-full"),
             _pretrain_files,
             needs=("tokenize",),
+            corpus_reader="pretrain",
             models_from=("pretrain-stage2", "pretrain-stage1", "resize", "init"),
             base_fallback=True,
         ),
@@ -430,6 +492,9 @@ class Graph:
         inputs = dict(stage.config(self.config))
         inputs.update(stage.files(self.config))
         parents = [n for n in stage.needs if STAGES[n].enabled(self.config)]
+        if stage.corpus_reader and STAGES["prepare"].enabled(self.config):
+            if corpus_patterns(self.config, stage.corpus_reader) == prepared_corpus(self.config):
+                parents.insert(0, "prepare")
         model_stage, model = (None, None)
         if stage.models_from or stage.override(self.config) or override:
             model_stage, model = self.model_source(name, override)

@@ -730,6 +730,7 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
     else:
         parts.append('<p class="none">No stage is configured or has run.</p>')
 
+    parts.append(_prepare(run_path))
     if tokenizer:
         parts += [
             "<h2 id='tokenizer'>Tokenizer</h2>",
@@ -775,6 +776,13 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
             parts += ["<h2 id='samples'>Recorded answers</h2>", samples]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)
+
+
+def _prepare(run_path: Path) -> str:
+    """The corpus-preparation section (lowlm.prepare_report), when the run prepared a corpus."""
+    from lowlm.prepare_report import prepare_section
+
+    return prepare_section(run_path)
 
 
 def write_report(config: LowlmConfig, baseline: Path | None = None) -> Path:

@@ -21,7 +21,7 @@ from lowlm.config import LowlmConfig
 from lowlm.data.blocks import BlockDataset, build_cache, cache_key
 from lowlm.data.corpus import resolve_sources
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, tokenizer_folder
+from lowlm.graph import StageRun, corpus_patterns, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_base_for_lora,
@@ -207,7 +207,9 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         for label, value in run.plan.inputs.items()
         if label.startswith("corpus:")
     }
-    sources = resolve_sources(cfg.corpus or config.tokenize.corpus)
+    if not corpus_hashes and "parent:prepare" in run.plan.inputs:  # the prepared corpus
+        corpus_hashes = {"prepare": run.plan.inputs["parent:prepare"]}
+    sources = resolve_sources(corpus_patterns(config, "pretrain"))
     tokenizer_id = tokenizer_hash(tokenizer_dir)
     parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
     if parent_card is not None and parent_card["tokenizer_hash"] != tokenizer_id:

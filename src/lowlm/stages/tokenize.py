@@ -18,7 +18,7 @@ from lowlm.config import LowlmConfig
 from lowlm.data.corpus import iter_documents, read_lines, resolve_sources
 from lowlm.data.heldout import HELDOUT_FILE, is_held_out
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute, folder
+from lowlm.graph import StageRun, corpus_patterns, execute, folder
 from lowlm.rundir import atomic_dir, atomic_write_json
 from lowlm.tokenization.base import (
     BaseTokenizer,
@@ -138,7 +138,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
 def _work(run: StageRun) -> dict:
     config = run.config
     cfg = config.tokenize
-    sources = resolve_sources(cfg.corpus)
+    sources = resolve_sources(corpus_patterns(config, "tokenize"))
     base = resolve_base_tokenizer(config.model) if cfg.merge else None
     started = time.time()
     work = Path(tempfile.mkdtemp(dir=run.run_dir.path, prefix=".tokenize-work-"))
