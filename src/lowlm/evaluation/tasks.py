@@ -188,3 +188,15 @@ def aggregate(samples: list[dict], categories: dict[str, str]) -> dict:
         "subjects": subjects,
         "categories": {c: {"acc": k / n, "n": n} for c, (k, n) in sorted(by_category.items())},
     }
+
+
+def question_texts(task: EvalTask) -> dict[str, list[str]]:
+    """The texts of a multiple-choice task: its questions, and its choices and question +
+    choices (what a copied exam item in a corpus would contain)."""
+    loaded = mc_questions(task) if task.name == "mc" else benchmark_questions(task)
+    texts: dict[str, list[str]] = {"questions": [], "other": []}
+    for group in (*loaded.evaluated.values(), *loaded.pools.values()):
+        for q in group:
+            texts["questions"].append(q.question)
+            texts["other"] += [*q.choices, " ".join([q.question, *q.choices])]
+    return texts

@@ -36,6 +36,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
 def _work(run: StageRun) -> dict:
     from lowlm.data.prepare.build import resolve, run_pipeline
     from lowlm.data.prepare.pipeline import TaskFailed
+    from lowlm.evaluation.tasks import question_texts
 
     config = run.config
     # datatrove's completion markers live here: named by the key and the executor's layout, a
@@ -44,7 +45,7 @@ def _work(run: StageRun) -> dict:
     work = run.run_dir.path / f".prepare-work-{fingerprint(run.key, executor)[:16]}"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        resolved = resolve(config, work)
+        resolved = resolve(config, work, question_texts)
         with atomic_dir(run.folder) as out:
             stats = run_pipeline(config, resolved, work, out, print)
             atomic_write_json(out / "stats.json", stats)

@@ -45,7 +45,7 @@ class Resolved:
     n_grams: int = 13
 
 
-def resolve(config: LowlmConfig, work: Path) -> Resolved:
+def resolve(config: LowlmConfig, work: Path, task_texts: Callable) -> Resolved:
     cfg = config.prepare
     row = languages.check_language(cfg.language)
     tokenizer, tokenizer_name = languages.word_tokenizer(row)
@@ -66,7 +66,7 @@ def resolve(config: LowlmConfig, work: Path) -> Resolved:
         else cfg.decontaminate.n_gram
     )
     if cfg.decontaminate.enabled:
-        texts, skipped = decontaminate.benchmark_texts(config)
+        texts, skipped = decontaminate.benchmark_texts(config, task_texts)
         counts, short = decontaminate.write_index(
             texts, work / "decont-index", tokenizer, resolved.n_grams
         )

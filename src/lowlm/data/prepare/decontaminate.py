@@ -16,6 +16,7 @@ about 1.5 characters).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +30,6 @@ from lowlm.errors import LowlmError
 BENCHMARK_TASKS = {"mmlu", "ceval", "cmmlu", "tmmluplus"}
 
 
-def _task_texts(task: EvalTask) -> dict[str, list[str]]:
-    from lowlm.evaluation.tasks import benchmark_questions, mc_questions
-
-    loaded = mc_questions(task) if task.name == "mc" else benchmark_questions(task)
-    texts: dict[str, list[str]] = {"questions": [], "other": []}
-    for group in (*loaded.evaluated.values(), *loaded.pools.values()):
-        for q in group:
-            texts["questions"].append(q.question)
-            texts["other"] += [*q.choices, " ".join([q.question, *q.choices])]
-    return texts
-
-
 def _record_strings(value) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -51,10 +40,14 @@ def _record_strings(value) -> list[str]:
     return []
 
 
-def benchmark_texts(config: LowlmConfig) -> tuple[dict[str, dict], list[str]]:
+def benchmark_texts(
+    config: LowlmConfig, task_texts: Callable[[EvalTask], dict[str, list[str]]]
+) -> tuple[dict[str, dict], list[str]]:
     """({benchmark name: {"questions": [...], "other": [choices, question + choices, SFT
     strings]}}, [tasks not checked, with why]) for the eval tasks the config names (eval,
-    pretrain and sft eval_tasks) and prepare.decontaminate.sft_test."""
+    pretrain and sft eval_tasks) and prepare.decontaminate.sft_test. `task_texts` reads one
+    eval task's questions (evaluation's reader, handed in by the stage: data sits below
+    evaluation and does not import it)."""
     from lowlm.data.records import read_records
 
     tasks = [*config.eval.tasks, *config.pretrain.eval_tasks, *config.sft.eval_tasks]
@@ -70,7 +63,7 @@ def benchmark_texts(config: LowlmConfig) -> tuple[dict[str, dict], list[str]]:
             continue
         name = task.name if task.name != "mc" else f"mc-{Path(task.path or '').stem}"
         entry = texts.setdefault(_safe(name), {"questions": [], "other": []})
-        for kind, found in _task_texts(task).items():
+        for kind, found in task_texts(task).items():
             entry[kind] += found
     for pattern in config.prepare.decontaminate.sft_test:
         for where, record in read_records(pattern):
