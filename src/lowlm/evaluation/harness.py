@@ -290,6 +290,7 @@ def evaluate(
         chat_template=task.chat_template,
         harness_version=__version__,
         config_hash=prepared.config_hash,
+        processes=lm.world_size,  # the harness split the requests over these
         seconds=round(seconds, 2),
     )
     samples = [
