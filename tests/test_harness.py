@@ -221,3 +221,13 @@ def test_without_the_harness_a_harness_task_names_the_extra(
 def test_a_task_is_native_or_harness_not_both(write_config, task, message):
     with pytest.raises(LowlmError, match=re.escape(message)):
         load_config(write_config(eval={"tasks": [task]}))
+
+
+def test_every_harness_task_a_recipe_names_is_in_the_harness_index():
+    from lowlm.evaluation.harness import manager_for
+
+    recipes = sorted((Path(__file__).parents[1] / "configs" / "recipes").glob("*.yaml"))
+    names = {t.harness for r in recipes for t in load_config(r).eval.tasks if t.harness}
+    assert {"belebele_por_Latn", "belebele_zho_Hant", "belebele_zho_Hans", "arc_pt"} <= names
+    for name in names:
+        assert name in manager_for(name, []).task_index
