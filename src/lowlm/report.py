@@ -773,8 +773,26 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
         samples = _samples(run_path)
         if samples:
             parts += ["<h2 id='samples'>Recorded answers</h2>", samples]
+    curves = _checkpoint_curves(graph)
+    if curves:
+        parts += [
+            "<h2 id='benchmark-curves'>Benchmarks over training</h2>",
+            "<p>Each eval task on the checkpoints of the last pre-training stage and its final "
+            "model (<code>lowlm eval --checkpoints</code>), against training tokens.</p>",
+            _img(curves, "benchmark scores against training tokens"),
+        ]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)
+
+
+def _checkpoint_curves(graph: Graph) -> str | None:
+    from lowlm.evaluation.checkpoints import PRETRAIN, curves_chart
+
+    stage = next((n for n in PRETRAIN if STAGES[n].enabled(graph.config)), None)
+    if stage is None:
+        return None
+    state = graph.state(stage)
+    return curves_chart(graph.run_dir.path, state.plan.key if state.plan else None)
 
 
 def write_report(config: LowlmConfig, baseline: Path | None = None) -> Path:

@@ -271,25 +271,8 @@ def _work(run: StageRun) -> dict:
     source = run.plan.model
     if not source:
         raise LowlmError("there is no model to evaluate; set eval.model or run a stage first.")
-    # Harness tasks are built and their data loaded before the model: a task that cannot
-    # run stops here.
-    prepared = {
-        index: harness.prepare(task, cfg.harness_include)
-        for index, task in enumerate(cfg.tasks)
-        if task.harness
-    }
-    ranks = eval_ranks()
-    model, tokenizer, card = load_for_inference(source, config.model)
-    if ranks.state is not None:
-        model = model.to(ranks.state.device)
-    for task in prepared.values():
-        harness.check_chat_template(task, tokenizer)
-    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", 2048)
-    batch_size = (
-        cfg.batch_size
-        if cfg.batch_size != "auto"
-        else auto_batch_size(model, min(max_length, 1024))
-    )
+    prepared, ranks = _prepare_harness(cfg), eval_ranks()
+    model, tokenizer, card, batch_size, max_length = _load(config, source, prepared, ranks)
     results: dict = {
         "model": source,
         "model_key": run.parent_key(),
@@ -315,28 +298,10 @@ def _work(run: StageRun) -> dict:
             "tokenization": "one batched fast-tokenizer call per task",
             "processes": ranks.world,
         },
-        "tasks": {},
     }
-    samples_by_task, submissions = {}, {}
-    for index, task in enumerate(cfg.tasks):
-        name = _task_key(task, results["tasks"])
-        if task.harness:
-            outcome = harness.evaluate(
-                prepared[index], model, tokenizer, batch_size, cfg.max_length, cfg.add_bos
-            )
-            if outcome is not None:  # the main rank's
-                results["tasks"][name], samples_by_task[name] = outcome
-        elif task.name == "ppl":
-            results["tasks"][name] = run_ppl(model, tokenizer, task, ranks)
-        else:
-            result, samples = run_multiple_choice(
-                model, tokenizer, task, batch_size, max_length, cfg.add_bos, _progress, ranks
-            )
-            if result.get("submission"):
-                result["submission_file"] = f"submission-{name}.json"
-                submissions[result["submission_file"]] = ceval_submission(samples)
-            results["tasks"][name] = result
-            samples_by_task[name] = samples
+    results["tasks"], samples_by_task, submissions = score_tasks(
+        cfg, model, tokenizer, prepared, ranks, batch_size, max_length
+    )
     if not ranks.is_main:
         return {"metrics": {}}
     # One artifact: results, table and samples appear together or not at all.
@@ -363,6 +328,90 @@ def _work(run: StageRun) -> dict:
     print(markdown(results), end="")
     print(f"eval: wrote {run.folder / 'results.json'}")
     return {"metrics": metrics}
+
+
+def run_checkpoints(config: LowlmConfig) -> Path:
+    """`lowlm eval --checkpoints`: eval.tasks on every checkpoint the newest pre-training stage
+    saved and on its final model, recorded in eval-checkpoints/results.json (the report draws
+    the curves)."""
+    from lowlm.evaluation.checkpoints import checkpoint_points, headline, write_record
+
+    cfg = config.eval
+    if not cfg.tasks:
+        raise LowlmError("no eval task is configured; add eval.tasks to score checkpoints with.")
+    stage, key, points = checkpoint_points(config)
+    prepared, ranks = _prepare_harness(cfg), eval_ranks()
+    scored = []
+    for point in points:
+        checkpoint = Path(point.checkpoint) if point.checkpoint else None
+        model, tokenizer, _, batch_size, max_length = _load(
+            config, str(folder(config, stage)), prepared, ranks, checkpoint
+        )
+        tasks, _, _ = score_tasks(cfg, model, tokenizer, prepared, ranks, batch_size, max_length)
+        scored.append((point, tasks))
+        if ranks.is_main:
+            figures = ", ".join(f"{n} {headline(r)[1]:.4f}" for n, r in tasks.items())
+            print(f"{stage} {point.label} ({point.tokens} tokens): {figures}")
+    if not ranks.is_main:
+        return folder(config, STAGE)
+    path = write_record(config, stage, key, scored)
+    print(f"eval: wrote {path}")
+    return path
+
+
+def _prepare_harness(cfg) -> dict:
+    """Harness tasks built and their data loaded, before any model: a task that cannot run
+    stops here."""
+    return {
+        index: harness.prepare(task, cfg.harness_include)
+        for index, task in enumerate(cfg.tasks)
+        if task.harness
+    }
+
+
+def _load(config: LowlmConfig, source: str, prepared: dict, ranks: Ranks, checkpoint=None):
+    """(model, tokenizer, card, batch size, max length) of the model to score, on this rank's
+    device."""
+    cfg = config.eval
+    model, tokenizer, card = load_for_inference(source, config.model, checkpoint)
+    if ranks.state is not None:
+        model = model.to(ranks.state.device)
+    for task in prepared.values():
+        harness.check_chat_template(task, tokenizer)
+    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", 2048)
+    batch_size = (
+        cfg.batch_size
+        if cfg.batch_size != "auto"
+        else auto_batch_size(model, min(max_length, 1024))
+    )
+    return model, tokenizer, card, batch_size, max_length
+
+
+def score_tasks(cfg, model, tokenizer, prepared, ranks, batch_size, max_length):
+    """Every task of eval.tasks on `model`: (results, samples and submissions by task name);
+    on the main rank only, under several processes."""
+    tasks: dict = {}
+    samples_by_task, submissions = {}, {}
+    for index, task in enumerate(cfg.tasks):
+        name = _task_key(task, tasks)
+        if task.harness:
+            outcome = harness.evaluate(
+                prepared[index], model, tokenizer, batch_size, cfg.max_length, cfg.add_bos
+            )
+            if outcome is not None:  # the main rank's
+                tasks[name], samples_by_task[name] = outcome
+        elif task.name == "ppl":
+            tasks[name] = run_ppl(model, tokenizer, task, ranks)
+        else:
+            result, samples = run_multiple_choice(
+                model, tokenizer, task, batch_size, max_length, cfg.add_bos, _progress, ranks
+            )
+            if result.get("submission"):
+                result["submission_file"] = f"submission-{name}.json"
+                submissions[result["submission_file"]] = ceval_submission(samples)
+            tasks[name] = result
+            samples_by_task[name] = samples
+    return tasks, samples_by_task, submissions
 
 
 def compare(first: Path, second: Path) -> str:
