@@ -125,6 +125,13 @@ def test_a_harness_task_scores_identically_through_lowlm_eval_and_lm_eval(
         app, ["eval", "--compare", str(eval_dir / "results.json"), str(eval_dir / "results.json")]
     )
     assert "| demo_mc_2shot | acc_norm |" in compared.stdout
+    assert runner.invoke(app, ["report", str(path)]).exit_code == 0
+    page = (tmp_path / "runs" / "t" / "report.html").read_text(encoding="utf-8")
+    stderr = task["metrics"]["acc"]["stderr"]
+    assert (
+        f"<td>demo_mc_2shot</td><td>acc</td><td class='num'>{task['acc']:.4g} ± {stderr:.4g}"
+        in page
+    )
 
     # The task's YAML is an input of the stage: editing it makes eval stale.
     config = load_config(path)

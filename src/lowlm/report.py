@@ -446,7 +446,8 @@ def _score(result: dict) -> tuple[str, float | None]:
         return "", None
     if "bits_per_char" in result:
         return "bits/char", result.get("bits_per_char")
-    return "acc", result.get("acc")
+    metric = result.get("metric") or "acc"  # a harness task's headline metric
+    return metric, result.get(metric)
 
 
 def eval_charts(results: dict, baseline: dict | None) -> list[tuple[str, str]]:
@@ -649,7 +650,10 @@ def _eval_table(results: dict, baseline: dict | None) -> str:
     rows = []
     for name, result in tasks.items():
         metric, value = _score(result)
-        cells = f"<td>{_e(name)}</td><td>{_e(metric)}</td><td class='num'>{fmt(value)}</td>"
+        metrics = (result.get("metrics") or {}) if isinstance(result, dict) else {}
+        stderr = (metrics.get(metric) or {}).get("stderr")  # a harness task's
+        shown = f"{fmt(value)} ± {fmt(stderr)}" if _finite(stderr) else fmt(value)
+        cells = f"<td>{_e(name)}</td><td>{_e(metric)}</td><td class='num'>{_e(shown)}</td>"
         if baseline:
             _, theirs = _score(base_tasks.get(name, {}))
             change, css = "-", "none"
