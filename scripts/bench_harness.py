@@ -27,9 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from _bench_common import ASSETS, smollm2_folder
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where lowlm eval puts the model
 TEMPLATE = {
     "dataset_path": "json",
     "test_split": "test",
@@ -73,7 +75,7 @@ def by_hand_once(model: Path, folder: Path, batch_size: int) -> tuple[float, lis
     started = time.perf_counter()
     output = simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(model), "dtype": "float32", "device": "cpu"},
+        model_args={"pretrained": str(model), "dtype": "float32", "device": DEVICE},
         tasks=["bench_mmlu"],
         num_fewshot=0,
         batch_size=batch_size,

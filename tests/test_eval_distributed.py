@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lowlm.cli import app
@@ -66,6 +67,9 @@ def write(tmp_path: Path, name: str, tiny_base: Path, tasks: list[dict], include
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("accelerate", path=str(BIN)) is None, reason="accelerate's launcher is absent"
+)
+@pytest.mark.skipif(
+    0 < torch.cuda.device_count() < 2, reason="two ranks need two GPUs here (or none: gloo)"
 )
 def test_two_ranks_score_every_question_as_one_process_does(tmp_path, tiny_base):
     tasks: list[dict] = [

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lowlm.cli import app
@@ -19,6 +20,7 @@ from .conftest import DEMO
 
 lm_eval = pytest.importorskip("lm_eval")
 runner = CliRunner()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where lowlm eval puts the model
 
 
 def write_task(folder: Path, name: str = "demo_mc", **overrides) -> Path:
@@ -62,12 +64,13 @@ def write_task(folder: Path, name: str = "demo_mc", **overrides) -> Path:
 
 def eval_config(write_config, model: Path, folder: Path, *tasks: dict) -> Path:
     return write_config(
+        model={"dtype": "fp32"},  # on a GPU too: the same weights as the harness loads them
         eval={
             "model": str(model),
             "batch_size": 2,
             "tasks": list(tasks),
             "harness_include": [str(folder)],
-        }
+        },
     )
 
 
@@ -96,7 +99,7 @@ def test_a_harness_task_scores_identically_through_lowlm_eval_and_lm_eval(
 
     theirs = simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(tiny_base), "dtype": "float32", "device": "cpu"},
+        model_args={"pretrained": str(tiny_base), "dtype": "float32", "device": DEVICE},
         tasks=["demo_mc"],
         num_fewshot=2,
         batch_size=2,
