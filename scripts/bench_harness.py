@@ -55,7 +55,8 @@ def write_task(folder: Path, questions: int) -> Path:
     return data
 
 
-def lowlm_once(config: Path) -> tuple[float, list]:
+def lowlm_once(config: Path) -> tuple[float, float, list]:
+    """(whole stage, the harness's simple_evaluate inside it, per-question scores)."""
     from lowlm.config import load_config
     from lowlm.stages import eval as stage
 
@@ -64,26 +65,30 @@ def lowlm_once(config: Path) -> tuple[float, list]:
     seconds = time.perf_counter() - started
     samples = load_config(config).run_dir / "eval" / "samples-bench_mmlu_0shot.jsonl"
     scores = [json.loads(line)["scores"] for line in samples.open(encoding="utf-8")]
-    assert results["tasks"]["bench_mmlu_0shot"]["n"] == len(scores)
-    return seconds, scores
+    task = results["tasks"]["bench_mmlu_0shot"]
+    assert task["n"] == len(scores)
+    return seconds, task["seconds"], scores
 
 
-def by_hand_once(model: Path, folder: Path, batch_size: int) -> tuple[float, list]:
+def by_hand_once(model: Path, folder: Path, batch_size: int) -> tuple[float, float, list]:
+    """(load and evaluate, simple_evaluate alone, per-question scores): the harness's HFLM
+    loading the folder, then its simple_evaluate, as its CLI does."""
     from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     started = time.perf_counter()
+    lm = HFLM(pretrained=str(model), dtype="float32", device=DEVICE, batch_size=batch_size)
+    evaluating = time.perf_counter()
     output = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model), "dtype": "float32", "device": DEVICE},
+        model=lm,
         tasks=["bench_mmlu"],
         num_fewshot=0,
-        batch_size=batch_size,
         task_manager=TaskManager(include_path=[str(folder)], include_defaults=False),
     )
-    seconds = time.perf_counter() - started
+    ended = time.perf_counter()
     scores = [[float(r[0]) for r in s["filtered_resps"]] for s in output["samples"]["bench_mmlu"]]
-    return seconds, scores
+    return ended - started, ended - evaluating, scores
 
 
 def free_port() -> int:
@@ -113,6 +118,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--parts", nargs="+", choices=["harness", "ranks"], default=["harness", "ranks"]
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-harness-"))
     model = args.model or smollm2_folder(Path.home() / ".cache" / "lowlm")
@@ -129,20 +137,38 @@ def main() -> None:
         path.write_text(yaml.safe_dump(raw), encoding="utf-8")
         return path
 
-    harness = config("harness", {"harness": "bench_mmlu"}, [str(work / "tasks")])
-    print(f"{args.questions} questions, model {model}, batch {args.batch_size}, fp32, this CPU")
+    print(f"{args.questions} questions, model {model}, batch {args.batch_size}, fp32, {DEVICE}")
+    if "harness" in args.parts:
+        harness = config("harness", {"harness": "bench_mmlu"}, [str(work / "tasks")])
+        compare_harness(harness, model, work / "tasks", args)
+    if "ranks" in args.parts:
+        compare_ranks(config, data, args)
+
+
+def compare_harness(harness: Path, model: Path, folder: Path, args) -> None:
     ours, theirs = [], []
-    for _ in range(args.repeats):
-        ours.append(lowlm_once(harness))
-        theirs.append(by_hand_once(model, work / "tasks", args.batch_size))
-    same = all(o[1] == t[1] for o, t in zip(ours, theirs, strict=True))
-    best_ours, best_theirs = min(s for s, _ in ours), min(s for s, _ in theirs)
+    for repeat in range(args.repeats):  # alternated, each first in turn
+        runs = [lambda: ours.append(lowlm_once(harness))]
+        runs.append(lambda: theirs.append(by_hand_once(model, folder, args.batch_size)))
+        for run in runs if repeat % 2 == 0 else runs[::-1]:
+            run()
+    same = all(o[2] == t[2] for o, t in zip(ours, theirs, strict=True))
+    best_ours, best_theirs = min(o[0] for o in ours), min(t[0] for t in theirs)
+    rounded = lambda runs, i: [round(r[i], 1) for r in runs]  # noqa: E731
     print(
         f"harness task: lowlm eval {best_ours:.1f} s, lm_eval by hand {best_theirs:.1f} s "
-        f"(best of {args.repeats}; all: {[round(s, 1) for s, _ in ours]} / "
-        f"{[round(s, 1) for s, _ in theirs]}); ratio {best_ours / best_theirs:.3f}x "
-        f"(goal <= 1.05x); per-question scores identical: {same}"
+        f"(best of {args.repeats}); ratio {best_ours / best_theirs:.3f}x (goal <= 1.05x); "
+        f"per-question scores identical: {same}\n"
+        f"  every run, whole: lowlm {rounded(ours, 0)}, by hand {rounded(theirs, 0)}\n"
+        f"  of which the harness's simple_evaluate: lowlm {rounded(ours, 1)}, "
+        f"by hand {rounded(theirs, 1)}\n"
+        f"  the rest (lowlm: key, task built, model loaded, results written; by hand: model "
+        f"loaded): lowlm {[round(o[0] - o[1], 1) for o in ours]}, "
+        f"by hand {[round(t[0] - t[1], 1) for t in theirs]}"
     )
+
+
+def compare_ranks(config, data: Path, args) -> None:
     mc = {
         "name": "mc",
         "path": str(data),
