@@ -123,16 +123,17 @@ def periodic_eval(tasks: list[EvalTask], tokenizer, max_length: int = 2048):
     character), keyed `eval/<task>` in the log; None when no task is configured."""
     if not tasks:
         return None
+    for task in tasks:  # refused when the stage starts, not at its first eval step
+        if task.harness:
+            raise LowlmError(
+                f"harness task '{task.harness}' is not scored during training; list it under "
+                "eval.tasks."
+            )
 
     def run(model) -> dict:
         model.eval()
         results: dict = {}
         for task in tasks:
-            if task.harness:
-                raise LowlmError(
-                    f"harness task '{task.harness}' is not scored during training; list it "
-                    "under eval.tasks."
-                )
             name = _task_key(task, results)
             if task.name == "ppl":
                 results[f"eval/{name}"] = run_ppl(model, tokenizer, task)["bits_per_char"]
@@ -217,11 +218,8 @@ def harness_row(name: str, r: dict) -> str:
     headline metric (every metric, with its stderr, is in results.json)."""
     metrics = r["metrics"]
     value = lambda m: f"{metrics[m]['value']:.4f}" if m in metrics else "-"  # noqa: E731
-    first = (
-        value("acc")
-        if "acc" in metrics or not r["metric"]
-        else (f"{r['metric']} {value(r['metric'])}")
-    )
+    headline = r["metric"]
+    first = value("acc") if headline in (None, "acc") else f"{headline} {value(headline)}"
     return f"| {name} | harness | {r['shots']} | {r['n']} | {first} | - | {value('acc_norm')} | - |"
 
 
