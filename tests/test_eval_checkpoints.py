@@ -3,6 +3,7 @@ drawn in the report against training tokens."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -36,6 +37,12 @@ def trained(tmp_path_factory) -> Path:
         pretrain={"full": {"steps": 8}, "save_every": 2, "keep_checkpoints": 10},
         eval={"batch_size": 2, "tasks": [{"name": "ppl", "path": str(text)}]},
     )
+    if importlib.util.find_spec("lm_eval") is not None:  # a harness task on each checkpoint too
+        from .test_harness import write_task
+
+        write_task(root / "tasks")
+        raw["eval"]["tasks"].append({"harness": "demo_mc", "limit": 4})
+        raw["eval"]["harness_include"] = [str(root / "tasks")]
     raw["run"] = {"name": "c", "root": str(root / "runs")}
     raw["tokenize"]["num_threads"] = 1
     path = root / "config.yaml"
@@ -71,6 +78,9 @@ def test_each_checkpoint_is_scored_recorded_and_drawn_against_tokens(trained):
     by_hand = eval_stage.run_ppl(model, tokenizer, task)["bits_per_char"]
     assert points[1]["tasks"]["ppl_en"]["bits_per_char"] == pytest.approx(by_hand, rel=1e-6)
     assert len({round(p["tasks"]["ppl_en"]["bits_per_char"], 6) for p in points}) == 4
+    if "demo_mc_0shot" in final:
+        assert [p["tasks"]["demo_mc_0shot"]["n"] for p in points] == [4, 4, 4, 4]
+        assert points[-1]["tasks"]["demo_mc_0shot"]["metrics"] == final["demo_mc_0shot"]["metrics"]
 
     page = runner.invoke(app, ["report", str(trained)])
     assert page.exit_code == 0, page.output

@@ -241,3 +241,11 @@ def test_every_harness_task_a_recipe_names_is_in_the_harness_index():
     assert {"belebele_por_Latn", "belebele_zho_Hant", "belebele_zho_Hans", "arc_pt"} <= names
     for name in names:
         assert name in manager_for(name, []).task_index
+
+
+def test_harness_tasks_are_not_scored_during_training():
+    from lowlm.config import EvalTask
+    from lowlm.stages.eval import periodic_eval
+
+    with pytest.raises(LowlmError, match="harness task 'arc_easy' is not scored during training"):
+        periodic_eval([EvalTask(harness="arc_easy")], tokenizer=None)
