@@ -1,8 +1,9 @@
 """Run lowlm eval and lm-evaluation-harness on the same MMLU files and model; compare them.
 
-lm-eval is installed into its own virtualenv (default .venv-harness, torch==2.13.0 first)
-and reads the local MMLU release layout through generated task YAMLs that copy the
-harness's own MMLU template (dataset_path: csv). Prints per-question agreement of the
+lm-eval is the one beside this Python (the `lowlm[harness]` extra) or, without it, one
+installed into its own virtualenv (default .venv-harness, torch==2.13.0 first); it reads the
+local MMLU release layout through generated task YAMLs that copy the harness's own MMLU
+template (dataset_path: csv). Prints per-question agreement of the
 predictions, both accuracies and both wall times, for each number of shots.
 
     .venv/bin/python scripts/compare_with_harness.py --shots 0 5 --limit 10
@@ -39,6 +40,9 @@ HARNESS_TEMPLATE = {
 
 
 def ensure_harness(venv: Path) -> Path:
+    beside = Path(sys.executable).parent / "lm_eval"  # the lowlm[harness] extra, if installed
+    if beside.exists():
+        return beside
     lm_eval = venv / "bin" / "lm_eval"
     if lm_eval.exists():
         return lm_eval

@@ -348,6 +348,14 @@ def evaluate(
     compare: Annotated[
         bool, typer.Option("--compare", help="Compare two results.json side by side.")
     ] = False,
+    checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoints",
+            help="Score every saved checkpoint of the newest pre-training stage (the report "
+            "draws the curves).",
+        ),
+    ] = False,
 ) -> None:
     """Score the run's newest model (or eval.model) on MMLU, C-Eval, CMMLU, TMMLU+, mc, ppl."""
     from lowlm.stages import eval as stage
@@ -361,6 +369,9 @@ def evaluate(
         if len(paths) != 1:
             raise LowlmError("lowlm eval takes one config (or --compare A.json B.json).")
         resolved = _load(paths[0], set_)
+        if checkpoints:
+            stage.run_checkpoints(resolved)
+            return
         with _summarised(resolved):
             stage.run(resolved, force=force)
     except LowlmError as exc:

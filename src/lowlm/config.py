@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lowlm.data.prepare.settings import PrepareConfig
 from lowlm.errors import LowlmError
@@ -397,15 +397,22 @@ class McFields(Section):
 
 
 class EvalTask(Section):
-    name: Literal["mmlu", "ceval", "cmmlu", "tmmluplus", "mc", "ppl"] = Field(
-        ..., description="The task."
+    name: Literal["mmlu", "ceval", "cmmlu", "tmmluplus", "mc", "ppl"] | None = Field(
+        None, description="A native task (or give `harness` instead)."
+    )
+    harness: str | None = Field(
+        None,
+        description="An lm-evaluation-harness task or group, run in-process on the loaded model "
+        "(needs the `lowlm[harness]` extra); takes shots, limit and chat_template.",
     )
     path: str | None = Field(
         None, description="Local release folder (mc/ppl: a file); omit for the HF dataset."
     )
     split: str | None = Field(None, description="Evaluated split (default: the task's).")
     fewshot_split: str | None = Field(None, description="Few-shot split (default: the task's).")
-    shots: int = Field(0, ge=0, le=5, description="Few-shot examples, first n of the split.")
+    shots: int = Field(
+        0, ge=0, description="Few-shot examples, first n of the split (native tasks: at most 5)."
+    )
     subjects: list[str] | None = Field(None, description="Only these subjects (default: all).")
     limit: int | None = Field(None, ge=1, description="At most this many questions a subject.")
     chat_template: bool = Field(
@@ -414,6 +421,25 @@ class EvalTask(Section):
     fields: McFields = Field(default_factory=McFields)
     description: str = Field("", description="mc: text before the questions.")
     answer_cue: str = Field("Answer:", description="mc: the line that ends each question.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EvalTask:
+        if (self.name is None) == (self.harness is None):
+            raise ValueError("give a task either `name` (native) or `harness`, exactly one")
+        if self.harness is not None:
+            native_only = [k for k in _NATIVE_ONLY if k in self.model_fields_set]
+            if native_only:
+                verb = "applies" if len(native_only) == 1 else "apply"
+                raise ValueError(
+                    f"{', '.join(native_only)} {verb} to native tasks only; a harness task "
+                    "takes shots, limit and chat_template (its YAML says the rest)"
+                )
+        elif self.shots > 5:
+            raise ValueError(f"native tasks take at most 5 shots, not {self.shots}")
+        return self
+
+
+_NATIVE_ONLY = ("path", "split", "fewshot_split", "subjects", "fields", "description", "answer_cue")
 
 
 class EvalConfig(Section):
@@ -431,6 +457,10 @@ class EvalConfig(Section):
         False, description="Prefix contexts with BOS (the harness does not, by default)."
     )
     log_samples: bool = Field(True, description="Write eval/samples-<task>.jsonl.")
+    harness_include: list[str] = Field(
+        default_factory=list,
+        description="Folders of your own lm-evaluation-harness task YAMLs (for harness tasks).",
+    )
 
 
 class LowlmConfig(Section):
@@ -491,6 +521,8 @@ def _describe(error: dict) -> str:
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}."
         return f"unknown key '{where}' in the config; {hint}"
     value = error.get("input")
+    if kind == "value_error":  # a section's own check
+        return f"'{where}': {error['ctx']['error']}."
     if kind == "literal_error":
         return f"'{where}' must be {error['ctx']['expected']}, got {value!r}."
     expected = _TYPE_WORDS.get(kind)

@@ -243,6 +243,10 @@ def _eval_files(c: LowlmConfig) -> dict:
     for index, task in enumerate(c.eval.tasks):
         if task.path and Path(task.path).exists():
             files[f"eval.tasks[{index}]:{task.path}"] = content_id(task.path)
+    if any(task.harness for task in c.eval.tasks):  # their YAML and code, and the version
+        from lowlm.evaluation.harness import stage_inputs
+
+        files.update(stage_inputs(c.eval))
     return files
 
 

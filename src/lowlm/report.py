@@ -446,7 +446,8 @@ def _score(result: dict) -> tuple[str, float | None]:
         return "", None
     if "bits_per_char" in result:
         return "bits/char", result.get("bits_per_char")
-    return "acc", result.get("acc")
+    metric = result.get("metric") or "acc"  # a harness task's headline metric
+    return metric, result.get(metric)
 
 
 def eval_charts(results: dict, baseline: dict | None) -> list[tuple[str, str]]:
@@ -649,7 +650,10 @@ def _eval_table(results: dict, baseline: dict | None) -> str:
     rows = []
     for name, result in tasks.items():
         metric, value = _score(result)
-        cells = f"<td>{_e(name)}</td><td>{_e(metric)}</td><td class='num'>{fmt(value)}</td>"
+        metrics = (result.get("metrics") or {}) if isinstance(result, dict) else {}
+        stderr = (metrics.get(metric) or {}).get("stderr")  # a harness task's
+        shown = f"{fmt(value)} ± {fmt(stderr)}" if _finite(stderr) else fmt(value)
+        cells = f"<td>{_e(name)}</td><td>{_e(metric)}</td><td class='num'>{_e(shown)}</td>"
         if baseline:
             _, theirs = _score(base_tasks.get(name, {}))
             change, css = "-", "none"
@@ -774,6 +778,14 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
         samples = _samples(run_path)
         if samples:
             parts += ["<h2 id='samples'>Recorded answers</h2>", samples]
+    curves = _checkpoint_curves(graph)
+    if curves:
+        parts += [
+            "<h2 id='benchmark-curves'>Benchmarks over training</h2>",
+            "<p>Each eval task on the checkpoints of the last pre-training stage and its final "
+            "model (<code>lowlm eval --checkpoints</code>), against training tokens.</p>",
+            _img(curves, "benchmark scores against training tokens"),
+        ]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)
 
@@ -783,6 +795,16 @@ def _prepare(run_path: Path) -> str:
     from lowlm.prepare_report import prepare_section
 
     return prepare_section(run_path)
+
+
+def _checkpoint_curves(graph: Graph) -> str | None:
+    from lowlm.evaluation.checkpoints import PRETRAIN, curves_chart
+
+    stage = next((n for n in PRETRAIN if STAGES[n].enabled(graph.config)), None)
+    if stage is None:
+        return None
+    state = graph.state(stage)
+    return curves_chart(graph.run_dir.path, state.plan.key if state.plan else None)
 
 
 def write_report(config: LowlmConfig, baseline: Path | None = None) -> Path:

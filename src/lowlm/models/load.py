@@ -359,15 +359,18 @@ def set_attention(model, name: str) -> None:
         ) from None
 
 
-def load_for_inference(source: str, model_config):
+def load_for_inference(source: str, model_config, checkpoint: Path | None = None):
     """(model, tokenizer, card) ready to generate or score: adapters merged, on the GPU when
     there is one (in model.dtype, bf16 by default there), in eval mode. The tokenizer is the
-    folder's, else the base's (model.tokenizer or model.base)."""
+    folder's, else the base's (model.tokenizer or model.base). `checkpoint`: a training
+    checkpoint of the stage that wrote `source`, whose weights replace the saved ones."""
     folder = Path(source)
     tokenizer = tokenizer_for(source, model_config)
     model = load_model(
         source, model_config.trust_remote_code, resolve_load_dtype(model_config.dtype)
     )
+    if checkpoint is not None:
+        _apply_checkpoint(model, checkpoint / "model.safetensors")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if model_config.attn_implementation is not None:
@@ -378,3 +381,22 @@ def load_for_inference(source: str, model_config):
     model.eval()
     card = read_card(folder) if folder.is_dir() else None
     return model, tokenizer, card or {}
+
+
+def _apply_checkpoint(model, path: Path) -> None:
+    """Load a training checkpoint's weights (the ones that stage trained) into its model, every
+    name checked: weights the model does not have stop the load instead of being skipped."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    own = model.state_dict()
+    foreign = [name for name in weights if name not in own]
+    if foreign:
+        raise LowlmError(
+            f"{path}: {len(foreign)} of its {len(weights)} weights are not this model's "
+            f"(e.g. {foreign[0]}); it belongs to another stage or model."
+        )
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise LowlmError(f"{path} does not fit this model: {str(exc)[:200]}") from None

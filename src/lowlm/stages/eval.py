@@ -1,4 +1,5 @@
-"""`lowlm eval`: MMLU, C-Eval, CMMLU, TMMLU+, local multiple-choice sets and bits per character.
+"""`lowlm eval`: MMLU, C-Eval, CMMLU, TMMLU+, local multiple-choice sets, bits per character and
+any lm-evaluation-harness task (`lowlm.evaluation.harness`), on one process or several.
 
 Reads `eval` (tasks, model, batch size) and the run's newest model (or `eval.model`);
 writes `eval/results.json`, `eval/results.md` and, with `log_samples`,
@@ -19,7 +20,9 @@ from pathlib import Path
 from lowlm import __version__
 from lowlm.config import EvalTask, LowlmConfig
 from lowlm.errors import LowlmError
+from lowlm.evaluation import harness
 from lowlm.evaluation.benchmarks import BENCHMARKS, LETTERS, build_context
+from lowlm.evaluation.ranks import Ranks, eval_ranks
 from lowlm.evaluation.scoring import Request, auto_batch_size, score_requests
 from lowlm.evaluation.tasks import HARNESS_PROTOCOL, aggregate, benchmark_questions, mc_questions
 from lowlm.graph import StageRun, execute, folder
@@ -28,7 +31,7 @@ from lowlm.models.metrics import text_nll
 from lowlm.rundir import atomic_dir
 
 STAGE = "eval"
-KNOWN_TASKS = [*BENCHMARKS, "mc", "ppl"]
+KNOWN_TASKS = [*BENCHMARKS, "mc", "ppl", "harness: <any lm-evaluation-harness task>"]
 
 
 def run_multiple_choice(
@@ -39,6 +42,7 @@ def run_multiple_choice(
     max_length: int,
     add_bos: bool,
     progress_factory,
+    ranks: Ranks | None = None,
 ) -> tuple[dict, list[dict]]:
     loaded = mc_questions(task) if task.name == "mc" else benchmark_questions(task)
     for subject in loaded.empty_subjects:
@@ -58,9 +62,12 @@ def run_multiple_choice(
             )
         choices = [f" {letter}" for letter in LETTERS[: len(q.choices)]]
         requests.append(Request(context, choices, group=q.subject))
-    progress = progress_factory(len(requests), task.name)
+    ranks = ranks or Ranks()
+    mine = ranks.share(requests)  # all of them on one process
+    progress = progress_factory(len(mine), task.name)
     started = time.perf_counter()
-    scores = score_requests(model, tokenizer, requests, batch_size, max_length, add_bos, progress)
+    scores = score_requests(model, tokenizer, mine, batch_size, max_length, add_bos, progress)
+    scores = ranks.gather(scores)
     seconds = time.perf_counter() - started
     progress.close()
     samples = []
@@ -116,6 +123,12 @@ def periodic_eval(tasks: list[EvalTask], tokenizer, max_length: int = 2048):
     character), keyed `eval/<task>` in the log; None when no task is configured."""
     if not tasks:
         return None
+    for task in tasks:  # refused when the stage starts, not at its first eval step
+        if task.harness:
+            raise LowlmError(
+                f"harness task '{task.harness}' is not scored during training; list it under "
+                "eval.tasks."
+            )
 
     def run(model) -> dict:
         model.eval()
@@ -143,7 +156,7 @@ def ceval_submission(samples: list[dict]) -> dict:
     return dict(submission)
 
 
-def run_ppl(model, tokenizer, task: EvalTask) -> dict:
+def run_ppl(model, tokenizer, task: EvalTask, ranks: Ranks | None = None) -> dict:
     if not task.path or not Path(task.path).is_file():
         raise LowlmError(f"ppl: path {task.path!r} is not a file; point it at a text file.")
     try:
@@ -160,7 +173,9 @@ def run_ppl(model, tokenizer, task: EvalTask) -> dict:
     if not lines:
         raise LowlmError(f"{task.path} holds no text.")
     started = time.perf_counter()
-    nll, chars, tokens = text_nll(model, tokenizer, lines)
+    ranks = ranks or Ranks()
+    shares = ranks.gather([text_nll(model, tokenizer, ranks.share(lines))])
+    nll, chars, tokens = (sum(share[i] for share in shares) for i in range(3))
     return {
         "task": "ppl",
         "path": task.path,
@@ -183,6 +198,8 @@ def markdown(results: dict) -> str:
     for name, r in results["tasks"].items():
         if r["task"] == "ppl":
             rows.append(f"| {name} | - | - | {r['lines']} | - | - | - | {r['bits_per_char']:.4f} |")
+        elif r["task"] == "harness":
+            rows.append(harness_row(name, r))
         elif r.get("submission"):
             rows.append(
                 f"| {name} | {r['split']} | {r['shots']} | {r['n']} | (no public answers: "
@@ -196,12 +213,23 @@ def markdown(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def harness_row(name: str, r: dict) -> str:
+    """A harness task's line of results.md: acc and acc_norm where it has them, else its
+    headline metric (every metric, with its stderr, is in results.json)."""
+    metrics = r["metrics"]
+    value = lambda m: f"{metrics[m]['value']:.4f}" if m in metrics else "-"  # noqa: E731
+    headline = r["metric"]
+    first = value("acc") if headline in (None, "acc") else f"{headline} {value(headline)}"
+    return f"| {name} | harness | {r['shots']} | {r['n']} | {first} | - | {value('acc_norm')} | - |"
+
+
 def _task_key(task: EvalTask, taken: dict) -> str:
-    key = (
-        f"{task.name}_{task.shots}shot"
-        if task.name != "ppl"
-        else f"ppl_{Path(task.path or '').stem}"
-    )
+    if task.harness:
+        key = f"{task.harness}_{task.shots}shot"
+    elif task.name != "ppl":
+        key = f"{task.name}_{task.shots}shot"
+    else:
+        key = f"ppl_{Path(task.path or '').stem}"
     return key if key not in taken else f"{key}_{len(taken)}"
 
 
@@ -224,12 +252,15 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
             f"no eval task is configured; add eval.tasks (known: {', '.join(KNOWN_TASKS)})."
         )
     for index, task in enumerate(cfg.tasks):
+        if task.harness:
+            harness.require(f"eval.tasks[{index}] (harness: {task.harness})")
         if task.path and not Path(task.path).exists():
             raise LowlmError(
                 f"eval.tasks[{index}] ({task.name}): path {task.path} does not exist; fix the "
                 "path, or omit it to use the Hugging Face dataset."
             )
-    execute(config, STAGE, _work, force=force)
+    # Under several processes every rank scores a share of each task (see evaluation.ranks).
+    execute(config, STAGE, _work, force=force, accelerator=eval_ranks().state)
     return json.loads((folder(config, STAGE) / "results.json").read_text(encoding="utf-8"))
 
 
@@ -238,13 +269,8 @@ def _work(run: StageRun) -> dict:
     source = run.plan.model
     if not source:
         raise LowlmError("there is no model to evaluate; set eval.model or run a stage first.")
-    model, tokenizer, card = load_for_inference(source, config.model)
-    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", 2048)
-    batch_size = (
-        cfg.batch_size
-        if cfg.batch_size != "auto"
-        else auto_batch_size(model, min(max_length, 1024))
-    )
+    prepared, ranks = _prepare_harness(cfg), eval_ranks()
+    model, tokenizer, card, batch_size, max_length = _load(config, source, prepared, ranks)
     results: dict = {
         "model": source,
         "model_key": run.parent_key(),
@@ -268,23 +294,14 @@ def _work(run: StageRun) -> dict:
             "batching": "longest first; one forward pass per question when every choice is "
             "one token",
             "tokenization": "one batched fast-tokenizer call per task",
+            "processes": ranks.world,
         },
-        "tasks": {},
     }
-    samples_by_task, submissions = {}, {}
-    for task in cfg.tasks:
-        name = _task_key(task, results["tasks"])
-        if task.name == "ppl":
-            results["tasks"][name] = run_ppl(model, tokenizer, task)
-        else:
-            result, samples = run_multiple_choice(
-                model, tokenizer, task, batch_size, max_length, cfg.add_bos, _progress
-            )
-            if result.get("submission"):
-                result["submission_file"] = f"submission-{name}.json"
-                submissions[result["submission_file"]] = ceval_submission(samples)
-            results["tasks"][name] = result
-            samples_by_task[name] = samples
+    results["tasks"], samples_by_task, submissions = score_tasks(
+        cfg, model, tokenizer, prepared, ranks, batch_size, max_length
+    )
+    if not ranks.is_main:
+        return {"metrics": {}}
     # One artifact: results, table and samples appear together or not at all.
     with atomic_dir(run.folder) as out:
         if cfg.log_samples:
@@ -302,13 +319,97 @@ def _work(run: StageRun) -> dict:
         )
         (out / "results.md").write_text(markdown(results), encoding="utf-8")
     metrics = {
-        name: r.get("acc", r.get("bits_per_char"))
+        name: r.get(r.get("metric") or "acc", r.get("bits_per_char"))
         for name, r in results["tasks"].items()
         if not r.get("submission")
     }
     print(markdown(results), end="")
     print(f"eval: wrote {run.folder / 'results.json'}")
     return {"metrics": metrics}
+
+
+def run_checkpoints(config: LowlmConfig) -> Path:
+    """`lowlm eval --checkpoints`: eval.tasks on every checkpoint the newest pre-training stage
+    saved and on its final model, recorded in eval-checkpoints/results.json (the report draws
+    the curves)."""
+    from lowlm.evaluation.checkpoints import checkpoint_points, headline, write_record
+
+    cfg = config.eval
+    if not cfg.tasks:
+        raise LowlmError("no eval task is configured; add eval.tasks to score checkpoints with.")
+    stage, key, points = checkpoint_points(config)
+    prepared, ranks = _prepare_harness(cfg), eval_ranks()
+    scored = []
+    for point in points:
+        checkpoint = Path(point.checkpoint) if point.checkpoint else None
+        model, tokenizer, _, batch_size, max_length = _load(
+            config, str(folder(config, stage)), prepared, ranks, checkpoint
+        )
+        tasks, _, _ = score_tasks(cfg, model, tokenizer, prepared, ranks, batch_size, max_length)
+        scored.append((point, tasks))
+        if ranks.is_main:
+            figures = ", ".join(f"{n} {headline(r)[1]:.4f}" for n, r in tasks.items())
+            print(f"{stage} {point.label} ({point.tokens} tokens): {figures}")
+    if not ranks.is_main:
+        return folder(config, STAGE)
+    path = write_record(config, stage, key, scored)
+    print(f"eval: wrote {path}")
+    return path
+
+
+def _prepare_harness(cfg) -> dict:
+    """Harness tasks built and their data loaded, before any model: a task that cannot run
+    stops here."""
+    return {
+        index: harness.prepare(task, cfg.harness_include)
+        for index, task in enumerate(cfg.tasks)
+        if task.harness
+    }
+
+
+def _load(config: LowlmConfig, source: str, prepared: dict, ranks: Ranks, checkpoint=None):
+    """(model, tokenizer, card, batch size, max length) of the model to score, on this rank's
+    device."""
+    cfg = config.eval
+    model, tokenizer, card = load_for_inference(source, config.model, checkpoint)
+    if ranks.state is not None:
+        model = model.to(ranks.state.device)
+    for task in prepared.values():
+        harness.check_chat_template(task, tokenizer)
+    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", 2048)
+    batch_size = (
+        cfg.batch_size
+        if cfg.batch_size != "auto"
+        else auto_batch_size(model, min(max_length, 1024))
+    )
+    return model, tokenizer, card, batch_size, max_length
+
+
+def score_tasks(cfg, model, tokenizer, prepared, ranks, batch_size, max_length):
+    """Every task of eval.tasks on `model`: (results, samples and submissions by task name);
+    on the main rank only, under several processes."""
+    tasks: dict = {}
+    samples_by_task, submissions = {}, {}
+    for index, task in enumerate(cfg.tasks):
+        name = _task_key(task, tasks)
+        if task.harness:
+            outcome = harness.evaluate(
+                prepared[index], model, tokenizer, batch_size, cfg.max_length, cfg.add_bos
+            )
+            if outcome is not None:  # the main rank's
+                tasks[name], samples_by_task[name] = outcome
+        elif task.name == "ppl":
+            tasks[name] = run_ppl(model, tokenizer, task, ranks)
+        else:
+            result, samples = run_multiple_choice(
+                model, tokenizer, task, batch_size, max_length, cfg.add_bos, _progress, ranks
+            )
+            if result.get("submission"):
+                result["submission_file"] = f"submission-{name}.json"
+                submissions[result["submission_file"]] = ceval_submission(samples)
+            tasks[name] = result
+            samples_by_task[name] = samples
+    return tasks, samples_by_task, submissions
 
 
 def compare(first: Path, second: Path) -> str:
@@ -325,10 +426,22 @@ def compare(first: Path, second: Path) -> str:
         f"{Path(second).parent.parent.name or second} | change |",
         "|---|---|---|---|---|",
     ]
+    fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
     for name in [*a, *(k for k in b if k not in a)]:
-        metric = "bits_per_char" if (a.get(name) or b.get(name))["task"] == "ppl" else "acc"
-        left, right = (a.get(name) or {}).get(metric), (b.get(name) or {}).get(metric)
-        change = f"{right - left:+.4f}" if left is not None and right is not None else "-"
-        fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-        rows.append(f"| {name} | {metric} | {fmt(left)} | {fmt(right)} | {change} |")
+        either = a.get(name) or b.get(name)
+        for metric, left, right in _compared(either, a.get(name) or {}, b.get(name) or {}):
+            change = f"{right - left:+.4f}" if left is not None and right is not None else "-"
+            rows.append(f"| {name} | {metric} | {fmt(left)} | {fmt(right)} | {change} |")
     return "\n".join(rows) + "\n"
+
+
+def _compared(
+    either: dict, left: dict, right: dict
+) -> list[tuple[str, float | None, float | None]]:
+    """(metric, left, right) rows of one task: every metric of a harness task, else its one."""
+    if either["task"] == "harness":
+        names = [*left.get("metrics", {}), *right.get("metrics", {})]
+        value = lambda r, m: (r.get("metrics", {}).get(m) or {}).get("value")  # noqa: E731
+        return [(m, value(left, m), value(right, m)) for m in dict.fromkeys(names)]
+    metric = "bits_per_char" if either["task"] == "ppl" else "acc"
+    return [(metric, left.get(metric), right.get(metric))]
