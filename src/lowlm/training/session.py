@@ -219,7 +219,6 @@ def train_and_save(
         with track_energy(
             section.energy.enabled and accelerator.is_main_process,
             section.energy.country_iso_code,
-            work,
             _SECTIONS.get(folder.name, "pretrain"),
         ) as energy:
             metrics, prepared = train(
