@@ -22,6 +22,13 @@ app = typer.Typer(
 )
 
 ConfigArg = Annotated[Path, typer.Argument(help="The run's YAML config.", show_default=False)]
+TargetArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The run's YAML config, or its run directory (which holds the recorded config).",
+        show_default=False,
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
@@ -34,6 +41,17 @@ ResumeOpt = Annotated[
 
 def _load(config: Path, overrides: list[str] | None) -> LowlmConfig:
     return load_config(config, overrides or [])
+
+
+def _load_target(target: Path, overrides: list[str] | None, command: str) -> LowlmConfig:
+    """A config file or a run directory; a config that differs from the one its run recorded
+    says so in one line on stderr."""
+    from lowlm.recorded import load_target
+
+    resolved, note = load_target(target, overrides or [], command)
+    if note:
+        typer.echo(note, err=True)
+    return resolved
 
 
 def _close_process_group() -> None:
@@ -268,17 +286,27 @@ TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass."
 GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")]
 
 
-def _generator(config, set_, model, template, raw, max_new_tokens, temperature, top_p, greedy):
+def _generator(
+    config,
+    set_,
+    model,
+    template,
+    raw,
+    max_new_tokens,
+    temperature,
+    top_p,
+    greedy,
+    command="generate",
+):
     from lowlm.stages.generate import Generator
 
-    return Generator(
-        _load(config, set_), model, template, raw, max_new_tokens, temperature, top_p, greedy
-    )
+    resolved = _load_target(config, set_, command)
+    return Generator(resolved, model, template, raw, max_new_tokens, temperature, top_p, greedy)
 
 
 @app.command()
 def generate(
-    config: ConfigArg,
+    config: TargetArg,
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")
     ] = None,
@@ -309,7 +337,7 @@ def generate(
 
 @app.command()
 def chat(
-    config: ConfigArg,
+    config: TargetArg,
     set_: SetOpt = None,
     model: ModelOpt = None,
     template: TemplateOpt = None,
@@ -323,7 +351,7 @@ def chat(
 
     try:
         generator = _generator(
-            config, set_, model, template, False, max_new_tokens, temperature, top_p, greedy
+            config, set_, model, template, False, max_new_tokens, temperature, top_p, greedy, "chat"
         )
         stage.chat(generator)
     except LowlmError as exc:
@@ -333,12 +361,16 @@ def chat(
 @app.command("eval")
 def evaluate(
     paths: Annotated[
-        list[Path], typer.Argument(help="The run's config, or with --compare two results.json.")
+        list[Path],
+        typer.Argument(
+            help="The run's config, or with --compare two results.json (or run directories)."
+        ),
     ],
     set_: SetOpt = None,
     force: ForceOpt = False,
     compare: Annotated[
-        bool, typer.Option("--compare", help="Compare two results.json side by side.")
+        bool,
+        typer.Option("--compare", help="Compare two results.json (or runs) side by side."),
     ] = False,
 ) -> None:
     """Score the run's newest model (or eval.model) on MMLU, C-Eval, CMMLU, TMMLU+, mc, ppl."""
@@ -346,9 +378,11 @@ def evaluate(
 
     try:
         if compare:
+            from lowlm.recorded import results_file
+
             if len(paths) != 2:
-                raise LowlmError("--compare takes two results.json files.")
-            typer.echo(stage.compare(paths[0], paths[1]), nl=False)
+                raise LowlmError("--compare takes two results.json files or run directories.")
+            typer.echo(stage.compare(results_file(paths[0]), results_file(paths[1])), nl=False)
             return
         if len(paths) != 1:
             raise LowlmError("lowlm eval takes one config (or --compare A.json B.json).")
@@ -403,7 +437,7 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
 
 @app.command()
 def report(
-    config: ConfigArg,
+    config: TargetArg,
     set_: SetOpt = None,
     baseline: Annotated[
         Path | None,
@@ -420,20 +454,20 @@ def report(
 
     started = time.perf_counter()
     try:
-        path = write_report(_load(config, set_), baseline)
+        path = write_report(_load_target(config, set_, "report"), baseline)
     except LowlmError as exc:
         _fail(exc)
     typer.echo(f"report: {path} ({time.perf_counter() - started:.1f} s)")
 
 
 @app.command()
-def status(config: ConfigArg, set_: SetOpt = None) -> None:
+def status(config: TargetArg, set_: SetOpt = None) -> None:
     """Show each stage as done, stale (and which input changed), running, interrupted, failed
     or not run."""
     from lowlm.graph import ORDER, Graph
 
     try:
-        graph = Graph(_load(config, set_))
+        graph = Graph(_load_target(config, set_, "status"))
         recorded = graph.manifest()
     except LowlmError as exc:
         _fail(exc)
@@ -467,6 +501,8 @@ def status(config: ConfigArg, set_: SetOpt = None) -> None:
     page = graph.run_dir.path / REPORT_FILE
     if page.is_file():
         typer.echo(f"report: {page} (`lowlm report` rewrites it)")
+    if any(graph.state(name).status == "error" for name in names):
+        raise typer.Exit(1)  # a stage that cannot be checked: its reason is in its row
 
 
 if __name__ == "__main__":

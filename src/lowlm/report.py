@@ -710,6 +710,13 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
         )
     base_results = read_baseline(baseline)
     views = stage_views(graph)
+    unreadable = [view for view in views if view.status == "error"]
+    if unreadable:  # a page of unreadable stages must not replace a report of the run
+        raise LowlmError(
+            f"cannot report {run_path}: {unreadable[0].name} cannot be checked "
+            f"({unreadable[0].reason.rstrip('.')}); restore that input, or report the run with "
+            f"the config it recorded: `lowlm report {run_path}`."
+        )
     tokenizer = _read_json(run_path / STAGES["tokenize"].folder / "report.json")
     results = _read_json(run_path / STAGES["eval"].folder / "results.json")
     parts = [

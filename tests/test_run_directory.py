@@ -1,0 +1,112 @@
+"""The run directory speaks for itself: status, report, generate, chat and eval --compare read
+a run from its folder (the config it recorded), a differing config says so, and a report that
+cannot be made never replaces a good one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lowlm.cli import app
+
+from .conftest import pipeline_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run directory) of a tiny run: a tokenizer alone, a tiny model, 2 steps."""
+    root = tmp_path_factory.mktemp("rundir")
+    sections = pipeline_config(
+        None,
+        run={"root": str(root / "runs"), "name": "r"},
+        init={"size": "tiny"},
+        tokenize={"num_threads": 1},
+        pretrain={"full": {"steps": 2}},
+    )
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(sections, allow_unicode=True), encoding="utf-8")
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    return config, root / "runs" / "r"
+
+
+def test_status_and_report_read_the_run_directory_alone(finished, tmp_path):
+    config, run_dir = finished
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(run_dir, moved)
+    for folder in (run_dir, moved):
+        status = runner.invoke(app, ["status", str(folder)])
+        assert status.exit_code == 0, status.output
+        assert "pretrain-full    done" in status.output and "note:" not in status.output
+        report = runner.invoke(app, ["report", str(folder)])
+        assert report.exit_code == 0, report.output
+        assert f"report: {folder / 'report.html'}" in report.output
+        assert 'data-stage="pretrain-full" data-status="done"' in (
+            folder / "report.html"
+        ).read_text(encoding="utf-8")
+
+
+def test_a_differing_config_says_so_and_never_replaces_a_good_report(finished, tmp_path):
+    config, run_dir = finished
+    assert runner.invoke(app, ["report", str(run_dir)]).exit_code == 0
+    page = run_dir / "report.html"
+    good = page.read_bytes()
+
+    status = runner.invoke(app, ["status", str(config), "--set", "pretrain.full.lr=0.5"])
+    assert status.exit_code == 0, status.output
+    notes = [line for line in status.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "pretrain.full.lr" in notes[0]
+    assert f"lowlm status {run_dir}" in notes[0] and "stale" in status.output
+
+    missing = str(tmp_path / "gone" / "*.txt")
+    broken = runner.invoke(app, ["report", str(config), "--set", f"tokenize.corpus=[{missing}]"])
+    assert broken.exit_code == 1
+    lines = broken.output.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("note:") and "tokenize.corpus" in lines[0]
+    assert lines[1].startswith("error: cannot report") and "Traceback" not in broken.output
+    assert page.read_bytes() == good  # the good page stays
+
+    unreadable = runner.invoke(
+        app, ["status", str(config), "--set", f"tokenize.corpus=[{missing}]"]
+    )
+    assert unreadable.exit_code == 1 and "error" in unreadable.output
+
+
+def test_a_folder_without_a_recorded_config_is_refused_in_one_line(tmp_path):
+    for command in ("status", "report"):
+        result = runner.invoke(app, [command, str(tmp_path)])
+        assert result.exit_code == 1
+        assert result.output.count("\n") == 1 and "without config.yaml" in result.output
+
+
+def test_generate_and_chat_take_the_run_directory(finished):
+    _, run_dir = finished
+    generated = runner.invoke(
+        app, ["generate", str(run_dir), "-p", "hello", "--greedy", "--max-new-tokens", "3"]
+    )
+    assert generated.exit_code == 0, generated.output
+    chat = runner.invoke(
+        app, ["chat", str(run_dir), "--greedy", "--max-new-tokens", "3"], input="hi\n/exit\n"
+    )
+    assert chat.exit_code == 0, chat.output
+    assert "lowlm chat" in chat.output
+
+
+def test_eval_compare_takes_run_directories(tmp_path):
+    for name, bits in (("a", 1.5), ("b", 1.25)):
+        results = tmp_path / name / "eval" / "results.json"
+        results.parent.mkdir(parents=True)
+        task = {"task": "ppl", "bits_per_char": bits}
+        results.write_text(json.dumps({"tasks": {"ppl_ppl": task}}), encoding="utf-8")
+    result = runner.invoke(app, ["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "| ppl_ppl | bits_per_char | 1.5000 | 1.2500 | -0.2500 |" in result.output
+    empty = runner.invoke(app, ["eval", "--compare", str(tmp_path), str(tmp_path / "b")])
+    assert empty.exit_code == 1 and "holds no eval/results.json" in empty.output
