@@ -110,3 +110,53 @@ def test_eval_compare_takes_run_directories(tmp_path):
     assert "| ppl_ppl | bits_per_char | 1.5000 | 1.2500 | -0.2500 |" in result.output
     empty = runner.invoke(app, ["eval", "--compare", str(tmp_path), str(tmp_path / "b")])
     assert empty.exit_code == 1 and "holds no eval/results.json" in empty.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_training_is_recorded_as_interrupted_and_resumes(write_config, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lowlm.config import load_config
+    from lowlm.stages import init, tokenize
+
+    path = write_config(
+        **pipeline_config(
+            None, init={"size": "tiny"}, pretrain={"full": {"steps": 200}, "save_every": 5}
+        )
+    )
+    config = load_config(path)
+    tokenize.run(config)
+    init.run(config)
+    checkpoints = config.run_dir / ".pretrain-full.train" / "checkpoints"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lowlm.cli", "pretrain", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 120
+    while not any(checkpoints.glob("step-*/state.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stderr
+    said = [x for x in stderr.splitlines() if x.startswith("pretrain-full: interrupted")]
+    assert len(said) == 1 and "Traceback" not in stderr, repr(stderr[-600:])
+    line = said[0]
+    assert line.startswith("pretrain-full: interrupted (Ctrl-C) after step ")
+    assert "the next run resumes from the checkpoint at step " in line
+    record = json.loads((config.run_dir / "manifest.json").read_text())["stages"]["pretrain-full"]
+    assert record["status"] == "interrupted" and record["reason"] in line
+    status = runner.invoke(app, ["status", str(config.run_dir)])
+    assert "pretrain-full    interrupted" in status.output
+
+    resumed = runner.invoke(app, ["pretrain", str(path)])
+    assert resumed.exit_code == 0, resumed.output
+    step = line.split("checkpoint at step ")[1].rstrip(".")
+    assert f"at step {step}." in resumed.output  # "resuming from <checkpoint> at step N."

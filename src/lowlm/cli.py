@@ -72,6 +72,13 @@ def _fail(exc: LowlmError) -> None:
     raise typer.Exit(1)
 
 
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C: where the stage stopped (the manifest records it as interrupted), exit 130."""
+    # on a line of its own: a progress bar may be mid-line
+    typer.secho("\n" + (str(exc) or "interrupted (Ctrl-C)."), fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(130)
+
+
 def _main_process() -> bool:
     """Rank 0 (or a single process): the one that prints summaries and writes the report."""
     return os.environ.get("RANK", "0") == "0"
@@ -150,6 +157,8 @@ def _call(function, config: Path, overrides: list[str] | None, **kwargs) -> None
             function(resolved, **kwargs)
     except LowlmError as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
 
 
 def _call_training(function, config: Path, overrides: list[str] | None, **kwargs) -> None:
@@ -161,6 +170,8 @@ def _call_training(function, config: Path, overrides: list[str] | None, **kwargs
             function(resolved, **kwargs)
     except LowlmError as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
 
 
 @app.command()
@@ -428,6 +439,8 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
             with contextlib.suppress(Exception):  # the report shows the failed stage too
                 write_report(resolved)
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     if _main_process():
         try:
             typer.echo(f"report: {write_report(resolved)}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowlm.config import LowlmConfig
-from lowlm.errors import LowlmError
+from lowlm.errors import LowlmError, StageInterrupted
 from lowlm.rundir import RunDir, content_id, fingerprint, recover_dir, sha256_text, signature
 
 # Training-section fields that change how a run is logged or saved, not what it computes.
@@ -466,6 +466,8 @@ class Graph:
             state.status, state.reason = _running(record)
         elif status == "failed":
             state.status, state.reason = "failed", record.get("error", "")
+        elif status == "interrupted":
+            state.status, state.reason = "interrupted", record.get("reason", "")
         elif status == "done":
             changed = _changed(record.get("inputs", {}), plan.inputs)
             if record.get("key") != plan.key:
@@ -616,6 +618,12 @@ def execute(
         if is_main:
             run_dir.fail(name, str(exc))
         raise
+    except KeyboardInterrupt as exc:  # Ctrl-C: recorded as a kill would be, resumable
+        reason = str(exc) or "interrupted (Ctrl-C); the next run starts it again."
+        if is_main:
+            with contextlib.suppress(Exception):
+                run_dir.interrupt(name, reason)
+        raise StageInterrupted(f"{name}: {reason}") from None
     except BaseException as exc:
         if is_main:
             with contextlib.suppress(Exception):

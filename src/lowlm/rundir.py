@@ -313,6 +313,13 @@ class RunDir:
         record.update(status="done", finished=_now(), outputs=outputs, metrics=metrics, **extra)
         self._write_manifest(manifest)
 
+    def interrupt(self, stage: str, reason: str) -> None:
+        """Record a stage stopped by Ctrl-C: like a killed one, the next run resumes it."""
+        manifest = self.read_manifest()
+        record = manifest["stages"].setdefault(stage, {})
+        record.update(status="interrupted", finished=_now(), reason=reason)
+        self._write_manifest(manifest)
+
     def fail(self, stage: str, error: str) -> None:
         manifest = self.read_manifest()
         record = manifest["stages"].setdefault(stage, {})
