@@ -29,6 +29,7 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
         init={"size": "tiny"},
         tokenize={"num_threads": 1},
         pretrain={"full": {"steps": 2}},
+        eval={"tasks": [{"name": "ppl", "heldout": True}], "batch_size": 4},
     )
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(sections, allow_unicode=True), encoding="utf-8")
@@ -45,6 +46,7 @@ def test_status_and_report_read_the_run_directory_alone(finished, tmp_path):
         status = runner.invoke(app, ["status", str(folder)])
         assert status.exit_code == 0, status.output
         assert "pretrain-full    done" in status.output and "note:" not in status.output
+        assert "eval             done" in status.output  # the held-out text is the run's own
         report = runner.invoke(app, ["report", str(folder)])
         assert report.exit_code == 0, report.output
         assert f"report: {folder / 'report.html'}" in report.output
@@ -160,3 +162,46 @@ def test_ctrl_c_in_training_is_recorded_as_interrupted_and_resumes(write_config,
     assert resumed.exit_code == 0, resumed.output
     step = line.split("checkpoint at step ")[1].rstrip(".")
     assert f"at step {step}." in resumed.output  # "resuming from <checkpoint> at step N."
+
+
+def test_ppl_scores_the_runs_own_heldout_text(finished, tmp_path):
+    config, run_dir = finished
+    results = json.loads((run_dir / "eval" / "results.json").read_text(encoding="utf-8"))
+    assert list(results["tasks"]) == ["ppl_heldout"]
+    assert results["tasks"]["ppl_heldout"]["path"] == str(run_dir / "tokenizer" / "heldout.txt")
+
+    other = tmp_path / "other.yaml"
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    raw["run"]["name"] = "never-tokenized"
+    other.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    from lowlm.config import load_config
+    from lowlm.errors import LowlmError
+    from lowlm.stages import eval as eval_stage
+
+    with pytest.raises(LowlmError, match="never-tokenized/tokenizer/heldout.txt does not exist"):
+        eval_stage.run(load_config(other))
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ({"name": "ppl"}, "a ppl task needs a path (a text file) or heldout: true"),
+        ({"name": "mmlu", "heldout": True}, "heldout: true is for a ppl task without a path"),
+    ],
+)
+def test_a_ppl_task_names_its_text(write_config, task, message):
+    result = runner.invoke(app, ["validate", str(write_config(eval={"tasks": [task]}))])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_a_missing_ppl_file_gets_no_hub_hint(write_config, tmp_path):
+    from lowlm.config import load_config
+    from lowlm.errors import LowlmError
+    from lowlm.stages import eval as eval_stage
+
+    missing = tmp_path / "missing.txt"
+    config = load_config(write_config(eval={"tasks": [{"name": "ppl", "path": str(missing)}]}))
+    with pytest.raises(LowlmError) as raised:
+        eval_stage.run(config)
+    assert "does not exist; fix the path." in str(raised.value)
+    assert "Hugging Face" not in str(raised.value)

@@ -448,7 +448,14 @@ class EvalTask(Section):
         ..., description="The task."
     )
     path: PathText | None = Field(
-        None, description="Local release folder (mc/ppl: a file); omit for the HF dataset."
+        None,
+        description="A benchmark's local release folder (omit: its Hugging Face dataset); mc "
+        "and ppl: a file.",
+    )
+    heldout: bool = Field(
+        False,
+        description="ppl: score the run's own held-out text (tokenizer/heldout.txt, which no "
+        "stage trains on) instead of a path.",
     )
     split: str | None = Field(None, description="Evaluated split (default: the task's).")
     fewshot_split: str | None = Field(None, description="Few-shot split (default: the task's).")
@@ -461,6 +468,14 @@ class EvalTask(Section):
     fields: McFields = Field(default_factory=McFields)
     description: str = Field("", description="mc: text before the questions.")
     answer_cue: str = Field("Answer:", description="mc: the line that ends each question.")
+
+    @model_validator(mode="after")
+    def _ppl_text(self) -> EvalTask:
+        if self.heldout and (self.name != "ppl" or self.path):
+            raise ValueError("heldout: true is for a ppl task without a path")
+        if self.name == "ppl" and not self.path and not self.heldout:
+            raise ValueError("a ppl task needs a path (a text file) or heldout: true")
+        return self
 
 
 class EvalConfig(Section):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowlm.config import LowlmConfig
+from lowlm.data.heldout import HELDOUT_FILE
 from lowlm.errors import LowlmError, StageInterrupted
 from lowlm.rundir import RunDir, content_id, fingerprint, recover_dir, sha256_text, signature
 
@@ -195,8 +196,11 @@ def _dpo_files(c: LowlmConfig) -> dict:
 def _eval_files(c: LowlmConfig) -> dict:
     files = {}
     for index, task in enumerate(c.eval.tasks):
-        if task.path and Path(task.path).exists():
-            files[f"eval.tasks[{index}]:{task.path}"] = content_id(task.path)
+        # the run's own held-out text: labelled by role, so a moved run stays current
+        path = folder(c, "tokenize") / HELDOUT_FILE if task.heldout else task.path
+        if path and Path(path).exists():
+            label = "heldout" if task.heldout else task.path
+            files[f"eval.tasks[{index}]:{label}"] = content_id(path)
     return files
 
 

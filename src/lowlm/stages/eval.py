@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lowlm import __version__
 from lowlm.config import EvalTask, LowlmConfig
+from lowlm.data.heldout import with_heldout_text
 from lowlm.errors import LowlmError
 from lowlm.evaluation.benchmarks import BENCHMARKS, LETTERS, build_context
 from lowlm.evaluation.scoring import Request, auto_batch_size, score_requests
@@ -223,11 +224,16 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
         raise LowlmError(
             f"no eval task is configured; add eval.tasks (known: {', '.join(KNOWN_TASKS)})."
         )
-    for index, task in enumerate(cfg.tasks):
+    for index, task in enumerate(with_heldout_text(cfg.tasks, folder(config, "tokenize"))):
         if task.path and not Path(task.path).exists():
+            hint = {
+                "ppl": "run `lowlm tokenize CONFIG` first: it writes the run's held-out text"
+                if task.heldout
+                else "fix the path",
+                "mc": "fix the path",
+            }.get(task.name, "fix the path, or omit it to use the Hugging Face dataset")
             raise LowlmError(
-                f"eval.tasks[{index}] ({task.name}): path {task.path} does not exist; fix the "
-                "path, or omit it to use the Hugging Face dataset."
+                f"eval.tasks[{index}] ({task.name}): path {task.path} does not exist; {hint}."
             )
     execute(config, STAGE, _work, force=force)
     return json.loads((folder(config, STAGE) / "results.json").read_text(encoding="utf-8"))
@@ -272,7 +278,7 @@ def _work(run: StageRun) -> dict:
         "tasks": {},
     }
     samples_by_task, submissions = {}, {}
-    for task in cfg.tasks:
+    for task in with_heldout_text(cfg.tasks, folder(config, "tokenize")):
         name = _task_key(task, results["tasks"])
         if task.name == "ppl":
             results["tasks"][name] = run_ppl(model, tokenizer, task)

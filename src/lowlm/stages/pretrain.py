@@ -20,8 +20,9 @@ import torch
 from lowlm.config import LowlmConfig
 from lowlm.data.blocks import BlockDataset, build_cache, cache_key
 from lowlm.data.corpus import resolve_sources
+from lowlm.data.heldout import with_heldout_text
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, tokenizer_folder
+from lowlm.graph import StageRun, folder, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_base_for_lora,
@@ -284,7 +285,9 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         stage_key=run.key,
         report_to=config.run.report_to,
         attn_implementation=config.model.attn_implementation,
-        periodic=periodic_eval(cfg.eval_tasks, tokenizer),
+        periodic=periodic_eval(
+            with_heldout_text(cfg.eval_tasks, folder(config, "tokenize")), tokenizer
+        ),
         parent_key=model_identity(parent),
     )
     if accelerator.is_main_process:
