@@ -23,6 +23,7 @@ from typing import IO
 
 from lowlm.config import DataConfig
 from lowlm.errors import LowlmError
+from lowlm.hub import unreachable_note
 from lowlm.rundir import cached_sha256, sha256_text
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".parquet", ".gz"}
@@ -182,6 +183,7 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
 
 
 def _hf_documents(name: str, data: DataConfig) -> Iterator[str]:
+    note = unreachable_note()  # before datasets: fail at once offline
     import datasets
 
     dataset_name, _, subset = name.partition(":")
@@ -191,7 +193,7 @@ def _hf_documents(name: str, data: DataConfig) -> Iterator[str]:
         )
     except Exception as exc:  # the hub raises many kinds; all mean "could not load"
         raise LowlmError(
-            f"could not load Hugging Face dataset '{name}' ({type(exc).__name__}: {exc}); "
+            f"could not load Hugging Face dataset '{name}' ({type(exc).__name__}: {exc}){note}; "
             "check the name and your connection, or point to local files."
         ) from None
     for row in rows:

@@ -16,12 +16,14 @@ from collections.abc import Iterator
 
 from lowlm.data.corpus import Source, resolve_sources
 from lowlm.errors import LowlmError
+from lowlm.hub import unreachable_note
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, object]]:
     if source.hf_name is not None:
+        note = unreachable_note()  # before datasets: fail at once offline
         import datasets
 
         name, _, subset = source.hf_name.partition(":")
@@ -29,7 +31,7 @@ def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, ob
             rows = datasets.load_dataset(name, subset or None, split=split, streaming=True)
         except Exception as exc:  # the hub raises many kinds; all mean "could not load"
             raise LowlmError(
-                f"could not load Hugging Face dataset '{source.hf_name}': {exc}"
+                f"could not load Hugging Face dataset '{source.hf_name}': {exc}{note}"
             ) from None
         for index, row in enumerate(rows):
             yield f"{source.hf_name}[{index}]", row

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowlm.errors import LowlmError
+from lowlm.hub import unreachable_note
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -504,6 +505,7 @@ def load_hub(
     benchmark: Benchmark, subject: str, split: str, answers: bool = True
 ) -> list[Question]:
     """The same questions from the Hugging Face copy of the benchmark (needs a connection)."""
+    note = unreachable_note()  # before datasets: fail at once offline
     import datasets
 
     hub_split = {"val": "validation"}.get(split, split) if benchmark.name == "tmmluplus" else split
@@ -512,7 +514,7 @@ def load_hub(
     except Exception as exc:  # the hub raises many kinds; all mean "not available"
         raise LowlmError(
             f"cannot load {benchmark.hf_dataset} ({subject}, {split}) from the Hugging Face Hub "
-            f"({type(exc).__name__}); set the task's path to a local copy."
+            f"({type(exc).__name__}){note}; set the task's path to a local copy."
         ) from None
     questions = []
     for index, row in enumerate(rows):

@@ -25,6 +25,7 @@ from lowlm.config import LowlmConfig
 from lowlm.data.records import read_records
 from lowlm.errors import LowlmError
 from lowlm.graph import StageRun
+from lowlm.hub import unreachable_note
 from lowlm.models.load import (
     check_vocab,
     load_merged,
@@ -171,6 +172,7 @@ def _classifier(source: str, config: LowlmConfig, labels: list[str], work: Path,
     if card is not None and card.get("kind") != "model":
         load_merged(folder, config.model, torch.float32).save_pretrained(work / "merged")
         source = str(work / "merged")
+    note = "" if Path(source).exists() else unreachable_note()  # a Hub name: at once offline
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source,
@@ -181,7 +183,7 @@ def _classifier(source: str, config: LowlmConfig, labels: list[str], work: Path,
             dtype=torch.float32,
         )
     except (OSError, ValueError) as exc:
-        raise LowlmError(f"cannot load {source} as a sequence classifier: {exc}") from None
+        raise LowlmError(f"cannot load {source} as a sequence classifier{note}: {exc}") from None
     model.config.pad_token_id = pad_id  # where the classifier finds each row's last token
     return model
 
