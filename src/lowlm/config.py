@@ -1,4 +1,4 @@
-"""The run config: one YAML file, one typed section per stage (README: the config).
+"""The run config: one YAML file, one typed section per stage (docs/configuration.md).
 
 Every section is a pydantic model that forbids unknown keys; `load_config` turns
 pydantic's errors into one sentence per problem, naming the key and, for a typo,
