@@ -11,27 +11,86 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
+from typer.core import TyperGroup
 
 from lowlm.config import LowlmConfig, config_to_yaml, load_config
 from lowlm.errors import LowlmError
 
+
+class _OneLineUsageErrors(TyperGroup):
+    """click's usage errors (a missing argument, a bad option value) in lowlm's own form: one
+    line starting "error:", exit 1, instead of a usage block ending in "Error:" and exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            where = f"`{exc.ctx.command_path} --help`" if getattr(exc, "ctx", None) else "--help"
+            typer.secho(
+                f"error: {exc.format_message().rstrip('.')}; {where} shows the usage.",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            sys.exit(1)
+        except typer.Abort:
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
+    # click's plain help: flags as `--force`, not typer's panels with `--force <bool>`
+    rich_markup_mode=None,
     help="lowlm: a language model for a low-resource language on a modest budget.",
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="The run's YAML config.", show_default=False)]
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lowlm import __version__
+
+        typer.echo(f"lowlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """lowlm: a language model for a low-resource language on a modest budget."""
+
+
+ConfigArg = Annotated[
+    Path, typer.Argument(help="The run's YAML config.", show_default=False, metavar="CONFIG")
+]
 TargetArg = Annotated[
     Path,
     typer.Argument(
         help="The run's YAML config, or its run directory (which holds the recorded config).",
         show_default=False,
+        metavar="CONFIG|RUN_DIR",
     ),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+    typer.Option(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        help="Override a config value: section.key=value (repeatable).",
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun a stage that is already done.")]
 ResumeOpt = Annotated[

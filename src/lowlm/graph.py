@@ -145,10 +145,11 @@ def _eval_config(c: LowlmConfig) -> dict:
 # ----- what each stage reads from outside the run ---------------------------------------------
 
 
-def _sources(label: str, patterns: list[str]) -> dict[str, str]:
+def _sources(label: str, patterns: list[str], field: str) -> dict[str, str]:
     from lowlm.data.corpus import resolve_sources, source_hashes
 
-    return {f"{label}:{k}": v for k, v in source_hashes(resolve_sources(patterns)).items()}
+    sources = resolve_sources(patterns, field)
+    return {f"{label}:{k}": v for k, v in source_hashes(sources).items()}
 
 
 def _base_tokenizer_id(c: LowlmConfig) -> str:
@@ -164,7 +165,7 @@ def _base_tokenizer_id(c: LowlmConfig) -> str:
 
 
 def _tokenize_files(c: LowlmConfig) -> dict:
-    files = _sources("corpus", c.tokenize.corpus)
+    files = _sources("corpus", c.tokenize.corpus, "tokenize.corpus")
     for label, path in c.tokenize.eval_texts.items():
         if not Path(path).is_file():
             raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
@@ -175,22 +176,23 @@ def _tokenize_files(c: LowlmConfig) -> dict:
 
 
 def _pretrain_files(c: LowlmConfig) -> dict:
-    return _sources("corpus", c.pretrain.corpus or c.tokenize.corpus)
+    field = "pretrain.corpus" if c.pretrain.corpus else "tokenize.corpus"
+    return _sources("corpus", c.pretrain.corpus or c.tokenize.corpus, field)
 
 
 def _sft_files(c: LowlmConfig) -> dict:
-    return _sources("data", c.sft.data) if c.sft.data else {}
+    return _sources("data", c.sft.data, "sft.data") if c.sft.data else {}
 
 
 def _finetune_files(c: LowlmConfig) -> dict:
-    files = _sources("train", [c.finetune.train]) if c.finetune.train else {}
+    files = _sources("train", [c.finetune.train], "finetune.train") if c.finetune.train else {}
     if c.finetune.test:
-        files.update(_sources("test", [c.finetune.test]))
+        files.update(_sources("test", [c.finetune.test], "finetune.test"))
     return files
 
 
 def _dpo_files(c: LowlmConfig) -> dict:
-    return _sources("data", c.dpo.data) if c.dpo.data else {}
+    return _sources("data", c.dpo.data, "dpo.data") if c.dpo.data else {}
 
 
 def _eval_files(c: LowlmConfig) -> dict:

@@ -52,11 +52,12 @@ def _looks_local(pattern: str) -> bool:
     return pattern.startswith((".", "/", "~")) or ("/" in pattern and Path(first).is_dir())
 
 
-def resolve_sources(patterns: Iterable[str]) -> list[Source]:
-    """Expand patterns into sources; a pattern that matches nothing is an error."""
+def resolve_sources(patterns: Iterable[str], field: str = "corpus") -> list[Source]:
+    """Expand patterns into sources; a pattern that matches nothing is an error naming the
+    config `field` it came from (e.g. finetune.train)."""
     patterns = list(patterns)
     if not patterns:
-        raise LowlmError("no corpus is configured; list files, folders or globs under 'corpus'.")
+        raise LowlmError(f"no {field} is configured; list files, folders or globs under it.")
     sources: list[Source] = []
     for pattern in patterns:
         if pattern.startswith("hf:"):
@@ -67,13 +68,13 @@ def resolve_sources(patterns: Iterable[str]) -> list[Source]:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
             files = [p for p in matches if p.is_file()]
             if not files:
-                raise LowlmError(f"corpus pattern '{pattern}' matches no file; check the path.")
+                raise LowlmError(f"{field} pattern '{pattern}' matches no file; check the path.")
             sources.extend(Source(path=p) for p in files)
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if _is_corpus_file(p))
             if not files:
                 raise LowlmError(
-                    f"corpus folder '{pattern}' holds no .txt/.jsonl/.parquet/.gz file."
+                    f"{field} folder '{pattern}' holds no .txt/.jsonl/.parquet/.gz file."
                 )
             sources.extend(Source(path=p) for p in files)
         elif path.is_file():
@@ -84,7 +85,7 @@ def resolve_sources(patterns: Iterable[str]) -> list[Source]:
             or not _HF_NAME.match(pattern)
             or _looks_local(pattern)
         ):
-            raise LowlmError(f"corpus file '{pattern}' does not exist; check the path.")
+            raise LowlmError(f"{field} file '{pattern}' does not exist; check the path.")
         else:
             sources.append(Source(hf_name=pattern))
     return sources

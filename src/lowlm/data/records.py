@@ -74,11 +74,11 @@ def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, ob
                 yield f"{path}:{number}", ValueError(f"not valid JSON or UTF-8 ({exc})")
 
 
-def read_records(pattern: str, split: str = "train") -> list[tuple[str, dict]]:
-    """Every record of a file, glob or dataset name; a record that is not a JSON object stops
-    with its place."""
+def read_records(pattern: str, split: str = "train", field: str = "data") -> list[tuple[str, dict]]:
+    """Every record of a file, glob or dataset name (config `field`, named when it is
+    missing); a record that is not a JSON object stops with its place."""
     records = []
-    for source in resolve_sources([pattern]):
+    for source in resolve_sources([pattern], field):
         for where, record in iter_records(source, split):
             if isinstance(record, Exception):
                 raise LowlmError(f"{where}: {record}; fix the line.")

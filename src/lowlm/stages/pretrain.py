@@ -208,7 +208,8 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         for label, value in run.plan.inputs.items()
         if label.startswith("corpus:")
     }
-    sources = resolve_sources(cfg.corpus or config.tokenize.corpus)
+    field = "pretrain.corpus" if cfg.corpus else "tokenize.corpus"
+    sources = resolve_sources(cfg.corpus or config.tokenize.corpus, field)
     tokenizer_id = tokenizer_hash(tokenizer_dir)
     parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
     if parent_card is not None and parent_card["tokenizer_hash"] != tokenizer_id:

@@ -138,7 +138,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
 def _work(run: StageRun) -> dict:
     config = run.config
     cfg = config.tokenize
-    sources = resolve_sources(cfg.corpus)
+    sources = resolve_sources(cfg.corpus, "tokenize.corpus")
     base = resolve_base_tokenizer(config.model) if cfg.merge else None
     started = time.time()
     work = Path(tempfile.mkdtemp(dir=run.run_dir.path, prefix=".tokenize-work-"))
