@@ -205,3 +205,38 @@ def test_a_missing_ppl_file_gets_no_hub_hint(write_config, tmp_path):
         eval_stage.run(config)
     assert "does not exist; fix the path." in str(raised.value)
     assert "Hugging Face" not in str(raised.value)
+
+
+def test_model_weights_are_readable_by_the_group_under_umask_022(write_config):
+    import os
+    import stat
+
+    from lowlm.config import load_config
+    from lowlm.stages import init, pretrain, tokenize
+
+    previous = os.umask(0o022)
+    try:
+        config = load_config(
+            write_config(
+                **pipeline_config(
+                    None, init={"size": "tiny"}, pretrain={"full": {"steps": 2}, "save_every": 1}
+                )
+            )
+        )
+        tokenize.run(config)
+        init.run(config)
+        pretrain.run(config)
+    finally:
+        os.umask(previous)
+    weights = [
+        config.run_dir / "model-init" / "model.safetensors",
+        config.run_dir / "pretrain-full" / "model.safetensors",
+    ]
+    checkpoints = config.run_dir / "pretrain-full" / "checkpoints"
+    weights += sorted(checkpoints.rglob("*.safetensors"))
+    assert len(weights) > 2
+    for path in weights:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o644, f"{path}: {oct(mode)}"
+    for folder in (config.run_dir / "pretrain-full", checkpoints):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
