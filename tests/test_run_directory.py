@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lowlm.cli import app
 
-from .conftest import pipeline_config
+from .conftest import DEMO, pipeline_config
 
 runner = CliRunner()
 
@@ -240,3 +240,38 @@ def test_model_weights_are_readable_by_the_group_under_umask_022(write_config):
         assert mode == 0o644, f"{path}: {oct(mode)}"
     for folder in (config.run_dir / "pretrain-full", checkpoints):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
+def test_a_tokenizer_trained_alone_is_reported_by_what_matters(write_config, sp_base, finished):
+    from lowlm.config import load_config
+    from lowlm.report import render
+    from lowlm.stages import tokenize
+
+    config = load_config(
+        write_config(
+            **pipeline_config(
+                None,
+                model={"tokenizer": str(sp_base)},
+                tokenize={"eval_texts": {"en": str(DEMO / "en.txt")}},
+            )
+        )
+    )
+    report = tokenize.run(config)
+    assert report["merged"] is False and report["reference"] == str(sp_base)
+    page = render(config)
+    section = page[page.index("<h2 id='tokenizer'>") :].split("<h2", 2)[1]
+    assert "A tokenizer trained alone" in section and "new tokens" not in section
+    assert f"vocabulary {report['vocab_size']:,}" in section
+    assert f"reference tokenizer {sp_base}" in section
+    assert section.count("<img ") == 1
+    for label in ("heldout", "en"):
+        entry = report["texts"][label]
+        row = section[section.index(f"<tr><td>{label}</td>") :].split("</tr>")[0]
+        ours, theirs = entry["after"]["chars_per_token"], entry["before"]["chars_per_token"]
+        assert f"{ours:.4g}" in row and f"{theirs:.4g}" in row
+    # the English reference reads English better; the zh-TW tokenizer reads held-out zh-TW better
+    assert report["texts"]["heldout"]["token_change"] < 0 < report["texts"]["en"]["token_change"]
+
+    _, run_dir = finished  # alone, and no reference named
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "No reference tokenizer is named" in page and "new tokens" not in page

@@ -170,8 +170,9 @@ def _tokenize_files(c: LowlmConfig) -> dict:
         if not Path(path).is_file():
             raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
         files[f"eval_texts.{label}:{path}"] = content_id(path)
-    if c.tokenize.merge and (c.model.tokenizer or c.model.base):
-        files[f"base_tokenizer:{c.model.tokenizer or c.model.base}"] = _base_tokenizer_id(c)
+    if c.model.tokenizer or c.model.base:  # merged into, or (merge: false) compared with
+        role = "base_tokenizer" if c.tokenize.merge else "reference_tokenizer"
+        files[f"{role}:{c.model.tokenizer or c.model.base}"] = _base_tokenizer_id(c)
     return files
 
 

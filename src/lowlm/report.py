@@ -31,6 +31,7 @@ from lowlm import __version__
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
 from lowlm.graph import ORDER, STAGES, Graph
+from lowlm.report_tokenizer import alone_section, is_alone
 from lowlm.rundir import atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -557,9 +558,11 @@ def _badge(status: str) -> str:
 def _cards(views: list[StageView], tokenizer: dict | None, results: dict | None) -> str:
     cards = []
     held = ((tokenizer or {}).get("texts") or {}).get("heldout") or {}
+    alone = is_alone(tokenizer or {})
     if isinstance(held.get("token_change"), int | float):
-        cards.append((f"{held['token_change']:+.0%}", "tokens on held-out text"))
-    if isinstance((tokenizer or {}).get("new_tokens"), int):
+        against = " vs the reference" if alone else ""
+        cards.append((f"{held['token_change']:+.0%}", f"tokens on held-out text{against}"))
+    if isinstance((tokenizer or {}).get("new_tokens"), int) and not alone:
         cards.append((f"{tokenizer['new_tokens']:,}", "new tokens"))
     by_name = {v.name: v.metrics for v in views}
     first = by_name.get("resize", {}).get("heldout_loss_per_char_base")
@@ -737,7 +740,9 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
     else:
         parts.append('<p class="none">No stage is configured or has run.</p>')
 
-    if tokenizer:
+    if tokenizer and is_alone(tokenizer):
+        parts += alone_section(tokenizer)
+    elif tokenizer:
         parts += [
             "<h2 id='tokenizer'>Tokenizer</h2>",
             f"<p>{fmt(tokenizer.get('new_tokens'))} new tokens "
