@@ -10,17 +10,19 @@ asset GGUF), or --model FOLDER. The classifier, LoRA (finetune's defaults: r 64,
 q/k/v/o, SEQ_CLS), fp32 weights and AdamW are the stage's (lowlm.stages.finetune._classifier is
 not used: it needs a run; AutoModelForSequenceClassification is loaded the same way).
 
-Figures: RSS of the process (psutil) after imports (the baseline), the growth over it after
-loading and after LoRA, and for each L the peak growth during one forward + backward +
-optimizer step (sampled every 10 ms), printed beside the ratio to the loaded model's growth.
-Peak RSS includes what the allocator keeps after earlier steps (glibc does not return every
-freed block), as the stage's own peak does.
+Figures, for gradient checkpointing off and on (each in a fresh process): RSS (psutil) after
+imports (the baseline), the growth after loading the classifier and LoRA, and for each L
+(ascending) the peak growth during one forward + backward + optimizer step (sampled every
+10 ms), beside its ratio to the fp32 weights' size. Peak RSS includes what the allocator kept
+from earlier steps (glibc does not return every freed block), as the stage's own peak does.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -47,13 +49,9 @@ def one_step(model, optimizer, batch: int, length: int) -> float:
     return peak.peak / 2**30
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="An HF model folder (default: SmolLM2-135M).")
-    parser.add_argument("--batch", type=int, default=8, help="finetune.batch_size (default 8).")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 256])
-    args = parser.parse_args()
-    folder = args.model or smollm2_folder(CACHE)
+def measure(folder: Path, batch: int, lengths: list[int], checkpointing: bool) -> None:
+    """One process, one mode: load, LoRA, then a step per length (ascending, so memory the
+    allocator kept from a shorter step never exceeds a longer step's own)."""
     from transformers import AutoModelForSequenceClassification
 
     from lowlm.config import LoraSection
@@ -61,35 +59,49 @@ def main() -> None:
 
     torch.manual_seed(0)
     start = rss_gb()
-    print(f"after imports: {start:.2f} GB resident (the baseline)")
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=4, dtype=torch.float32
     )
     model.config.pad_token_id = model.config.eos_token_id
-    loaded = rss_gb() - start
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    print(f"classifier loaded: +{loaded:.2f} GB ({weights:.2f} GB of fp32 weights)")
     model = apply_lora(model, LoraSection(), task_type="SEQ_CLS")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     print(
-        f"LoRA applied: +{rss_gb() - start:.2f} GB; "
-        f"{sum(p.numel() for p in trainable) / 1e6:.1f}M trainable"
+        f"[gradient_checkpointing {'on' if checkpointing else 'off'}] after imports "
+        f"{start:.2f} GB resident (the baseline); classifier + LoRA loaded: "
+        f"+{rss_gb() - start:.2f} GB ({weights:.2f} GB of fp32 weights, memory-mapped until "
+        f"touched; {sum(p.numel() for p in trainable) / 1e6:.1f}M trainable)",
+        flush=True,
     )
     model.train()
-    for checkpointing in (False, True):
-        if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        for length in args.lengths:
-            peak = one_step(model, optimizer, args.batch, length) - start
-            switch = "on " if checkpointing else "off"
-            print(
-                f"step B={args.batch} L={length:<4} checkpointing={switch}"
-                f": peak +{peak:.2f} GB over the baseline ({peak / loaded:.1f}x the loaded model);"
-                f" {rss_gb() - start:+.2f} GB resident after it"
-            )
+    for length in sorted(lengths):
+        peak = one_step(model, optimizer, batch, length) - start
+        print(
+            f"  step B={batch} L={length:<4}: peak +{peak:.2f} GB over the baseline "
+            f"({peak / weights:.1f}x the weights); +{rss_gb() - start:.2f} GB resident after",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="An HF model folder (default: SmolLM2-135M).")
+    parser.add_argument("--batch", type=int, default=8, help="finetune.batch_size (default 8).")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 256])
+    parser.add_argument("--only", choices=["off", "on"], help=argparse.SUPPRESS)  # one child
+    args = parser.parse_args()
+    folder = args.model or smollm2_folder(CACHE)
+    if args.only:
+        measure(folder, args.batch, args.lengths, args.only == "on")
+        return
+    # Each mode in a fresh process: the allocator keeps what an earlier step freed.
+    for mode in ("off", "on"):
+        command = [sys.executable, __file__, "--only", mode, "--model", str(folder)]
+        command += ["--batch", str(args.batch), "--lengths", *map(str, args.lengths)]
+        subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def load_target(
                 "has run there) or the run's YAML config."
             )
         config = load_config(recorded, overrides)
+        if target.name in ("", ".", ".."):  # `lowlm status .` inside the run directory
+            target = target.resolve()
         # The folder may have been moved or copied since: the run is where it is now.
         config.run.root, config.run.name = str(target.parent), target.name
         return config, None

@@ -226,12 +226,12 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
         )
     for index, task in enumerate(with_heldout_text(cfg.tasks, folder(config, "tokenize"))):
         if task.path and not Path(task.path).exists():
-            hint = {
-                "ppl": "run `lowlm tokenize CONFIG` first: it writes the run's held-out text"
-                if task.heldout
-                else "fix the path",
-                "mc": "fix the path",
-            }.get(task.name, "fix the path, or omit it to use the Hugging Face dataset")
+            if task.heldout:
+                hint = "run `lowlm tokenize CONFIG` first: it writes the run's held-out text"
+            elif task.name in ("ppl", "mc"):  # files of the user's own: no Hub copy
+                hint = "fix the path"
+            else:
+                hint = "fix the path, or omit it to use the Hugging Face dataset"
             raise LowlmError(
                 f"eval.tasks[{index}] ({task.name}): path {task.path} does not exist; {hint}."
             )
