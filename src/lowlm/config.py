@@ -8,22 +8,13 @@ the closest valid key.
 from __future__ import annotations
 
 import difflib
-import os
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lowlm.config_types import PathText, RunName
 from lowlm.errors import LowlmError
 
 
@@ -31,22 +22,8 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _expand_path(text: str) -> str:
-    """`~` and `$VARS` expanded, in every path field alike (an HF id has neither); an unset
-    variable is refused rather than kept as a literal folder name."""
-    expanded = os.path.expanduser(os.path.expandvars(text))
-    unset = re.search(r"\$(\w+|\{[^}]*\})", expanded)
-    if unset and unset.group(0) in text:
-        raise ValueError(f"environment variable {unset.group(0)} is not set")
-    return expanded
-
-
-# A field that names a file, folder, glob or HF id: expanded as _expand_path says.
-PathText = Annotated[str, AfterValidator(_expand_path)]
-
-
 class RunConfig(Section):
-    name: str = Field("lowlm-run", description="Artifacts go to <root>/<name>/.")
+    name: RunName = Field("lowlm-run", description="Artifacts go to <root>/<name>/.")
     root: PathText = Field("runs", description="Folder that holds run directories.")
     seed: int = Field(1234, description="Seed for sampling, shuffling and initialisation.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
@@ -54,17 +31,6 @@ class RunConfig(Section):
         description="Live trackers the training stages also log to (tensorboard writes to "
         "<run>/tracking/<stage>/); log.jsonl stays the record.",
     )
-
-    @field_validator("name")
-    @classmethod
-    def _inside_the_root(cls, name: str) -> str:
-        parts = Path(name).parts
-        if not name.strip() or Path(name).is_absolute() or ".." in parts or name.strip() == ".":
-            raise ValueError(
-                "must be a folder name inside run.root (not absolute, no '..'); set run.root "
-                "to put runs elsewhere"
-            )
-        return name
 
 
 class ModelConfig(Section):
