@@ -149,3 +149,20 @@ def test_offline_a_hub_name_fails_at_once_and_says_why(tmp_path, env, reason):
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "lowlm-test/no-model" in lines[0] and reason in lines[0]
     assert "retry" not in done.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    "finetune, lr",
+    [
+        ({"method": "lora"}, 2e-4),
+        ({"method": "full"}, 2e-5),
+        ({"method": "lora", "lr": 1e-3}, 1e-3),
+    ],
+)
+def test_the_finetune_learning_rate_defaults_by_method(write_config, finetune, lr):
+    config = load_config(write_config(finetune=finetune))
+    assert config.finetune.lr == lr
+    recorded = yaml.safe_load(
+        runner.invoke(app, ["validate", str(write_config(finetune=finetune))]).stdout
+    )
+    assert recorded["finetune"]["lr"] == lr  # the resolved config records the rate used
