@@ -135,19 +135,19 @@ def _lowlm(args: list[str], **env: str) -> subprocess.CompletedProcess:
         ({"HF_ENDPOINT": "https://lowlm-no-such-host.invalid"}, "no connection to"),
     ],
 )
-def test_offline_a_hub_name_fails_at_once_and_says_why(tmp_path, env, reason):
+def test_offline_a_hub_name_fails_at_once_and_says_why(tmp_path, byte_base, env, reason):
+    # a local tokenizer: the model's Hub lookup (transformers' retries) is the one tested
+    model = {"base": "lowlm-test/no-model", "tokenizer": str(byte_base)}
     config = tmp_path / "c.yaml"
     config.write_text(
-        yaml.safe_dump(
-            {"run": {"root": str(tmp_path / "runs")}, "model": {"base": "lowlm-test/no-model"}}
-        ),
+        yaml.safe_dump({"run": {"root": str(tmp_path / "runs")}, "model": model}),
         encoding="utf-8",
     )
     done = _lowlm(["generate", str(config), "-p", "hi"], HF_HOME=str(tmp_path / "hf"), **env)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert "lowlm-test/no-model" in lines[0] and reason in lines[0]
+    assert "cannot load model 'lowlm-test/no-model'" in lines[0] and reason in lines[0]
     assert "retry" not in done.stderr.lower()
 
 
