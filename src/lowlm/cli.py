@@ -38,8 +38,9 @@ class _OneLineUsageErrors(TyperGroup):
                 err=True,
             )
             sys.exit(1)
-        except typer.Abort:
-            sys.exit(130)
+        except typer.Abort:  # end of input where a prompt waited
+            typer.secho("error: aborted (end of input).", fg=typer.colors.RED, err=True)
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
