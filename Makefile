@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/lowlm run configs/demo-base.yaml
 	$(BIN)/lowlm run configs/demo.yaml
 	$(BIN)/lowlm generate configs/demo.yaml --greedy --max-new-tokens 40 -p "什麼是試算表？"
-	$(BIN)/lowlm report configs/demo.yaml
+	$(BIN)/lowlm report runs/demo
 
 # The report tests render the page in headless Chromium: Debian's package, installed here when
 # absent and possible (root with apt); the tests skip, saying why, where it is not.

@@ -47,6 +47,8 @@ def _nested_model(annotation: object) -> type[BaseModel] | None:
 
 def _type_name(annotation: object) -> str:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # e.g. config.PathText: the type, its validators aside
+        return _type_name(typing.get_args(annotation)[0])
     if origin is typing.Literal:
         return " \\| ".join(str(value) for value in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):

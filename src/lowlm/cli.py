@@ -11,20 +11,87 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
+from typer.core import TyperGroup
 
 from lowlm.config import LowlmConfig, config_to_yaml, load_config
 from lowlm.errors import LowlmError
 
+
+class _OneLineUsageErrors(TyperGroup):
+    """click's usage errors (a missing argument, a bad option value) in lowlm's own form: one
+    line starting "error:", exit 1, instead of a usage block ending in "Error:" and exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            where = f"`{exc.ctx.command_path} --help`" if getattr(exc, "ctx", None) else "--help"
+            typer.secho(
+                f"error: {exc.format_message().rstrip('.')}; {where} shows the usage.",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            sys.exit(1)
+        except typer.Abort:  # end of input where a prompt waited
+            typer.secho("error: aborted (end of input).", fg=typer.colors.RED, err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
+    # click's plain help: flags as `--force`, not typer's panels with `--force <bool>`
+    rich_markup_mode=None,
     help="lowlm: a language model for a low-resource language on a modest budget.",
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="The run's YAML config.", show_default=False)]
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lowlm import __version__
+
+        typer.echo(f"lowlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """lowlm: a language model for a low-resource language on a modest budget."""
+
+
+ConfigArg = Annotated[
+    Path, typer.Argument(help="The run's YAML config.", show_default=False, metavar="CONFIG")
+]
+TargetArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The run's YAML config, or its run directory (which holds the recorded config).",
+        show_default=False,
+        metavar="CONFIG|RUN_DIR",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+    typer.Option(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        help="Override a config value: section.key=value (repeatable).",
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun a stage that is already done.")]
 ResumeOpt = Annotated[
@@ -34,6 +101,17 @@ ResumeOpt = Annotated[
 
 def _load(config: Path, overrides: list[str] | None) -> LowlmConfig:
     return load_config(config, overrides or [])
+
+
+def _load_target(target: Path, overrides: list[str] | None, command: str) -> LowlmConfig:
+    """A config file or a run directory; a config that differs from the one its run recorded
+    says so in one line on stderr."""
+    from lowlm.recorded import load_target
+
+    resolved, note = load_target(target, overrides or [], command)
+    if note:
+        typer.echo(note, err=True)
+    return resolved
 
 
 def _close_process_group() -> None:
@@ -52,6 +130,13 @@ atexit.register(_close_process_group)
 def _fail(exc: LowlmError) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C: where the stage stopped (the manifest records it as interrupted), exit 130."""
+    # on a line of its own: a progress bar may be mid-line
+    typer.secho("\n" + (str(exc) or "interrupted (Ctrl-C)."), fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(130)
 
 
 def _main_process() -> bool:
@@ -132,6 +217,8 @@ def _call(function, config: Path, overrides: list[str] | None, **kwargs) -> None
             function(resolved, **kwargs)
     except LowlmError as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
 
 
 def _call_training(function, config: Path, overrides: list[str] | None, **kwargs) -> None:
@@ -143,6 +230,8 @@ def _call_training(function, config: Path, overrides: list[str] | None, **kwargs
             function(resolved, **kwargs)
     except LowlmError as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
 
 
 @app.command()
@@ -276,17 +365,27 @@ TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass."
 GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")]
 
 
-def _generator(config, set_, model, template, raw, max_new_tokens, temperature, top_p, greedy):
+def _generator(
+    config,
+    set_,
+    model,
+    template,
+    raw,
+    max_new_tokens,
+    temperature,
+    top_p,
+    greedy,
+    command="generate",
+):
     from lowlm.stages.generate import Generator
 
-    return Generator(
-        _load(config, set_), model, template, raw, max_new_tokens, temperature, top_p, greedy
-    )
+    resolved = _load_target(config, set_, command)
+    return Generator(resolved, model, template, raw, max_new_tokens, temperature, top_p, greedy)
 
 
 @app.command()
 def generate(
-    config: ConfigArg,
+    config: TargetArg,
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")
     ] = None,
@@ -317,7 +416,7 @@ def generate(
 
 @app.command()
 def chat(
-    config: ConfigArg,
+    config: TargetArg,
     set_: SetOpt = None,
     model: ModelOpt = None,
     template: TemplateOpt = None,
@@ -331,7 +430,7 @@ def chat(
 
     try:
         generator = _generator(
-            config, set_, model, template, False, max_new_tokens, temperature, top_p, greedy
+            config, set_, model, template, False, max_new_tokens, temperature, top_p, greedy, "chat"
         )
         stage.chat(generator)
     except LowlmError as exc:
@@ -341,12 +440,16 @@ def chat(
 @app.command("eval")
 def evaluate(
     paths: Annotated[
-        list[Path], typer.Argument(help="The run's config, or with --compare two results.json.")
+        list[Path],
+        typer.Argument(
+            help="The run's config, or with --compare two results.json (or run directories)."
+        ),
     ],
     set_: SetOpt = None,
     force: ForceOpt = False,
     compare: Annotated[
-        bool, typer.Option("--compare", help="Compare two results.json side by side.")
+        bool,
+        typer.Option("--compare", help="Compare two results.json (or runs) side by side."),
     ] = False,
     checkpoints: Annotated[
         bool,
@@ -362,9 +465,11 @@ def evaluate(
 
     try:
         if compare:
+            from lowlm.recorded import results_file
+
             if len(paths) != 2:
-                raise LowlmError("--compare takes two results.json files.")
-            typer.echo(stage.compare(paths[0], paths[1]), nl=False)
+                raise LowlmError("--compare takes two results.json files or run directories.")
+            typer.echo(stage.compare(results_file(paths[0]), results_file(paths[1])), nl=False)
             return
         if len(paths) != 1:
             raise LowlmError("lowlm eval takes one config (or --compare A.json B.json).")
@@ -413,6 +518,8 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
             with contextlib.suppress(Exception):  # the report shows the failed stage too
                 write_report(resolved)
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     if _main_process():
         try:
             typer.echo(f"report: {write_report(resolved)}")
@@ -422,7 +529,7 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
 
 @app.command()
 def report(
-    config: ConfigArg,
+    config: TargetArg,
     set_: SetOpt = None,
     baseline: Annotated[
         Path | None,
@@ -439,20 +546,20 @@ def report(
 
     started = time.perf_counter()
     try:
-        path = write_report(_load(config, set_), baseline)
+        path = write_report(_load_target(config, set_, "report"), baseline)
     except LowlmError as exc:
         _fail(exc)
     typer.echo(f"report: {path} ({time.perf_counter() - started:.1f} s)")
 
 
 @app.command()
-def status(config: ConfigArg, set_: SetOpt = None) -> None:
+def status(config: TargetArg, set_: SetOpt = None) -> None:
     """Show each stage as done, stale (and which input changed), running, interrupted, failed
     or not run."""
     from lowlm.graph import ORDER, Graph
 
     try:
-        graph = Graph(_load(config, set_))
+        graph = Graph(_load_target(config, set_, "status"))
         recorded = graph.manifest()
     except LowlmError as exc:
         _fail(exc)
@@ -486,6 +593,8 @@ def status(config: ConfigArg, set_: SetOpt = None) -> None:
     page = graph.run_dir.path / REPORT_FILE
     if page.is_file():
         typer.echo(f"report: {page} (`lowlm report` rewrites it)")
+    if any(graph.state(name).status == "error" for name in names):
+        raise typer.Exit(1)  # a stage that cannot be checked: its reason is in its row
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lowlm.config_types import PathText, RunName
 from lowlm.data.prepare.settings import PrepareConfig
 from lowlm.errors import LowlmError
 
@@ -23,8 +24,8 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = Field("lowlm-run", description="Artifacts go to <root>/<name>/.")
-    root: str = Field("runs", description="Folder that holds run directories.")
+    name: RunName = Field("lowlm-run", description="Artifacts go to <root>/<name>/.")
+    root: PathText = Field("runs", description="Folder that holds run directories.")
     seed: int = Field(1234, description="Seed for sampling, shuffling and initialisation.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list,
@@ -34,10 +35,10 @@ class RunConfig(Section):
 
 
 class ModelConfig(Section):
-    base: str | None = Field(
+    base: PathText | None = Field(
         None, description="Base model: HF id, local HF folder, or a local .gguf file."
     )
-    tokenizer: str | None = Field(
+    tokenizer: PathText | None = Field(
         None,
         description="Base tokenizer: folder, SentencePiece tokenizer.model, or HF id "
         "(default: the base model's).",
@@ -77,11 +78,11 @@ class DataConfig(Section):
 
 
 class TokenizeConfig(Section):
-    corpus: list[str] = Field(
+    corpus: list[PathText] = Field(
         default_factory=list,
         description="Files, directories, globs, .jsonl/.parquet/.gz, or HF dataset names.",
     )
-    eval_texts: dict[str, str] = Field(
+    eval_texts: dict[str, PathText] = Field(
         default_factory=dict, description="Extra held-out files reported before/after, by label."
     )
     model_type: Literal["bpe", "unigram"] = Field("bpe", description="SentencePiece model type.")
@@ -226,7 +227,7 @@ class PretrainConfig(TrainingSection):
         description="Eval tasks scored every eval_every steps on the model being trained "
         "(e.g. {name: mmlu, path: data/mmlu, limit: 10}), logged with the loss.",
     )
-    corpus: list[str] = Field(
+    corpus: list[PathText] = Field(
         default_factory=list, description="Training text (default: tokenize.corpus)."
     )
     block_size: int = Field(512, ge=8, description="Tokens per packed training block.")
@@ -286,7 +287,7 @@ class SftConfig(TrainingSection):
     eval_fraction: float = Field(
         0.01, ge=0, lt=1, description="Share of instruction examples kept for validation loss."
     )
-    data: list[str] = Field(
+    data: list[PathText] = Field(
         default_factory=list, description="JSON / JSONL files, globs, or HF dataset names."
     )
     hf_split: str = Field("train", description="Split used for Hugging Face dataset names.")
@@ -308,7 +309,7 @@ class SftConfig(TrainingSection):
         "others (position ids restart at each; the loss is the same as unpacked, with less "
         "padding).",
     )
-    model: str | None = Field(
+    model: PathText | None = Field(
         None, description="Model to tune (default: the run's newest model, or model.base)."
     )
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
@@ -320,17 +321,20 @@ class SftConfig(TrainingSection):
     )
 
 
+FINETUNE_LR = {"lora": 2e-4, "full": 2e-5}  # finetune.lr when unset, by method
+
+
 class FinetuneConfig(TrainingSection):
     """Downstream classification (TeenyTinyLlama's evaluation): the model as a sequence
     classifier on a labelled set."""
 
-    model: str | None = Field(
+    model: PathText | None = Field(
         None, description="Model to fine-tune (default: the run's model, as for sft)."
     )
-    train: str | None = Field(
+    train: PathText | None = Field(
         None, description="Labelled training set: .jsonl, .csv, .parquet or an HF dataset name."
     )
-    test: str | None = Field(None, description="Test set, same formats (else test_fraction).")
+    test: PathText | None = Field(None, description="Test set, same formats (else test_fraction).")
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of train held out as the test set when test is unset."
     )
@@ -343,9 +347,19 @@ class FinetuneConfig(TrainingSection):
     label_field: str = Field("label", description="Field with the label (string or integer).")
     method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA.")
     epochs: float = Field(3, gt=0, description="Passes over the training set.")
-    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    lr: float | None = Field(
+        None, gt=0, description="Peak learning rate (default: 2e-4 for lora, 2e-5 for full)."
+    )
     max_length: int = Field(256, ge=8, description="Longest input in tokens (longer: cut).")
     lora: LoraSection = Field(default_factory=LoraSection)
+
+    @model_validator(mode="after")
+    def _lr_for_the_method(self) -> FinetuneConfig:
+        # A full fine-tuning rate barely moves a LoRA adapter (peft's and LLaMA-Factory's LoRA
+        # examples use 1e-4 to 5e-4); the resolved config records the rate used.
+        if self.lr is None:
+            self.lr = FINETUNE_LR[self.method]
+        return self
 
 
 class DpoConfig(TrainingSection):
@@ -357,7 +371,7 @@ class DpoConfig(TrainingSection):
         "needs a CUDA GPU and the bitsandbytes package.",
     )
 
-    data: list[str] = Field(
+    data: list[PathText] = Field(
         default_factory=list, description="JSONL files (or HF dataset names) of preference pairs."
     )
     hf_split: str = Field("train", description="Split used for Hugging Face dataset names.")
@@ -367,7 +381,7 @@ class DpoConfig(TrainingSection):
     template: str | None = Field(
         None, description="Template around the prompt (default: the model's sft template)."
     )
-    model: str | None = Field(
+    model: PathText | None = Field(
         None, description="Model to align (default: the sft adapter, merged, else as sft)."
     )
     beta: float = Field(0.1, gt=0, description="DPO temperature: how far from the reference.")
@@ -405,8 +419,15 @@ class EvalTask(Section):
         description="An lm-evaluation-harness task or group, run in-process on the loaded model "
         "(needs the `lowlm[harness]` extra); takes shots, limit and chat_template.",
     )
-    path: str | None = Field(
-        None, description="Local release folder (mc/ppl: a file); omit for the HF dataset."
+    path: PathText | None = Field(
+        None,
+        description="A benchmark's local release folder (omit: its Hugging Face dataset); mc "
+        "and ppl: a file.",
+    )
+    heldout: bool = Field(
+        False,
+        description="ppl: score the run's own held-out text (tokenizer/heldout.txt, which no "
+        "stage trains on) instead of a path.",
     )
     split: str | None = Field(None, description="Evaluated split (default: the task's).")
     fewshot_split: str | None = Field(None, description="Few-shot split (default: the task's).")
@@ -436,14 +457,27 @@ class EvalTask(Section):
                 )
         elif self.shots > 5:
             raise ValueError(f"native tasks take at most 5 shots, not {self.shots}")
+        if self.heldout and (self.name != "ppl" or self.path):
+            raise ValueError("heldout: true is for a ppl task without a path")
+        if self.name == "ppl" and not self.path and not self.heldout:
+            raise ValueError("a ppl task needs a path (a text file) or heldout: true")
         return self
 
 
-_NATIVE_ONLY = ("path", "split", "fewshot_split", "subjects", "fields", "description", "answer_cue")
+_NATIVE_ONLY = (
+    "path",
+    "heldout",
+    "split",
+    "fewshot_split",
+    "subjects",
+    "fields",
+    "description",
+    "answer_cue",
+)
 
 
 class EvalConfig(Section):
-    model: str | None = Field(
+    model: PathText | None = Field(
         None, description="Model or adapter folder, or HF id (default: the run's newest)."
     )
     tasks: list[EvalTask] = Field(default_factory=list, description="Tasks to run, in order.")
@@ -528,6 +562,8 @@ def _describe(error: dict) -> str:
     expected = _TYPE_WORDS.get(kind)
     if expected:
         return f"'{where}' must be {expected}, got {value!r}."
+    if kind == "value_error":  # a validator's own sentence, without pydantic's prefix
+        return f"'{where}': {error['ctx']['error']} (got {value!r})."
     return f"'{where}': {error['msg']} (got {value!r})."
 
 
@@ -550,7 +586,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise LowlmError(f"--set '{item}': '{part}' is not a section.")
             node = child
-        node[parts[-1]] = _parse_value(value)
+        try:
+            node[parts[-1]] = _parse_value(value)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise LowlmError(
+                f"--set '{item}': the value is not valid YAML ({problem}); quote it, e.g. "
+                f"--set '{dotted}=\"{value}\"' for a string."
+            ) from None
     return raw
 
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowlm.config import LowlmConfig
-from lowlm.errors import LowlmError
+from lowlm.data.heldout import HELDOUT_FILE
+from lowlm.errors import LowlmError, StageInterrupted
 from lowlm.rundir import RunDir, content_id, fingerprint, recover_dir, sha256_text, signature
 
 # Training-section fields that change how a run is logged or saved, not what it computes.
@@ -157,10 +158,11 @@ def _eval_config(c: LowlmConfig) -> dict:
 # ----- what each stage reads from outside the run ---------------------------------------------
 
 
-def _sources(label: str, patterns: list[str]) -> dict[str, str]:
+def _sources(label: str, patterns: list[str], field: str) -> dict[str, str]:
     from lowlm.data.corpus import resolve_sources, source_hashes
 
-    return {f"{label}:{k}": v for k, v in source_hashes(resolve_sources(patterns)).items()}
+    sources = resolve_sources(patterns, field)
+    return {f"{label}:{k}": v for k, v in source_hashes(sources).items()}
 
 
 def _base_tokenizer_id(c: LowlmConfig) -> str:
@@ -208,41 +210,47 @@ def _prepare_files(c: LowlmConfig) -> dict:
 
 
 def _tokenize_files(c: LowlmConfig) -> dict:
-    files = _sources("corpus", c.tokenize.corpus) if c.tokenize.corpus else {}
+    files = _sources("corpus", c.tokenize.corpus, "tokenize.corpus") if c.tokenize.corpus else {}
     for label, path in c.tokenize.eval_texts.items():
         if not Path(path).is_file():
             raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
         files[f"eval_texts.{label}:{path}"] = content_id(path)
-    if c.tokenize.merge and (c.model.tokenizer or c.model.base):
-        files[f"base_tokenizer:{c.model.tokenizer or c.model.base}"] = _base_tokenizer_id(c)
+    if c.model.tokenizer or c.model.base:  # merged into, or (merge: false) compared with
+        role = "base_tokenizer" if c.tokenize.merge else "reference_tokenizer"
+        files[f"{role}:{c.model.tokenizer or c.model.base}"] = _base_tokenizer_id(c)
     return files
 
 
 def _pretrain_files(c: LowlmConfig) -> dict:
     own = c.pretrain.corpus or c.tokenize.corpus
-    return _sources("corpus", own) if own else {}  # else prepare's, keyed through its parent
+    if not own:
+        return {}  # prepare's corpus, keyed through its parent
+    return _sources("corpus", own, "pretrain.corpus" if c.pretrain.corpus else "tokenize.corpus")
 
 
 def _sft_files(c: LowlmConfig) -> dict:
-    return _sources("data", c.sft.data) if c.sft.data else {}
+    return _sources("data", c.sft.data, "sft.data") if c.sft.data else {}
 
 
 def _finetune_files(c: LowlmConfig) -> dict:
-    files = _sources("train", [c.finetune.train]) if c.finetune.train else {}
+    files = _sources("train", [c.finetune.train], "finetune.train") if c.finetune.train else {}
     if c.finetune.test:
-        files.update(_sources("test", [c.finetune.test]))
+        files.update(_sources("test", [c.finetune.test], "finetune.test"))
     return files
 
 
 def _dpo_files(c: LowlmConfig) -> dict:
-    return _sources("data", c.dpo.data) if c.dpo.data else {}
+    return _sources("data", c.dpo.data, "dpo.data") if c.dpo.data else {}
 
 
 def _eval_files(c: LowlmConfig) -> dict:
     files = {}
     for index, task in enumerate(c.eval.tasks):
-        if task.path and Path(task.path).exists():
-            files[f"eval.tasks[{index}]:{task.path}"] = content_id(task.path)
+        # the run's own held-out text: labelled by role, so a moved run stays current
+        path = folder(c, "tokenize") / HELDOUT_FILE if task.heldout else task.path
+        if path and Path(path).exists():
+            label = "heldout" if task.heldout else task.path
+            files[f"eval.tasks[{index}]:{label}"] = content_id(path)
     if any(task.harness for task in c.eval.tasks):  # their YAML and code, and the version
         from lowlm.evaluation.harness import stage_inputs
 
@@ -535,6 +543,8 @@ class Graph:
             state.status, state.reason = _running(record)
         elif status == "failed":
             state.status, state.reason = "failed", record.get("error", "")
+        elif status == "interrupted":
+            state.status, state.reason = "interrupted", record.get("reason", "")
         elif status == "done":
             changed = _changed(record.get("inputs", {}), plan.inputs)
             if record.get("key") != plan.key:
@@ -685,6 +695,12 @@ def execute(
         if is_main:
             run_dir.fail(name, str(exc))
         raise
+    except KeyboardInterrupt as exc:  # Ctrl-C: recorded as a kill would be, resumable
+        reason = str(exc) or "interrupted (Ctrl-C); the next run starts it again."
+        if is_main:
+            with contextlib.suppress(Exception):
+                run_dir.interrupt(name, reason)
+        raise StageInterrupted(f"{name}: {reason}") from None
     except BaseException as exc:
         if is_main:
             with contextlib.suppress(Exception):

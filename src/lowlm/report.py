@@ -31,6 +31,7 @@ from lowlm import __version__
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
 from lowlm.graph import ORDER, STAGES, Graph
+from lowlm.report_tokenizer import alone_section, is_alone
 from lowlm.rundir import atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -558,9 +559,11 @@ def _badge(status: str) -> str:
 def _cards(views: list[StageView], tokenizer: dict | None, results: dict | None) -> str:
     cards = []
     held = ((tokenizer or {}).get("texts") or {}).get("heldout") or {}
+    alone = is_alone(tokenizer or {})
     if isinstance(held.get("token_change"), int | float):
-        cards.append((f"{held['token_change']:+.0%}", "tokens on held-out text"))
-    if isinstance((tokenizer or {}).get("new_tokens"), int):
+        against = " vs the reference" if alone else ""
+        cards.append((f"{held['token_change']:+.0%}", f"tokens on held-out text{against}"))
+    if isinstance((tokenizer or {}).get("new_tokens"), int) and not alone:
         cards.append((f"{tokenizer['new_tokens']:,}", "new tokens"))
     by_name = {v.name: v.metrics for v in views}
     first = by_name.get("resize", {}).get("heldout_loss_per_char_base")
@@ -714,6 +717,13 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
         )
     base_results = read_baseline(baseline)
     views = stage_views(graph)
+    unreadable = [view for view in views if view.status == "error"]
+    if unreadable:  # a page of unreadable stages must not replace a report of the run
+        raise LowlmError(
+            f"cannot report {run_path}: {unreadable[0].name} cannot be checked "
+            f"({unreadable[0].reason.rstrip('.')}); restore that input, or report the run with "
+            f"the config it recorded: `lowlm report {run_path}`."
+        )
     tokenizer = _read_json(run_path / STAGES["tokenize"].folder / "report.json")
     results = _read_json(run_path / STAGES["eval"].folder / "results.json")
     parts = [
@@ -735,7 +745,9 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
         parts.append('<p class="none">No stage is configured or has run.</p>')
 
     parts.append(_prepare(run_path))
-    if tokenizer:
+    if tokenizer and is_alone(tokenizer):
+        parts += alone_section(tokenizer)
+    elif tokenizer:
         parts += [
             "<h2 id='tokenizer'>Tokenizer</h2>",
             f"<p>{fmt(tokenizer.get('new_tokens'))} new tokens "

@@ -45,6 +45,16 @@ def _readable(path: Path | str, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
+def _readable_tree(root: Path) -> None:
+    """The usual modes on every file and folder of an artifact: libraries write some through
+    private temporary files (safetensors' model.safetensors is 0600 whatever the umask)."""
+    for folder, _, files in os.walk(root):  # links are left alone, not followed
+        _readable(folder, directory=True)
+        for file in (Path(folder) / name for name in files):
+            if not file.is_symlink():
+                _readable(file, directory=False)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old content or the new, never a half."""
     path = Path(path)
@@ -111,6 +121,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _readable_tree(tmp)
     old = _aside(path)
     if path.exists():
         os.replace(path, old)
@@ -311,6 +322,13 @@ class RunDir:
         manifest = self.read_manifest()
         record = manifest["stages"].setdefault(stage, {})
         record.update(status="done", finished=_now(), outputs=outputs, metrics=metrics, **extra)
+        self._write_manifest(manifest)
+
+    def interrupt(self, stage: str, reason: str) -> None:
+        """Record a stage stopped by Ctrl-C: like a killed one, the next run resumes it."""
+        manifest = self.read_manifest()
+        record = manifest["stages"].setdefault(stage, {})
+        record.update(status="interrupted", finished=_now(), reason=reason)
         self._write_manifest(manifest)
 
     def fail(self, stage: str, error: str) -> None:

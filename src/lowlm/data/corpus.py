@@ -23,6 +23,7 @@ from typing import IO
 
 from lowlm.config import DataConfig
 from lowlm.errors import LowlmError
+from lowlm.hub import unreachable_note
 from lowlm.rundir import cached_sha256, sha256_text
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".parquet", ".gz"}
@@ -51,11 +52,12 @@ def _looks_local(pattern: str) -> bool:
     return pattern.startswith((".", "/", "~")) or ("/" in pattern and Path(first).is_dir())
 
 
-def resolve_sources(patterns: Iterable[str]) -> list[Source]:
-    """Expand patterns into sources; a pattern that matches nothing is an error."""
+def resolve_sources(patterns: Iterable[str], field: str = "corpus") -> list[Source]:
+    """Expand patterns into sources; a pattern that matches nothing is an error naming the
+    config `field` it came from (e.g. finetune.train)."""
     patterns = list(patterns)
     if not patterns:
-        raise LowlmError("no corpus is configured; list files, folders or globs under 'corpus'.")
+        raise LowlmError(f"no {field} is configured; list files, folders or globs under it.")
     sources: list[Source] = []
     for pattern in patterns:
         if pattern.startswith("hf:"):
@@ -66,13 +68,13 @@ def resolve_sources(patterns: Iterable[str]) -> list[Source]:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
             files = [p for p in matches if p.is_file()]
             if not files:
-                raise LowlmError(f"corpus pattern '{pattern}' matches no file; check the path.")
+                raise LowlmError(f"{field} pattern '{pattern}' matches no file; check the path.")
             sources.extend(Source(path=p) for p in files)
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if _is_corpus_file(p))
             if not files:
                 raise LowlmError(
-                    f"corpus folder '{pattern}' holds no .txt/.jsonl/.parquet/.gz file."
+                    f"{field} folder '{pattern}' holds no .txt/.jsonl/.parquet/.gz file."
                 )
             sources.extend(Source(path=p) for p in files)
         elif path.is_file():
@@ -83,7 +85,7 @@ def resolve_sources(patterns: Iterable[str]) -> list[Source]:
             or not _HF_NAME.match(pattern)
             or _looks_local(pattern)
         ):
-            raise LowlmError(f"corpus file '{pattern}' does not exist; check the path.")
+            raise LowlmError(f"{field} file '{pattern}' does not exist; check the path.")
         else:
             sources.append(Source(hf_name=pattern))
     return sources
@@ -182,6 +184,7 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
 
 
 def _hf_documents(name: str, data: DataConfig) -> Iterator[str]:
+    note = unreachable_note()  # before datasets: fail at once offline
     import datasets
 
     dataset_name, _, subset = name.partition(":")
@@ -191,7 +194,7 @@ def _hf_documents(name: str, data: DataConfig) -> Iterator[str]:
         )
     except Exception as exc:  # the hub raises many kinds; all mean "could not load"
         raise LowlmError(
-            f"could not load Hugging Face dataset '{name}' ({type(exc).__name__}: {exc}); "
+            f"could not load Hugging Face dataset '{name}' ({type(exc).__name__}: {exc}){note}; "
             "check the name and your connection, or point to local files."
         ) from None
     for row in rows:

@@ -36,6 +36,12 @@ def read_heldout(tokenizer_folder: Path | None) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
+def with_heldout_text(tasks: list, tokenizer_folder: Path) -> list:
+    """Eval tasks, those with `heldout: true` pointed at the run's own heldout.txt."""
+    path = str(Path(tokenizer_folder) / HELDOUT_FILE)
+    return [task.model_copy(update={"path": path}) if task.heldout else task for task in tasks]
+
+
 def heldout_set(tokenizer_folder: Path | None) -> frozenset[str]:
     """The lines of the run's heldout.txt, stripped (for matching against other text)."""
     return frozenset(line.strip() for line in read_heldout(tokenizer_folder) if line.strip())

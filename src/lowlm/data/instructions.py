@@ -85,7 +85,7 @@ def read_conversations(
         raise LowlmError("sft.data is empty; list JSON / JSONL files or dataset names.")
     report = ReadReport()
     conversations = []
-    for source in resolve_sources(patterns):
+    for source in resolve_sources(patterns, "sft.data"):
         if source.path is not None and source.path.suffix not in (".json", ".jsonl"):
             raise LowlmError(f"{source.path}: instruction data must be .json or .jsonl.")
         for where, record in iter_records(source, split):

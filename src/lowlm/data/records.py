@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lowlm.data.corpus import Source, resolve_sources
 from lowlm.errors import LowlmError
+from lowlm.hub import unreachable_note
 
 _CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"}
 
@@ -43,6 +44,7 @@ def read_csv_text(path: Path) -> str:
 
 def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, object]]:
     if source.hf_name is not None:
+        note = unreachable_note()  # before datasets: fail at once offline
         import datasets
 
         name, _, subset = source.hf_name.partition(":")
@@ -50,7 +52,7 @@ def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, ob
             rows = datasets.load_dataset(name, subset or None, split=split, streaming=True)
         except Exception as exc:  # the hub raises many kinds; all mean "could not load"
             raise LowlmError(
-                f"could not load Hugging Face dataset '{source.hf_name}': {exc}"
+                f"could not load Hugging Face dataset '{source.hf_name}': {exc}{note}"
             ) from None
         for index, row in enumerate(rows):
             yield f"{source.hf_name}[{index}]", row
@@ -91,11 +93,11 @@ def iter_records(source: Source, split: str = "train") -> Iterator[tuple[str, ob
                 yield f"{path}:{number}", ValueError(f"not valid JSON or UTF-8 ({exc})")
 
 
-def read_records(pattern: str, split: str = "train") -> list[tuple[str, dict]]:
-    """Every record of a file, glob or dataset name; a record that is not a JSON object stops
-    with its place."""
+def read_records(pattern: str, split: str = "train", field: str = "data") -> list[tuple[str, dict]]:
+    """Every record of a file, glob or dataset name (config `field`, named when it is
+    missing); a record that is not a JSON object stops with its place."""
     records = []
-    for source in resolve_sources([pattern]):
+    for source in resolve_sources([pattern], field):
         for where, record in iter_records(source, split):
             if isinstance(record, Exception):
                 raise LowlmError(f"{where}: {record}; fix the line.")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lowlm.data.records import read_csv_text
 from lowlm.errors import LowlmError
+from lowlm.hub import unreachable_note
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -484,6 +485,7 @@ def load_hub(
     benchmark: Benchmark, subject: str, split: str, answers: bool = True
 ) -> list[Question]:
     """The same questions from the Hugging Face copy of the benchmark (needs a connection)."""
+    note = unreachable_note()  # before datasets: fail at once offline
     import datasets
 
     hub_split = {"val": "validation"}.get(split, split) if benchmark.name == "tmmluplus" else split
@@ -492,7 +494,7 @@ def load_hub(
     except Exception as exc:  # the hub raises many kinds; all mean "not available"
         raise LowlmError(
             f"cannot load {benchmark.hf_dataset} ({subject}, {split}) from the Hugging Face Hub "
-            f"({type(exc).__name__}); set the task's path to a local copy."
+            f"({type(exc).__name__}){note}; set the task's path to a local copy."
         ) from None
     questions = []
     for index, row in enumerate(rows):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lowlm.errors import LowlmError
+from lowlm.hub import unreachable_note
 from lowlm.rundir import atomic_write_json
 from lowlm.tokenization.base import tokenizer_hash
 
@@ -94,6 +95,7 @@ def load_pretrained(
     from transformers import AutoModelForCausalLM
 
     path = Path(source).expanduser()
+    note = "" if path.exists() else unreachable_note()  # a Hub name: fail at once offline
     try:
         if path.is_file() and path.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(
@@ -116,7 +118,7 @@ def load_pretrained(
     except OSError as exc:
         raise LowlmError(
             f"cannot load model '{source}' (not a local folder or .gguf file, and not available "
-            f"from the Hugging Face Hub): {str(exc).splitlines()[0]}"
+            f"from the Hugging Face Hub{note}): {str(exc).splitlines()[0]}"
         ) from None
 
 

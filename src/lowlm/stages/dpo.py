@@ -51,7 +51,7 @@ def read_pairs(config: LowlmConfig) -> list[tuple[str, str, str, str]]:
         raise LowlmError("dpo.data is not set; list the preference files (JSONL).")
     pairs = []
     for pattern in cfg.data:
-        for where, record in read_records(pattern, cfg.hf_split):
+        for where, record in read_records(pattern, cfg.hf_split, "dpo.data"):
             values = []
             for field in (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field):
                 value = record.get(field)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lowlm import __version__
 from lowlm.config import EvalTask, LowlmConfig
+from lowlm.data.heldout import with_heldout_text
 from lowlm.errors import LowlmError
 from lowlm.evaluation import harness
 from lowlm.evaluation.benchmarks import BENCHMARKS, LETTERS, build_context
@@ -251,13 +252,18 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
         raise LowlmError(
             f"no eval task is configured; add eval.tasks (known: {', '.join(KNOWN_TASKS)})."
         )
-    for index, task in enumerate(cfg.tasks):
+    for index, task in enumerate(with_heldout_text(cfg.tasks, folder(config, "tokenize"))):
         if task.harness:
             harness.require(f"eval.tasks[{index}] (harness: {task.harness})")
         if task.path and not Path(task.path).exists():
+            if task.heldout:
+                hint = "run `lowlm tokenize CONFIG` first: it writes the run's held-out text"
+            elif task.name in ("ppl", "mc"):  # files of the user's own: no Hub copy
+                hint = "fix the path"
+            else:
+                hint = "fix the path, or omit it to use the Hugging Face dataset"
             raise LowlmError(
-                f"eval.tasks[{index}] ({task.name}): path {task.path} does not exist; fix the "
-                "path, or omit it to use the Hugging Face dataset."
+                f"eval.tasks[{index}] ({task.name}): path {task.path} does not exist; {hint}."
             )
     # Under several processes every rank scores a share of each task (see evaluation.ranks).
     execute(config, STAGE, _work, force=force, accelerator=eval_ranks().state)
@@ -265,7 +271,7 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
 
 
 def _work(run: StageRun) -> dict:
-    config, cfg = run.config, run.config.eval
+    config, cfg = run.config, _with_heldout_text(run.config)
     source = run.plan.model
     if not source:
         raise LowlmError("there is no model to evaluate; set eval.model or run a stage first.")
@@ -334,7 +340,7 @@ def run_checkpoints(config: LowlmConfig) -> Path:
     the curves)."""
     from lowlm.evaluation.checkpoints import checkpoint_points, headline, write_record
 
-    cfg = config.eval
+    cfg = _with_heldout_text(config)
     if not cfg.tasks:
         raise LowlmError("no eval task is configured; add eval.tasks to score checkpoints with.")
     stage, key, points = checkpoint_points(config)
@@ -383,6 +389,12 @@ def _load(config: LowlmConfig, source: str, prepared: dict, ranks: Ranks, checkp
         else auto_batch_size(model, min(max_length, 1024))
     )
     return model, tokenizer, card, batch_size, max_length
+
+
+def _with_heldout_text(config: LowlmConfig):
+    """eval's section with `heldout: true` tasks pointed at the run's own held-out text."""
+    tasks = with_heldout_text(config.eval.tasks, folder(config, "tokenize"))
+    return config.eval.model_copy(update={"tasks": tasks})
 
 
 def score_tasks(cfg, model, tokenizer, prepared, ranks, batch_size, max_length):

@@ -25,6 +25,7 @@ from lowlm.config import LowlmConfig
 from lowlm.data.records import read_records
 from lowlm.errors import LowlmError
 from lowlm.graph import StageRun
+from lowlm.hub import unreachable_note
 from lowlm.models.load import (
     check_vocab,
     load_merged,
@@ -52,12 +53,12 @@ def _value(record: dict, field: str, where: str) -> object:
 
 
 def _examples(
-    config: LowlmConfig, pattern: str, split: str
+    config: LowlmConfig, pattern: str, split: str, field: str
 ) -> list[tuple[str, str, str | None, str]]:
-    """(where, text, pair, label as text) of every record of a set."""
+    """(where, text, pair, label as text) of every record of a set (config `field`)."""
     cfg = config.finetune
     examples = []
-    for where, record in read_records(pattern, split):
+    for where, record in read_records(pattern, split, field):
         text = _value(record, cfg.text_field, where)
         pair = _value(record, cfg.text_pair_field, where) if cfg.text_pair_field else None
         label = _value(record, cfg.label_field, where)
@@ -171,6 +172,7 @@ def _classifier(source: str, config: LowlmConfig, labels: list[str], work: Path,
     if card is not None and card.get("kind") != "model":
         load_merged(folder, config.model, torch.float32).save_pretrained(work / "merged")
         source = str(work / "merged")
+    note = "" if Path(source).exists() else unreachable_note()  # a Hub name: at once offline
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source,
@@ -181,7 +183,7 @@ def _classifier(source: str, config: LowlmConfig, labels: list[str], work: Path,
             dtype=torch.float32,
         )
     except (OSError, ValueError) as exc:
-        raise LowlmError(f"cannot load {source} as a sequence classifier: {exc}") from None
+        raise LowlmError(f"cannot load {source} as a sequence classifier{note}: {exc}") from None
     model.config.pad_token_id = pad_id  # where the classifier finds each row's last token
     return model
 
@@ -198,9 +200,9 @@ def _work(run: StageRun, accelerator) -> dict:
     source = run.plan.model
     if not source:
         raise LowlmError("there is no model to fine-tune; set finetune.model or model.base.")
-    train_examples = _examples(config, cfg.train, cfg.hf_split)
+    train_examples = _examples(config, cfg.train, cfg.hf_split, "finetune.train")
     if cfg.test:
-        test_examples = _examples(config, cfg.test, cfg.hf_test_split)
+        test_examples = _examples(config, cfg.test, cfg.hf_test_split, "finetune.test")
     else:
         train_examples, test_examples = _split(train_examples, cfg.test_fraction, config.run.seed)
     labels = _label_order([e[3] for e in train_examples])

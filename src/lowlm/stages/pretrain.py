@@ -20,8 +20,9 @@ import torch
 from lowlm.config import LowlmConfig
 from lowlm.data.blocks import BlockDataset, build_cache, cache_key
 from lowlm.data.corpus import resolve_sources
+from lowlm.data.heldout import with_heldout_text
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, corpus_patterns, tokenizer_folder
+from lowlm.graph import StageRun, corpus_patterns, folder, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_base_for_lora,
@@ -209,7 +210,10 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     }
     if not corpus_hashes and "parent:prepare" in run.plan.inputs:  # the prepared corpus
         corpus_hashes = {"prepare": run.plan.inputs["parent:prepare"]}
-    sources = resolve_sources(corpus_patterns(config, "pretrain"))
+    field = (
+        "pretrain.corpus" if cfg.corpus else "tokenize.corpus" if config.tokenize.corpus else None
+    )
+    sources = resolve_sources(corpus_patterns(config, "pretrain"), field or "prepare's corpus/")
     tokenizer_id = tokenizer_hash(tokenizer_dir)
     parent_card = read_card(Path(parent)) if Path(parent).is_dir() else None
     if parent_card is not None and parent_card["tokenizer_hash"] != tokenizer_id:
@@ -286,7 +290,9 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         stage_key=run.key,
         report_to=config.run.report_to,
         attn_implementation=config.model.attn_implementation,
-        periodic=periodic_eval(cfg.eval_tasks, tokenizer),
+        periodic=periodic_eval(
+            with_heldout_text(cfg.eval_tasks, folder(config, "tokenize")), tokenizer
+        ),
         parent_key=model_identity(parent),
     )
     if accelerator.is_main_process:

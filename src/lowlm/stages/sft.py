@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 
 from lowlm.config import LowlmConfig
-from lowlm.data.heldout import heldout_set
+from lowlm.data.heldout import heldout_set, with_heldout_text
 from lowlm.data.instructions import describe, read_conversations
 from lowlm.data.sft_examples import build_examples, pack
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, tokenizer_folder
+from lowlm.graph import StageRun, folder, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_base_for_lora,
@@ -119,7 +119,9 @@ def _work(run: StageRun, accelerator) -> dict:
         stage_key=run.key,
         report_to=config.run.report_to,
         attn_implementation=config.model.attn_implementation,
-        periodic=periodic_eval(cfg.eval_tasks, tokenizer),
+        periodic=periodic_eval(
+            with_heldout_text(cfg.eval_tasks, folder(config, "tokenize")), tokenizer
+        ),
         parent_key=model_identity(source),
     )
     metrics.update(

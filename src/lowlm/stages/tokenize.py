@@ -138,13 +138,17 @@ def run(config: LowlmConfig, force: bool = False) -> dict:
 def _work(run: StageRun) -> dict:
     config = run.config
     cfg = config.tokenize
-    sources = resolve_sources(corpus_patterns(config, "tokenize"))
+    field = "tokenize.corpus" if cfg.corpus else "prepare's corpus/"
+    sources = resolve_sources(corpus_patterns(config, "tokenize"), field)
+    named = config.model.tokenizer or config.model.base
     base = resolve_base_tokenizer(config.model) if cfg.merge else None
+    # merge: false: the tokenizer the config names (if any) is the one it is compared with
+    reference = resolve_base_tokenizer(config.model) if not cfg.merge and named else None
     started = time.time()
     work = Path(tempfile.mkdtemp(dir=run.run_dir.path, prefix=".tokenize-work-"))
     try:
         with atomic_dir(run.folder) as out:
-            report = _build(config, base, sources, work, out)
+            report = _build(config, base, sources, work, out, reference)
             report["seconds"] = round(time.time() - started, 2)
             atomic_write_json(out / "report.json", report)
             write_chart(report["texts"], out / "report.png")
@@ -152,24 +156,26 @@ def _work(run: StageRun) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     tokenizer_hash = hash_tokenizer(run.folder)
 
-    metrics = {k: report[k] for k in ("vocab_size", "new_tokens", "reachable_new_tokens")}
+    merged = ("new_tokens", "reachable_new_tokens") if report["merged"] else ()
+    metrics = {k: report[k] for k in ("vocab_size", *merged)}
     for label, entry in report["texts"].items():
         metrics[f"{label}.chars_per_token"] = round(entry["after"]["chars_per_token"], 4)
         if "lines_changed" in entry:
             metrics[f"{label}.lines_changed"] = entry["lines_changed"]
     print(format_table(report["texts"]))
-    print(
-        f"tokenize: {report['new_tokens']} new tokens "
-        f"({report['reachable_new_tokens']} reachable), vocabulary {report['vocab_size']}; "
-        f"wrote {run.folder}"
+    added = (
+        f"{report['new_tokens']} new tokens ({report['reachable_new_tokens']} reachable)"
+        if report["merged"]
+        else "trained alone"
     )
+    print(f"tokenize: {added}, vocabulary {report['vocab_size']}; wrote {run.folder}")
     return {
         "metrics": metrics,
         "record": {"tokenizer_hash": tokenizer_hash, "vocab_size": report["vocab_size"]},
     }
 
 
-def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
+def _build(config: LowlmConfig, base, sources, work: Path, out: Path, reference=None) -> dict:
     from transformers import AutoTokenizer, LlamaTokenizer
 
     cfg = config.tokenize
@@ -178,9 +184,13 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
     # Later stages report loss per character on the same held-out text.
     (out / HELDOUT_FILE).write_text("".join(line + "\n" for line in held_out), encoding="utf-8")
     base_hf = base.load_hf(config.model.trust_remote_code) if base is not None else None
+    reference_hf = reference.load_hf(config.model.trust_remote_code) if reference else None
     report: dict = {
         "kind": base.kind if base else "sentencepiece",
         "base": base.source if base else None,
+        "merged": base is not None,
+        "reference": reference.source if reference else None,
+        "reference_vocab_size": len(reference_hf) if reference_hf is not None else None,
     }
 
     sp_proto = None
@@ -218,7 +228,8 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path) -> dict:
     texts = {"heldout": held_out} if held_out else {}
     for label, path in cfg.eval_texts.items():
         texts[label] = read_lines(path, config.data)
-    report["texts"] = {label: compare(base_hf, merged, lines) for label, lines in texts.items()}
+    before = base_hf if base_hf is not None else reference_hf
+    report["texts"] = {label: compare(before, merged, lines) for label, lines in texts.items()}
     fast_ids = merged(held_out, add_special_tokens=False)["input_ids"] if held_out else []
     report["roundtrip_failures"] = sum(
         merged.decode(ids) != line for line, ids in zip(held_out, fast_ids, strict=True)

@@ -10,6 +10,7 @@ from typing import Literal
 
 from lowlm.config import ModelConfig
 from lowlm.errors import LowlmError
+from lowlm.hub import unreachable_note
 from lowlm.rundir import atomic_dir, sha256_file, sha256_text
 
 # Files of an HF tokenizer folder that describe behaviour (special tokens, BOS/EOS, chat
@@ -60,6 +61,7 @@ def _gguf_tokenizer_folder(gguf: Path) -> Path:
 
 
 def _hub_folder(name: str) -> Path:
+    note = unreachable_note()  # before huggingface_hub: fail at once offline
     from huggingface_hub import snapshot_download
 
     try:
@@ -67,7 +69,7 @@ def _hub_folder(name: str) -> Path:
     except Exception as exc:  # offline, gated, missing: all mean "not available"
         raise LowlmError(
             f"tokenizer '{name}' is not a local file or folder and could not be downloaded "
-            f"from the Hugging Face Hub ({type(exc).__name__}); check the path or the name."
+            f"from the Hugging Face Hub ({type(exc).__name__}){note}; check the path or the name."
         ) from None
 
 

@@ -4,7 +4,9 @@ atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 import yaml
 
 from lowlm.config import LoraSection, TrainingSection
-from lowlm.errors import LowlmError
+from lowlm.errors import LowlmError, StageInterrupted
 from lowlm.models.load import save_model_folder, set_attention
 from lowlm.rundir import atomic_dir
 from lowlm.training.energy import track_energy
@@ -216,12 +218,14 @@ def train_and_save(
     fresh = not (resume and latest_checkpoint(work) is not None)  # as train() decides
     start_tracking(accelerator, report_to, folder.parent, folder.name, plan, fresh)
     try:
-        with track_energy(
-            section.energy.enabled and accelerator.is_main_process,
-            section.energy.country_iso_code,
-            work,
-            _SECTIONS.get(folder.name, "pretrain"),
-        ) as energy:
+        with (
+            _interrupted_at(work, plan),
+            track_energy(
+                section.energy.enabled and accelerator.is_main_process,
+                section.energy.country_iso_code,
+                _SECTIONS.get(folder.name, "pretrain"),
+            ) as energy,
+        ):
             metrics, prepared = train(
                 accelerator,
                 model,
@@ -261,6 +265,33 @@ def train_and_save(
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return metrics, energy, saved
+
+
+@contextlib.contextmanager
+def _interrupted_at(work: Path, plan: TrainPlan):
+    """Ctrl-C in the loop becomes StageInterrupted saying where the stage stopped: its last
+    logged step and the checkpoint the next run resumes from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logged = [json.loads(line) for line in _lines(work / "log.jsonl")]
+        last = max((entry.get("step", 0) for entry in logged), default=0)
+        checkpoint = latest_checkpoint(work)
+        resumes = (
+            f"the next run resumes from the checkpoint at step {checkpoint.name.split('-')[1]}"
+            if checkpoint is not None
+            else f"no checkpoint yet (every {plan.save_every} steps): the next run starts over"
+        )
+        raise StageInterrupted(
+            f"interrupted (Ctrl-C) after step {last} of {plan.steps} (the last logged); {resumes}."
+        ) from None
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError:
+        return []
 
 
 def speed_switches(model, section: TrainingSection, attn_implementation: str | None) -> None:
