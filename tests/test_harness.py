@@ -245,7 +245,7 @@ def test_every_harness_task_a_recipe_names_is_in_the_harness_index():
 
 def test_harness_tasks_are_not_scored_during_training():
     from lowlm.config import EvalTask
-    from lowlm.stages.eval import periodic_eval
+    from lowlm.evaluation.runners import periodic_eval
 
     with pytest.raises(LowlmError, match="harness task 'arc_easy' is not scored during training"):
         periodic_eval([EvalTask(harness="arc_easy")], tokenizer=None)

@@ -22,6 +22,7 @@ from lowlm.data.blocks import BlockDataset, build_cache, cache_key
 from lowlm.data.corpus import resolve_sources
 from lowlm.data.heldout import with_heldout_text
 from lowlm.errors import LowlmError
+from lowlm.evaluation.runners import periodic_eval
 from lowlm.graph import StageRun, corpus_patterns, folder, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
@@ -34,7 +35,6 @@ from lowlm.models.load import (
     tokenizer_hash,
 )
 from lowlm.models.metrics import heldout_lines, loss_per_char
-from lowlm.stages.eval import periodic_eval
 from lowlm.tokenization.base import resolve_base_tokenizer
 from lowlm.training.loop import document_positions, model_is_sharded, seed_everything
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save

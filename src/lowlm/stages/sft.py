@@ -17,6 +17,7 @@ from lowlm.data.instructions import describe, read_conversations
 from lowlm.data.sft_examples import build_examples, pack
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
+from lowlm.evaluation.runners import periodic_eval
 from lowlm.graph import StageRun, folder, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
@@ -25,7 +26,6 @@ from lowlm.models.load import (
     model_record,
     tokenizer_for,
 )
-from lowlm.stages.eval import periodic_eval
 from lowlm.training.loop import seed_everything
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
