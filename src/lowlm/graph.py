@@ -18,19 +18,17 @@ measured on text no stage trained on.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowlm.config import LowlmConfig
 from lowlm.data.heldout import HELDOUT_FILE
-from lowlm.errors import LowlmError, StageInterrupted
-from lowlm.rundir import RunDir, content_id, fingerprint, recover_dir, sha256_text, signature
+from lowlm.errors import LowlmError
+from lowlm.rundir import RunDir, content_id, fingerprint, sha256_text, signature
 
 # Training-section fields that change how a run is logged or saved, not what it computes.
 _BOOKKEEPING = {
@@ -57,7 +55,7 @@ _PRETRAIN_STAGES = {
 }
 
 
-def _dump(section, exclude: set[str] | None = None, include: set[str] | None = None) -> str:
+def _section_hash(section, exclude: set[str] | None = None, include: set[str] | None = None) -> str:
     dumped = section.model_dump(exclude=exclude, include=include)
     return sha256_text(json.dumps(dumped, sort_keys=True, ensure_ascii=False))
 
@@ -67,8 +65,8 @@ def _dump(section, exclude: set[str] | None = None, include: set[str] | None = N
 
 def _prepare_config(c: LowlmConfig) -> dict:
     read = {
-        "config.prepare": _dump(c.prepare, exclude={"executor"}),  # where it runs, not what
-        "config.data": _dump(c.data, include={"heldout_fraction", "nfkc"}),
+        "config.prepare": _section_hash(c.prepare, exclude={"executor"}),  # where it runs, not what
+        "config.data": _section_hash(c.data, include={"heldout_fraction", "nfkc"}),
         "config.run.seed": str(c.run.seed),
     }
     if c.prepare.decontaminate.enabled:  # the eval questions it removes copies of
@@ -81,25 +79,25 @@ def _prepare_config(c: LowlmConfig) -> dict:
 
 def _tokenize_config(c: LowlmConfig) -> dict:
     read = {
-        "config.tokenize": _dump(c.tokenize),
-        "config.data": _dump(c.data),
+        "config.tokenize": _section_hash(c.tokenize),
+        "config.data": _section_hash(c.data),
         "config.run.seed": str(c.run.seed),
     }
     if c.tokenize.merge:  # the base's tokenizer is read only to merge into it
-        read["config.model"] = _dump(c.model, exclude={"dtype"} | _BOOKKEEPING)
+        read["config.model"] = _section_hash(c.model, exclude={"dtype"} | _BOOKKEEPING)
     return read
 
 
 def _resize_config(c: LowlmConfig) -> dict:
     return {
-        "config.resize": _dump(c.resize),
-        "config.model": _dump(c.model, exclude=_BOOKKEEPING),
+        "config.resize": _section_hash(c.resize),
+        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
         "config.run.seed": str(c.run.seed),
     }
 
 
 def _init_config(c: LowlmConfig) -> dict:
-    return {"config.init": _dump(c.init), "config.run.seed": str(c.run.seed)}
+    return {"config.init": _section_hash(c.init), "config.run.seed": str(c.run.seed)}
 
 
 def _pretrain_config(name: str) -> Callable[[LowlmConfig], dict]:
@@ -107,12 +105,12 @@ def _pretrain_config(name: str) -> Callable[[LowlmConfig], dict]:
 
     def read(c: LowlmConfig) -> dict:
         return {
-            "config.pretrain": _dump(
+            "config.pretrain": _section_hash(
                 c.pretrain, exclude={"stage1", "stage2", "full"} | _BOOKKEEPING
             ),
-            f"config.pretrain.{own}": _dump(getattr(c.pretrain, own)),
-            "config.model": _dump(c.model, exclude=_BOOKKEEPING),
-            "config.data": _dump(c.data),
+            f"config.pretrain.{own}": _section_hash(getattr(c.pretrain, own)),
+            "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
+            "config.data": _section_hash(c.data),
             "config.run.seed": str(c.run.seed),
         }
 
@@ -121,38 +119,41 @@ def _pretrain_config(name: str) -> Callable[[LowlmConfig], dict]:
 
 def _export_config(c: LowlmConfig) -> dict:
     return {
-        "config.export": _dump(c.export),
-        "config.model": _dump(c.model, exclude={"base", "tokenizer"} | _BOOKKEEPING),
+        "config.export": _section_hash(c.export),
+        "config.model": _section_hash(c.model, exclude={"base", "tokenizer"} | _BOOKKEEPING),
     }
 
 
 def _sft_config(c: LowlmConfig) -> dict:
     return {
-        "config.sft": _dump(c.sft, exclude=_BOOKKEEPING),
-        "config.model": _dump(c.model, exclude=_BOOKKEEPING),
-        "config.data": _dump(c.data),
+        "config.sft": _section_hash(c.sft, exclude=_BOOKKEEPING),
+        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
+        "config.data": _section_hash(c.data),
         "config.run.seed": str(c.run.seed),
     }
 
 
 def _finetune_config(c: LowlmConfig) -> dict:
     return {
-        "config.finetune": _dump(c.finetune, exclude=_BOOKKEEPING),
-        "config.model": _dump(c.model, exclude=_BOOKKEEPING),
+        "config.finetune": _section_hash(c.finetune, exclude=_BOOKKEEPING),
+        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
         "config.run.seed": str(c.run.seed),
     }
 
 
 def _dpo_config(c: LowlmConfig) -> dict:
     return {
-        "config.dpo": _dump(c.dpo, exclude=_BOOKKEEPING),
-        "config.model": _dump(c.model, exclude=_BOOKKEEPING),
+        "config.dpo": _section_hash(c.dpo, exclude=_BOOKKEEPING),
+        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
         "config.run.seed": str(c.run.seed),
     }
 
 
 def _eval_config(c: LowlmConfig) -> dict:
-    return {"config.eval": _dump(c.eval), "config.model": _dump(c.model, exclude=_BOOKKEEPING)}
+    return {
+        "config.eval": _section_hash(c.eval),
+        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
+    }
 
 
 # ----- what each stage reads from outside the run ---------------------------------------------
@@ -258,7 +259,7 @@ def _eval_files(c: LowlmConfig) -> dict:
     return files
 
 
-def _none(c: LowlmConfig) -> dict:
+def _no_files(c: LowlmConfig) -> dict:
     return {}
 
 
@@ -272,7 +273,7 @@ class Stage:
     command: str  # the command that builds it
     enabled: Callable[[LowlmConfig], bool]  # part of `lowlm run` with this config
     config: Callable[[LowlmConfig], dict]  # the config it reads, hashed
-    files: Callable[[LowlmConfig], dict] = _none  # what it reads outside the run, hashed
+    files: Callable[[LowlmConfig], dict] = _no_files  # what it reads outside the run, hashed
     needs: tuple[str, ...] = ()  # run stages it reads whenever they are enabled
     corpus_reader: str | None = None  # tokenize / pretrain: reads prepare's corpus by default
     models_from: tuple[str, ...] = ()  # its model: the first enabled of these...
@@ -607,123 +608,6 @@ def _running(record: dict) -> tuple[str, str]:
         except PermissionError:
             pass
     return "running", f"process {pid}" if pid else ""
-
-
-# ----- the stage skeleton ---------------------------------------------------------------------
-
-
-@dataclass
-class StageRun:
-    """What a stage's work function gets: where to write, what to start from, whether to resume."""
-
-    config: LowlmConfig
-    run_dir: RunDir
-    plan: Plan
-    folder: Path
-    resume: bool
-    started: float
-
-    @property
-    def key(self) -> str:
-        return self.plan.key
-
-    def parent_key(self) -> str | None:
-        """The key of the model this stage starts from (a run stage's key, or its content)."""
-        if self.plan.model_stage:
-            return self.plan.inputs[f"parent:{self.plan.model_stage}"]
-        return self.plan.inputs.get(f"model:{self.plan.model}")
-
-
-def execute(
-    config: LowlmConfig,
-    name: str,
-    work: Callable[[StageRun], dict],
-    *,
-    force: bool = False,
-    resume: bool = True,
-    say: Callable[[str], None] = print,
-    override: str | None = None,
-    accelerator=None,
-) -> dict:
-    """The one sequence every stage follows: key -> skip or resume -> record start -> work ->
-    record finish. `work` writes its artifact atomically into `run.folder` and returns
-    {"metrics": ..., and optionally "record": extra manifest fields}.
-
-    Under several processes (accelerate launch, torchrun), a training stage passes its
-    `accelerator` and every rank works; any other stage works on the main rank only while
-    the others wait. Only the main rank writes the manifest; every rank reads it before the
-    main one writes it (the same skip and resume decision everywhere) and none goes on to
-    the next stage before the record is written."""
-    is_main, barrier = _processes(accelerator)
-    out = folder(config, name)
-    if is_main:
-        recover_dir(out)  # a kill between atomic_dir's two moves: put the old artifact back
-    barrier()
-    graph = Graph(config)
-    plan = graph.plan(name, override)
-    graph.require_parents(plan)
-    state = graph.state(name, override)
-    run_dir = graph.run_dir
-    if state.status == "done" and not force:
-        say(f"{name}: already done with these inputs in {out}; --force reruns it.")
-        barrier()
-        return state.record.get("metrics", {})
-    if state.status == "running":
-        raise LowlmError(
-            f"{name} is already running ({state.reason}); wait for it, or stop it first."
-        )
-    record = graph.manifest().get(name) or {}
-    resume = resume and not force and record.get("key") == plan.key
-    barrier()  # every rank has read the manifest before the main one writes it
-    started = time.time()
-    metrics: dict = {}
-    try:
-        if is_main:
-            run_dir.start(name, plan.inputs, plan.key, pid=os.getpid(), host=socket.gethostname())
-        if is_main or accelerator is not None:
-            result = work(StageRun(config, run_dir, plan, out, resume, started))
-            metrics = result.get("metrics", {})
-            if is_main:
-                run_dir.finish(
-                    name,
-                    outputs={STAGES[name].folder: signature(out)},
-                    metrics=metrics,
-                    seconds=round(time.time() - started, 2),
-                    **result.get("record", {}),
-                )
-    except LowlmError as exc:
-        if is_main:
-            run_dir.fail(name, str(exc))
-        raise
-    except KeyboardInterrupt as exc:  # Ctrl-C: recorded as a kill would be, resumable
-        reason = str(exc) or "interrupted (Ctrl-C); the next run starts it again."
-        if is_main:
-            with contextlib.suppress(Exception):
-                run_dir.interrupt(name, reason)
-        raise StageInterrupted(f"{name}: {reason}") from None
-    except BaseException as exc:
-        if is_main:
-            with contextlib.suppress(Exception):
-                run_dir.fail(name, f"{type(exc).__name__}: {exc}")
-        raise
-    barrier()  # no rank starts the next stage before this one is recorded
-    if not is_main and accelerator is None:
-        metrics = (RunDir(config).stage_record(name) or {}).get("metrics", {})
-    return metrics
-
-
-def _processes(accelerator) -> tuple[bool, Callable[[], None]]:
-    """(main process?, barrier) of this run: the accelerator's, or accelerate's shared state
-    when launched with several processes, else a single process."""
-    if accelerator is not None:
-        return accelerator.is_main_process, accelerator.wait_for_everyone
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return state.is_main_process, state.wait_for_everyone
-    return True, lambda: None
 
 
 def current_model(config: LowlmConfig, model: str | None = None, reader: str = "generate") -> str:

@@ -29,7 +29,7 @@ from lowlm.data.records import read_records
 from lowlm.data.sft_examples import IGNORE, truncate
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun
+from lowlm.execute import StageRun
 from lowlm.models.load import (
     check_vocab,
     load_base_for_lora,

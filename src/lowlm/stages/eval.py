@@ -26,7 +26,8 @@ from lowlm.evaluation.runners import (
     task_key,
 )
 from lowlm.evaluation.scoring import auto_batch_size
-from lowlm.graph import StageRun, execute, folder
+from lowlm.execute import StageRun, execute
+from lowlm.graph import folder
 from lowlm.models.load import load_for_inference, tokenizer_hash
 from lowlm.rundir import atomic_dir
 

@@ -13,7 +13,8 @@ import torch
 
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute, tokenizer_folder
+from lowlm.execute import StageRun, execute
+from lowlm.graph import tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_model,

@@ -24,7 +24,7 @@ import torch
 from lowlm.config import LowlmConfig
 from lowlm.data.records import read_records
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun
+from lowlm.execute import StageRun
 from lowlm.hub import unreachable_note
 from lowlm.models.load import (
     check_vocab,

@@ -10,7 +10,8 @@ import torch
 
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute, folder
+from lowlm.execute import StageRun, execute
+from lowlm.graph import folder
 from lowlm.models.load import load_tokenizer, model_record, save_model_folder
 from lowlm.models.presets import llama_config
 from lowlm.rundir import atomic_dir

@@ -17,7 +17,8 @@ import shutil
 
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute, folder
+from lowlm.execute import StageRun, execute
+from lowlm.graph import folder
 from lowlm.rundir import atomic_dir, atomic_write_json, fingerprint
 
 STAGE = "prepare"

@@ -23,7 +23,8 @@ from lowlm.data.corpus import resolve_sources
 from lowlm.data.heldout import with_heldout_text
 from lowlm.errors import LowlmError
 from lowlm.evaluation.runners import periodic_eval
-from lowlm.graph import StageRun, corpus_patterns, folder, tokenizer_folder
+from lowlm.execute import StageRun
+from lowlm.graph import corpus_patterns, folder, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_base_for_lora,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, execute, folder
+from lowlm.execute import StageRun, execute
+from lowlm.graph import folder
 from lowlm.models.load import (
     load_pretrained,
     load_tokenizer,

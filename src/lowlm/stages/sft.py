@@ -18,7 +18,8 @@ from lowlm.data.sft_examples import build_examples, pack
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
 from lowlm.evaluation.runners import periodic_eval
-from lowlm.graph import StageRun, folder, tokenizer_folder
+from lowlm.execute import StageRun
+from lowlm.graph import folder, tokenizer_folder
 from lowlm.models.load import (
     check_vocab,
     load_base_for_lora,

@@ -18,7 +18,8 @@ from lowlm.config import LowlmConfig
 from lowlm.data.corpus import iter_documents, read_lines, resolve_sources
 from lowlm.data.heldout import HELDOUT_FILE, is_held_out
 from lowlm.errors import LowlmError
-from lowlm.graph import StageRun, corpus_patterns, execute, folder
+from lowlm.execute import StageRun, execute
+from lowlm.graph import corpus_patterns, folder
 from lowlm.rundir import atomic_dir, atomic_write_json
 from lowlm.tokenization.base import (
     BaseTokenizer,

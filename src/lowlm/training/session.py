@@ -333,7 +333,7 @@ def run_training_stage(config, name: str, work, force: bool = False, resume: boo
     """A training stage through the stage skeleton: its accelerator (precision from
     model.dtype, compile from the stage's section) built first, every rank working,
     `work(run, accelerator)` doing the stage."""
-    from lowlm.graph import execute
+    from lowlm.execute import execute
 
     section = getattr(config, _SECTIONS[name])
     accelerator = make_accelerator(config.model.dtype, section.compile)
