@@ -53,6 +53,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-adapt")
     parser.add_argument("--steps", type=int, help="plain arm's stage-2 steps (the budget)")
     parser.add_argument("--match", choices=["flops", "chars", "both"], default="flops")
+    parser.add_argument(
+        "--arms",
+        default="plain,merge-s2,merge-s12",
+        help="arms to train (comma-separated; the budget is the plain arm's either way)",
+    )
     parser.add_argument("--stage1-share", type=float, default=0.25, help="of merge-s12's budget")
     parser.add_argument("--block-size", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -285,6 +290,26 @@ def heldout_tokens_per_char(tokenizer_dir: Path, lines: list[str]) -> float:
     return sum(map(len, ids)) / sum(map(len, lines))
 
 
+def base_and_resized(merge_s2, plain, figures: dict) -> tuple[dict, dict]:
+    """The base model's figures (the plain arm's "before" when it trained, else scored here on
+    the same texts) and the untrained resized model's held-out figure (resize's record)."""
+    from lowlm.data.corpus import resolve_sources
+    from lowlm.models.load import load_pretrained, load_tokenizer
+    from lowlm.rundir import RunDir
+    from lowlm.stages.pretrain import score_texts, scored_texts
+
+    resize = RunDir(merge_s2).read_manifest()["stages"]["resize"]["metrics"]
+    if "plain" in figures:
+        base = figures["plain"]["before"]
+    else:
+        texts = scored_texts(plain, resolve_sources(plain.pretrain.corpus))
+        model = load_pretrained(plain.model.base)
+        base = score_texts(model, load_tokenizer(Path(plain.model.base)), texts)
+    if not math.isclose(base["heldout"], resize["heldout_loss_per_char_base"], rel_tol=1e-4):
+        raise SystemExit("the base's held-out figure differs between the plain arm and resize")
+    return base, {"heldout": resize["heldout_loss_per_char_resized"]}
+
+
 def arm_figures(config, chars_per_token: float, wall: float, lines: list[str]) -> dict:
     """One arm's figures from its run directory: the stages' manifest records (before / after
     scores, training FLOPs, tokens) and log.jsonl (the curve at each eval point)."""
@@ -341,7 +366,7 @@ def _log(path: Path) -> list[dict]:
 def print_table(results: dict) -> None:
     arms = results["arms"]
     base = results["base"]
-    plain = arms.get("plain", {}).get("after", {}).get("heldout")
+    plain = arms["plain"]["after"]["heldout"] if "plain" in arms else None
     texts = [t for t in base if t != "heldout"]
     head = ["arm", "held-out nats/c", "bits/c", "x base", "x plain"]
     head += [f"{t} nats/c" for t in texts] + ["tok/char", "FLOPs", "chars seen", "wall s"]
@@ -484,13 +509,17 @@ def main(argv=None) -> dict:
     arms, budgets = plan_arms(args, plain, merge_s2, merge_s12)
 
     figures = {}
+    chosen = args.arms.split(",")
     for name, (kind, steps1, steps2) in arms.items():
+        if kind not in chosen:
+            continue
         config = arm_config(args, common, kind, name, steps1, steps2)
         if kind != "plain":
             prepare_merge(config, like=merge_s2)
         wall = train_arm(config)
         kind_cpt = budgets["train_chars_per_token"]["plain" if kind == "plain" else "merge"]
         figures[name] = arm_figures(config, kind_cpt, wall, lines)
+    base, resized = base_and_resized(merge_s2, plain, figures)
     results = {
         "setup": (
             f"{'tiny' if args.tiny else 'SmolLM2-135M, pt-BR'}; plain {args.steps} steps of "
@@ -500,9 +529,9 @@ def main(argv=None) -> dict:
         + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{torch.get_num_threads()} torch threads",
         "heldout_lines": len(lines),
-        "base": figures["plain"]["before"],
-        "base_tokens_per_char": figures["plain"]["tokens_per_char"],
-        "resized": figures["merge-s2" if "merge-s2" in figures else "merge-s2-chars"]["before"],
+        "base": base,
+        "base_tokens_per_char": heldout_tokens_per_char(Path(plain.model.base), lines),
+        "resized": resized,
         "budgets": budgets,
         "arms": figures,
     }
@@ -513,10 +542,11 @@ def main(argv=None) -> dict:
     plot(results, args.out / "bench-adapt.png")
     print_table(results)
     print(f"untrained resize: {results['resized_over_base']:.3f}x the base's held-out nats/char")
+    flops, chars = budgets["flops"], budgets["chars"]
     for name, arm in figures.items():
         print(
-            f"{name}: FLOPs {arm['training_flops'] / figures['plain']['training_flops']:.3f}x "
-            f"plain, characters {arm['chars_seen'] / figures['plain']['chars_seen']:.3f}x"
+            f"{name}: FLOPs {arm['training_flops'] / flops:.3f}x the budget, characters "
+            f"{arm['chars_seen'] / chars:.3f}x the plain arm's"
         )
     print(f"wrote {path} and {args.out / 'bench-adapt.png'}")
     return results

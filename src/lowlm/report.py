@@ -31,6 +31,7 @@ from lowlm import __version__
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
 from lowlm.graph import ORDER, STAGES, Graph
+from lowlm.report_adapt import adaptation_sections, baseline_run
 from lowlm.rundir import atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -162,7 +163,10 @@ def read_baseline(path: Path | None) -> dict | None:
         return None
     path = Path(path)
     if not path.is_file():
-        raise LowlmError(f"--baseline {path} does not exist; pass a results.json of lowlm eval.")
+        raise LowlmError(
+            f"--baseline {path} does not exist; pass a results.json of lowlm eval or a run "
+            "directory."
+        )
     data = _read_json(path)
     if data is None or not isinstance(data.get("tasks"), dict):
         raise LowlmError(f"--baseline {path} is not a results.json of lowlm eval (no 'tasks').")
@@ -708,7 +712,8 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
             f"there is no run directory {run_path} (run.root / run.name); run a stage of this "
             "config first, e.g. `lowlm run CONFIG`."
         )
-    base_results = read_baseline(baseline)
+    baseline_dir = baseline_run(baseline)  # a run directory: compared in adaptation_sections
+    base_results = read_baseline(None if baseline_dir else baseline)
     views = stage_views(graph)
     tokenizer = _read_json(run_path / STAGES["tokenize"].folder / "report.json")
     results = _read_json(run_path / STAGES["eval"].folder / "results.json")
@@ -749,6 +754,7 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
             "character, so figures under different tokenizers compare.</p>",
             _img(held, "held-out loss per character by stage"),
         ]
+    parts += adaptation_sections(run_path, baseline_dir)
     curves = training_chart(run_path, views)
     if curves:
         parts += [

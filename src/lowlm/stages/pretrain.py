@@ -246,19 +246,25 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     seed_everything(config.run.seed)
     model, after_backward, new_ids = _stage_model(config, stage, parent, tokenizer, accelerator)
     plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
-    texts = _scored_texts(config, sources)
+    texts = scored_texts(config, sources)
     with accelerator.autocast():
-        before = _loss_per_char(model, tokenizer, texts)
+        before = score_texts(model, tokenizer, texts)
     model.train()
     flops_per_token, flops_per_attended = training_flops(model, plan.frozen_base)
 
     def heldout_loss(model) -> dict:
         # Comparable with resize's before/after figures and with the stage's own "before":
         # did this stage help the target language, and what did the base language lose?
-        after = _loss_per_char(model, tokenizer, texts)
+        after = score_texts(model, tokenizer, texts)
         figures = {"loss_per_char_before": before, "loss_per_char_after": after}
         if "heldout" in after:
             figures["heldout_loss_per_char"] = after["heldout"]
+            # How much text a training token carries, estimated on the held-out lines: what
+            # the report turns tokens seen into characters seen with.
+            ids = tokenizer(texts["heldout"], add_special_tokens=False)["input_ids"]
+            figures["heldout_chars_per_token"] = sum(map(len, texts["heldout"])) / max(
+                1, sum(map(len, ids))
+            )
         return figures
 
     kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
@@ -318,7 +324,7 @@ def _stage_model(config: LowlmConfig, stage: str, parent: str, tokenizer, accele
     return model, after_backward, new_ids
 
 
-def _scored_texts(config: LowlmConfig, sources) -> dict[str, list[str]]:
+def scored_texts(config: LowlmConfig, sources) -> dict[str, list[str]]:
     """What each stage scores before and after training: the run's held-out lines (a run
     without a tokenize stage takes them from its corpus by the same rule) and up to
     eval_lines of each tokenize.eval_texts file (the base language's drift)."""
@@ -337,7 +343,7 @@ def _scored_texts(config: LowlmConfig, sources) -> dict[str, list[str]]:
     return texts
 
 
-def _loss_per_char(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, float]:
+def score_texts(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, float]:
     return {label: loss_per_char(model, tokenizer, lines) for label, lines in texts.items()}
 
 
