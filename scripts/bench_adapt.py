@@ -2,8 +2,8 @@
 
 Arms (each a run directory under --out, built by lowlm's stage functions, as `lowlm run` does):
 
-- base: no training (the base model scored on the held-out text through the plain arm's
-  stage-2 "before" figures: LoRA starts at zero, so that is the base model itself);
+- base: no training (the plain arm's stage-2 "before" figures: LoRA starts at zero, so that
+  is the base model itself; scored directly when the plain arm is not trained);
 - plain: LoRA on the base with its own tokenizer (no tokenize stage, pretrain.stage2 on
   model.base): what a user of a generic LoRA trainer does;
 - merge-s2: tokenize (merge) -> resize -> pretrain stage 2;

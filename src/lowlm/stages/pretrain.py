@@ -330,7 +330,7 @@ def scored_texts(config: LowlmConfig, sources) -> dict[str, list[str]]:
     eval_lines of each tokenize.eval_texts file (the base language's drift)."""
     limit = config.pretrain.eval_lines
     lines = heldout_lines(tokenizer_folder(config), limit)
-    if not lines and tokenizer_folder(config) is None and limit:
+    if not lines and tokenizer_folder(config) is None and limit and config.data.heldout_fraction:
         lines = heldout_document_lines(
             iter_documents(sources, config.data),
             config.run.seed,
@@ -339,6 +339,8 @@ def scored_texts(config: LowlmConfig, sources) -> dict[str, list[str]]:
         )
     texts = {"heldout": lines} if lines else {}
     for label, path in config.tokenize.eval_texts.items():
+        if not Path(path).is_file():
+            raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
         texts[label] = read_lines(path, config.data)[:limit]
     return texts
 
