@@ -32,7 +32,6 @@ import json
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -57,6 +56,11 @@ def parse_args(argv=None):
         "--arms",
         default="plain,merge-s2,merge-s12",
         help="arms to train (comma-separated; the budget is the plain arm's either way)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep arms' stages already done with the same inputs in --out (default: retrain)",
     )
     parser.add_argument("--stage1-share", type=float, default=0.25, help="of merge-s12's budget")
     parser.add_argument("--block-size", type=int)
@@ -225,15 +229,13 @@ def prepare_merge(config, like=None) -> None:
     resize.run(config)
 
 
-def train_arm(config) -> float:
-    """The arm's configured pre-training stages, in order (rerun when the bench is); returns
-    their wall seconds."""
+def train_arm(config, reuse: bool) -> None:
+    """The arm's configured pre-training stages, in order: rerun, or with `reuse` kept when
+    done with these inputs (an interrupted bench summarised from its run directories)."""
     from lowlm.stages import pretrain
 
-    started = time.perf_counter()
     for stage in pretrain.configured_stages(config):
-        pretrain.run_stage(config, stage, force=True)
-    return time.perf_counter() - started
+        pretrain.run_stage(config, stage, force=not reuse)
 
 
 # ----- budgets -----------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def base_and_resized(merge_s2, plain, figures: dict) -> tuple[dict, dict]:
     return base, {"heldout": resize["heldout_loss_per_char_resized"]}
 
 
-def arm_figures(config, chars_per_token: float, wall: float, lines: list[str]) -> dict:
+def arm_figures(config, chars_per_token: float, lines: list[str]) -> dict:
     """One arm's figures from its run directory: the stages' manifest records (before / after
     scores, training FLOPs, tokens) and log.jsonl (the curve at each eval point)."""
     from lowlm.graph import tokenizer_folder
@@ -352,7 +354,8 @@ def arm_figures(config, chars_per_token: float, wall: float, lines: list[str]) -
         "training_flops": flops_done,
         "training_tokens": sum(m["tokens"] for m in metrics),
         "chars_seen": chars_done,
-        "wall_seconds": wall,
+        # Each stage's recorded time: loading, packing, scoring and training.
+        "wall_seconds": sum(records[name]["seconds"] for name in stages),
         "curve": curve,
     }
 
@@ -516,9 +519,9 @@ def main(argv=None) -> dict:
         config = arm_config(args, common, kind, name, steps1, steps2)
         if kind != "plain":
             prepare_merge(config, like=merge_s2)
-        wall = train_arm(config)
+        train_arm(config, args.reuse)
         kind_cpt = budgets["train_chars_per_token"]["plain" if kind == "plain" else "merge"]
-        figures[name] = arm_figures(config, kind_cpt, wall, lines)
+        figures[name] = arm_figures(config, kind_cpt, lines)
     base, resized = base_and_resized(merge_s2, plain, figures)
     results = {
         "setup": (

@@ -74,3 +74,7 @@ def test_bench_adapt_tiny_gives_every_arm_the_same_budget_and_a_complete_output(
         assert curve[-1]["heldout"] == pytest.approx(arm["after"]["heldout"], rel=1e-4)
     png = (out / "bench-adapt.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    # An interrupted bench is summarised from its run directories without training again.
+    again = _bench().main(["--tiny", "--out", str(out), "--match", "both", "--reuse"])
+    assert again["arms"] == json.loads(json.dumps(arms))
