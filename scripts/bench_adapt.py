@@ -119,7 +119,7 @@ def tiny_assets(work: Path) -> dict:
         "corpus": [str(DEMO / "zh-tw.txt")],
         "texts": {"en": str(DEMO / "en.txt")},
         "scripts": ["Han"],
-        "defaults": dict(steps=24, block_size=32, batch_size=2, eval_every=6, eval_lines=20),
+        "defaults": dict(steps=80, block_size=32, batch_size=2, eval_every=20, eval_lines=20),
         "vocab_size": 1500,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
     }
