@@ -82,7 +82,8 @@ def heldout_curve(run_path: Path, label: str) -> HeldoutCurve:
         if curve.base is None and from_base and not curve.stages:
             curve.base = before  # the base model itself (LoRA starts at zero)
         per_step = metrics.get("training_flops", 0.0) / metrics["steps"]
-        chars_per_step = metrics["tokens"] / metrics["steps"] * metrics["heldout_chars_per_token"]
+        chars_per_token = metrics.get("heldout_chars_per_token", math.nan)  # NaN: not plotted
+        chars_per_step = metrics["tokens"] / metrics["steps"] * chars_per_token
         curve.points.append((flops, chars, before))
         for entry in _log(run_path / name / "log.jsonl"):
             bits = entry.get("eval/ppl_heldout")
@@ -91,7 +92,7 @@ def heldout_curve(run_path: Path, label: str) -> HeldoutCurve:
                 point = (flops + step * per_step, chars + step * chars_per_step, bits * math.log(2))
                 curve.points.append(point)
         flops += metrics.get("training_flops", 0.0)
-        chars += metrics["tokens"] * metrics["heldout_chars_per_token"]
+        chars += metrics["tokens"] * chars_per_token
         curve.points.append((flops, chars, after))
         curve.stages.append((name, before, after))
     return curve
