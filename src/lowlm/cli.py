@@ -534,7 +534,9 @@ def report(
     baseline: Annotated[
         Path | None,
         typer.Option(
-            "--baseline", help="A base model's eval/results.json to compare the eval table with."
+            "--baseline",
+            help="A base model's eval/results.json to compare the eval table with, or a baseline "
+            "run directory (e.g. runs/plain) to compare held-out curves and stages with.",
         ),
     ] = None,
 ) -> None:

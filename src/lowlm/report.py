@@ -31,6 +31,7 @@ from lowlm import __version__
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
 from lowlm.graph import ORDER, STAGES, Graph
+from lowlm.report_adapt import adaptation_sections, baseline_run
 from lowlm.report_tokenizer import alone_section, is_alone
 from lowlm.rundir import atomic_write_text
 
@@ -163,7 +164,10 @@ def read_baseline(path: Path | None) -> dict | None:
         return None
     path = Path(path)
     if not path.is_file():
-        raise LowlmError(f"--baseline {path} does not exist; pass a results.json of lowlm eval.")
+        raise LowlmError(
+            f"--baseline {path} does not exist; pass a results.json of lowlm eval or a run "
+            "directory."
+        )
     data = _read_json(path)
     if data is None or not isinstance(data.get("tasks"), dict):
         raise LowlmError(f"--baseline {path} is not a results.json of lowlm eval (no 'tasks').")
@@ -715,7 +719,8 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
             f"there is no run directory {run_path} (run.root / run.name); run a stage of this "
             "config first, e.g. `lowlm run CONFIG`."
         )
-    base_results = read_baseline(baseline)
+    baseline_dir = baseline_run(baseline)  # a run directory: compared in adaptation_sections
+    base_results = read_baseline(None if baseline_dir else baseline)
     views = stage_views(graph)
     unreadable = [view for view in views if view.status == "error"]
     if unreadable:  # a page of unreadable stages must not replace a report of the run
@@ -766,6 +771,7 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
             "character, so figures under different tokenizers compare.</p>",
             _img(held, "held-out loss per character by stage"),
         ]
+    parts += adaptation_sections(run_path, baseline_dir)
     curves = training_chart(run_path, views)
     if curves:
         parts += [

@@ -14,6 +14,7 @@ on, and which `sft` keeps out of its training examples.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 HELDOUT_FILE = "heldout.txt"
@@ -45,3 +46,18 @@ def with_heldout_text(tasks: list, tokenizer_folder: Path) -> list:
 def heldout_set(tokenizer_folder: Path | None) -> frozenset[str]:
     """The lines of the run's heldout.txt, stripped (for matching against other text)."""
     return frozenset(line.strip() for line in read_heldout(tokenizer_folder) if line.strip())
+
+
+def heldout_document_lines(
+    documents: Iterable[str], seed: int, fraction: float, limit: int
+) -> list[str]:
+    """The first `limit` non-empty lines of the held-out documents, in corpus order: the lines
+    `tokenize` writes to heldout.txt, for a run that has no tokenize stage (plain LoRA on the
+    base tokenizer), so that its held-out figures are measured on the same text."""
+    lines: list[str] = []
+    for document in documents:
+        if len(lines) >= limit:
+            break
+        if is_held_out(document, seed, fraction):
+            lines.extend(line for line in document.split("\n") if line.strip())
+    return lines[:limit]

@@ -19,8 +19,8 @@ import torch
 
 from lowlm.config import LowlmConfig
 from lowlm.data.blocks import BlockDataset, build_cache, cache_key
-from lowlm.data.corpus import resolve_sources
-from lowlm.data.heldout import with_heldout_text
+from lowlm.data.corpus import iter_documents, read_lines, resolve_sources
+from lowlm.data.heldout import heldout_document_lines, with_heldout_text
 from lowlm.errors import LowlmError
 from lowlm.evaluation.runners import periodic_eval
 from lowlm.execute import StageRun
@@ -38,6 +38,7 @@ from lowlm.models.load import (
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.tokenization.base import resolve_base_tokenizer
 from lowlm.training.loop import document_positions, model_is_sharded, seed_everything
+from lowlm.training.metrics import training_flops
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
@@ -250,26 +251,28 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     eval_data = Blocks(eval_blocks, eos) if len(eval_blocks) else None
 
     seed_everything(config.run.seed)
-    dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
-    # An adapter parent is folded in first; stage 2 may load the base quantized (QLoRA).
-    quantize = cfg.stage2.quantize_base if stage == "2" else "none"
-    model = load_base_for_lora(parent, config.model, quantize, dtype)
-    check_vocab(model, tokenizer, parent)
-    new_ids = _new_token_ids(parent, tokenizer)
-    after_backward = None
-    if stage == "1":
-        model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
-    elif stage == "2":
-        model = _prepare_stage2(model, config, new_ids, model_is_sharded(accelerator))
-    else:  # every weight trains (a merged adapter parent leaves them frozen)
-        for param in model.parameters():
-            param.requires_grad_(True)
+    model, after_backward, new_ids = _stage_model(config, stage, parent, tokenizer, accelerator)
     plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
-    lines = heldout_lines(tokenizer_folder(config), cfg.eval_lines)
+    texts = scored_texts(config, sources)
+    with accelerator.autocast():
+        before = score_texts(model, tokenizer, texts)
+    model.train()
+    flops_per_token, flops_per_attended = training_flops(model, plan.frozen_base)
 
     def heldout_loss(model) -> dict:
-        # Comparable with resize's before/after figures: did this stage help?
-        return {"heldout_loss_per_char": loss_per_char(model, tokenizer, lines)} if lines else {}
+        # Comparable with resize's before/after figures and with the stage's own "before":
+        # did this stage help the target language, and what did the base language lose?
+        after = score_texts(model, tokenizer, texts)
+        figures = {"loss_per_char_before": before, "loss_per_char_after": after}
+        if "heldout" in after:
+            figures["heldout_loss_per_char"] = after["heldout"]
+            # How much text a training token carries, estimated on the held-out lines: what
+            # the report turns tokens seen into characters seen with.
+            ids = tokenizer(texts["heldout"], add_special_tokens=False)["input_ids"]
+            figures["heldout_chars_per_token"] = sum(map(len, texts["heldout"])) / max(
+                1, sum(map(len, ids))
+            )
+        return figures
 
     kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
     metrics, energy, card = train_and_save(
@@ -296,6 +299,10 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         ),
         parent_key=model_identity(parent),
     )
+    # The loop's own count (as its MFU): weights per token, attention per position attended.
+    metrics["training_flops"] = metrics["tokens"] * (
+        flops_per_token + flops_per_attended * cfg.block_size
+    )
     if accelerator.is_main_process:
         accelerator.print(
             f"{name}: {steps} steps, loss {_loss(metrics)}"
@@ -304,6 +311,65 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
         )
     record = model_record(card) if card else {}
     return {"metrics": metrics, "record": {**record, "energy": energy}}
+
+
+def _stage_model(config: LowlmConfig, stage: str, parent: str, tokenizer, accelerator):
+    """The parent loaded and prepared for the stage: (model, after_backward hook, new ids)."""
+    cfg = config.pretrain
+    dtype = torch.float32 if stage == "full" else resolve_load_dtype(config.model.dtype)
+    # An adapter parent is folded in first; stage 2 may load the base quantized (QLoRA).
+    quantize = cfg.stage2.quantize_base if stage == "2" else "none"
+    model = load_base_for_lora(parent, config.model, quantize, dtype)
+    check_vocab(model, tokenizer, parent)
+    new_ids = _new_token_ids(parent, tokenizer)
+    after_backward = None
+    if stage == "1":
+        model, after_backward = _prepare_stage1(model, new_ids, cfg.stage1.new_rows_only)
+    elif stage == "2":
+        model = _prepare_stage2(model, config, new_ids, model_is_sharded(accelerator))
+    else:  # every weight trains (a merged adapter parent leaves them frozen)
+        for param in model.parameters():
+            param.requires_grad_(True)
+    return model, after_backward, new_ids
+
+
+def scored_texts(config: LowlmConfig, sources) -> dict[str, list[str]]:
+    """What each stage scores before and after training: the run's held-out lines (a run
+    without a tokenize stage takes them from its corpus by the same rule) and up to
+    eval_lines of each tokenize.eval_texts file (the base language's drift)."""
+    limit = config.pretrain.eval_lines
+    lines = heldout_lines(tokenizer_folder(config), limit)
+    if not lines and tokenizer_folder(config) is None and limit and config.data.heldout_fraction:
+        lines = heldout_document_lines(
+            iter_documents(sources, config.data),
+            config.run.seed,
+            config.data.heldout_fraction,
+            min(limit, config.tokenize.holdout_lines),
+        )
+    texts = {"heldout": lines} if lines else {}
+    for label, path in config.tokenize.eval_texts.items():
+        if not Path(path).is_file():
+            raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
+        texts[label] = read_lines(path, config.data)[:limit]
+    return texts
+
+
+def score_texts(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, float]:
+    return {label: loss_per_char(model, tokenizer, lines) for label, lines in texts.items()}
+
+
+def stage_flops_per_token(config: LowlmConfig, stage: str) -> tuple[float, float]:
+    """(FLOPs per trained token, per token and position attended) the loop counts for this
+    stage's model as the stage would build it now (its parent must exist): what a benchmark
+    needs to give several runs the same training FLOPs."""
+    from lowlm.graph import Graph
+    from lowlm.training.session import make_accelerator
+
+    parent = Graph(config).plan(STAGES[stage]).model
+    tokenizer = load_tokenizer(_tokenizer_folder(config, parent))
+    accelerator = make_accelerator(config.model.dtype)
+    model, _, _ = _stage_model(config, stage, parent, tokenizer, accelerator)
+    return training_flops(model, frozen_base=stage != "full")
 
 
 def _section(stage: str) -> str:

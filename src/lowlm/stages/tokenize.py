@@ -29,6 +29,7 @@ from lowlm.tokenization.base import (
 )
 from lowlm.tokenization.base import tokenizer_hash as hash_tokenizer
 from lowlm.tokenization.byte_bpe_merge import extend_byte_level_bpe
+from lowlm.tokenization.pieces_curve import byte_bpe_curve, sentencepiece_curve
 from lowlm.tokenization.report import compare, format_table, write_chart
 from lowlm.tokenization.sentencepiece_merge import (
     load_proto,
@@ -105,6 +106,15 @@ def _build_byte_bpe(base: BaseTokenizer, train_file: Path, config, out: Path):
     return result.new_tokens, result.skipped
 
 
+def _compression_curve(base: BaseTokenizer, out: Path, sp_proto, held_out: list[str]):
+    """Held-out tokens per character with only the first k new pieces, for a few k."""
+    if sp_proto is not None:
+        return sentencepiece_curve(sp_proto, len(load_proto(base.sp_model).pieces), held_out)
+    base_json = json.loads((base.folder / "tokenizer.json").read_text(encoding="utf-8"))
+    merged_json = (out / "tokenizer.json").read_text(encoding="utf-8")
+    return byte_bpe_curve(merged_json, len(base_json["model"]["merges"]), held_out)
+
+
 def _reachability(tokenizer, new_tokens: list[str], sp_proto=None) -> tuple[int, int]:
     """(reachable, partial): how many new tokens the tokenizer produces for their own text (the
     others are rows no input reaches), and how many new byte-level tokens are fragments of a
@@ -152,7 +162,7 @@ def _work(run: StageRun) -> dict:
             report = _build(config, base, sources, work, out, reference)
             report["seconds"] = round(time.time() - started, 2)
             atomic_write_json(out / "report.json", report)
-            write_chart(report["texts"], out / "report.png")
+            write_chart(report["texts"], out / "report.png", report.get("compression_curve"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     tokenizer_hash = hash_tokenizer(run.folder)
@@ -231,6 +241,8 @@ def _build(config: LowlmConfig, base, sources, work: Path, out: Path, reference=
         texts[label] = read_lines(path, config.data)
     before = base_hf if base_hf is not None else reference_hf
     report["texts"] = {label: compare(before, merged, lines) for label, lines in texts.items()}
+    if base is not None and held_out:
+        report["compression_curve"] = _compression_curve(base, out, sp_proto, held_out)
     fast_ids = merged(held_out, add_special_tokens=False)["input_ids"] if held_out else []
     report["roundtrip_failures"] = sum(
         merged.decode(ids) != line for line, ids in zip(held_out, fast_ids, strict=True)

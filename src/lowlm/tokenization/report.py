@@ -69,8 +69,9 @@ def format_table(texts: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def write_chart(texts: dict[str, dict], path: Path) -> None:
-    """A bar chart of characters per token before and after, one group per text."""
+def write_chart(texts: dict[str, dict], path: Path, curve: list[dict] | None = None) -> None:
+    """A bar chart of characters per token before and after, one group per text; beside it,
+    held-out tokens per character against the number of new pieces kept (when measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,12 +81,21 @@ def write_chart(texts: dict[str, dict], path: Path) -> None:
     after = [texts[k]["after"]["chars_per_token"] for k in labels]
     before = [texts[k].get("before", {}).get("chars_per_token", 0.0) for k in labels]
     positions = range(len(labels))
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(labels)), 3.2), dpi=100)
+    width = max(4, 1.6 * len(labels))
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(width + (5 if curve else 0), 3.2))
+    ax = axes[0] if curve else axes
+    if curve:
+        counts = [row["new_pieces"] for row in curve]
+        axes[1].plot(counts, [row["tokens_per_char"] for row in curve], marker="o")
+        axes[1].set_xscale("symlog", linthresh=max(1, min(c for c in counts if c) or 1))
+        axes[1].set_xlabel("new pieces kept (in training order)")
+        axes[1].set_ylabel("held-out tokens per character")
+        axes[1].grid(alpha=0.3)
     ax.bar([p - 0.2 for p in positions], before, width=0.4, label="base")
     ax.bar([p + 0.2 for p in positions], after, width=0.4, label="lowlm tokenizer")
     ax.set_xticks(list(positions), labels)
     ax.set_ylabel("characters per token")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

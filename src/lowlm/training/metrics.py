@@ -145,6 +145,11 @@ def _numel(param) -> int:
     return math.prod(shape) if shape is not None else param.numel()
 
 
+def _wrapped_weight(module):
+    """A layer's weight, seen through peft's trainable-token wrapper (so a tie is still seen)."""
+    return getattr(getattr(module, "token_adapter", None), "base_layer", module).weight
+
+
 def training_flops(model, frozen_base: bool) -> tuple[float, float]:
     """(FLOPs per trained token for the weights, FLOPs per token and position it attends),
     the model FLOPs utilisation counts (as PaLM's MFU does): 2 per weight in the forward pass
@@ -154,10 +159,13 @@ def training_flops(model, frozen_base: bool) -> tuple[float, float]:
     the forward pass and twice that backward. Positions attended are counted per row as the
     kernel sees it (a packed row's full length; flash-attention's variable-length path
     computes less, so MFU is then understated)."""
-    weights = sum(_numel(p) for p in model.parameters())
-    embedding = model.get_input_embeddings().weight
+    # peft's trainable-token rows are a delta copied into the weight, not a product of their own.
+    weights = sum(
+        _numel(p) for n, p in model.named_parameters() if "trainable_tokens_delta" not in n
+    )
+    embedding = _wrapped_weight(model.get_input_embeddings())
     output = model.get_output_embeddings()
-    if output is None or output.weight is not embedding:
+    if output is None or _wrapped_weight(output) is not embedding:
         weights -= _numel(embedding)
     config = model.config.get_text_config()
     layers = getattr(config, "num_hidden_layers", 0) or 0

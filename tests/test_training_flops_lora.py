@@ -1,0 +1,38 @@
+"""The loop's FLOP count (its MFU, and the training_flops every pretrain stage records) on a
+peft model whose embedding rows train beside LoRA."""
+
+from __future__ import annotations
+
+import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lowlm.training.metrics import training_flops
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_token_rows_leave_the_count_of_the_lora_model_unchanged(tied):
+    """peft's trainable-token wrapper hides the tie (and adds a delta that is copied into the
+    weight, not multiplied): the count must be the plain LoRA model's."""
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=tied,
+    )
+    lora = {"r": 2, "target_modules": ["q_proj"]}
+    plain = get_peft_model(LlamaForCausalLM(config), LoraConfig(**lora))
+    rows = {"embed_tokens": list(range(900, 1000))}
+    if not tied:
+        rows["lm_head"] = list(range(900, 1000))
+    with_rows = get_peft_model(
+        LlamaForCausalLM(config), LoraConfig(**lora, trainable_token_indices=rows)
+    )
+    assert training_flops(with_rows, frozen_base=True) == training_flops(plain, frozen_base=True)
+    untouched = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    lora_weights = sum(p.numel() for n, p in plain.named_parameters() if "lora_" in n)
+    counted = untouched + lora_weights - (0 if tied else 1000 * 32)
+    assert training_flops(plain, frozen_base=True)[0] == 4 * counted
