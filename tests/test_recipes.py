@@ -274,6 +274,8 @@ def test_teenytinyllama_recipes_run_scaled_down_with_a_downstream_finetune(
             "finetune.batch_size=8",
             "finetune.max_length=32",
             "finetune.energy.enabled=false",
+            # the recipe's first task; its harness tasks need data from the Hub
+            "eval.tasks=[{name: ppl, heldout: true}]",
         ],
     )
     for stage in ("tokenize", "init", "pretrain-full", "export", "finetune", "eval"):
