@@ -315,12 +315,12 @@ def base_and_resized(merge_s2, plain, figures: dict) -> tuple[dict, dict]:
 def arm_figures(config, chars_per_token: float, lines: list[str]) -> dict:
     """One arm's figures from its run directory: the stages' manifest records (before / after
     scores, training FLOPs, tokens) and log.jsonl (the curve at each eval point)."""
-    from lowlm.graph import tokenizer_folder
+    from lowlm.graph import PRETRAIN_BY_FLAG, tokenizer_folder
     from lowlm.rundir import RunDir
-    from lowlm.stages.pretrain import STAGES, configured_stages
+    from lowlm.stages.pretrain import configured_stages
 
     records = RunDir(config).read_manifest()["stages"]
-    stages = [STAGES[s] for s in configured_stages(config)]
+    stages = [PRETRAIN_BY_FLAG[s].name for s in configured_stages(config)]
     metrics = [records[name]["metrics"] for name in stages]
     before, after = metrics[0]["loss_per_char_before"], metrics[-1]["loss_per_char_after"]
     cfg = config.pretrain

@@ -488,10 +488,11 @@ def _runner(name: str):
     from importlib import import_module
 
     if name.startswith("pretrain-"):
+        from lowlm.graph import PRETRAIN_BY_NAME
         from lowlm.stages import pretrain
 
-        stage = {"pretrain-stage1": "1", "pretrain-stage2": "2", "pretrain-full": "full"}[name]
-        return lambda config, force: pretrain.run_stage(config, stage, force=force)
+        flag = PRETRAIN_BY_NAME[name].flag
+        return lambda config, force: pretrain.run_stage(config, flag, force=force)
     return import_module(f"lowlm.stages.{name}").run
 
 

@@ -48,11 +48,26 @@ _BOOKKEEPING = {
     "liger_kernel",
     "attn_implementation",
 }
-_PRETRAIN_STAGES = {
-    "pretrain-stage1": "stage1",
-    "pretrain-stage2": "stage2",
-    "pretrain-full": "full",
-}
+
+
+@dataclass(frozen=True)
+class PretrainStage:
+    """One pre-training stage, declared once: the value of `lowlm pretrain --stage`, its name
+    in the graph (and folder), its section under `pretrain:` and what it writes."""
+
+    flag: str
+    name: str
+    section: str
+    writes: str
+
+
+PRETRAIN_STAGES = (
+    PretrainStage("1", "pretrain-stage1", "stage1", "embeddings"),
+    PretrainStage("2", "pretrain-stage2", "stage2", "adapter"),
+    PretrainStage("full", "pretrain-full", "full", "model"),
+)
+PRETRAIN_BY_FLAG = {s.flag: s for s in PRETRAIN_STAGES}
+PRETRAIN_BY_NAME = {s.name: s for s in PRETRAIN_STAGES}
 
 
 def _section_hash(section, exclude: set[str] | None = None, include: set[str] | None = None) -> str:
@@ -101,12 +116,12 @@ def _init_config(c: LowlmConfig) -> dict:
 
 
 def _pretrain_config(name: str) -> Callable[[LowlmConfig], dict]:
-    own = _PRETRAIN_STAGES[name]
+    own = PRETRAIN_BY_NAME[name].section
 
     def read(c: LowlmConfig) -> dict:
         return {
             "config.pretrain": _section_hash(
-                c.pretrain, exclude={"stage1", "stage2", "full"} | _BOOKKEEPING
+                c.pretrain, exclude={s.section for s in PRETRAIN_STAGES} | _BOOKKEEPING
             ),
             f"config.pretrain.{own}": _section_hash(getattr(c.pretrain, own)),
             "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
@@ -279,10 +294,11 @@ class Stage:
     models_from: tuple[str, ...] = ()  # its model: the first enabled of these...
     base_fallback: bool = False  # ...else model.base
     override: Callable[[LowlmConfig], str | None] = lambda c: None  # a model named in config
+    section: str | None = None  # a training stage's config section (its loop settings)
 
 
 def _pretrain_enabled(name: str) -> Callable[[LowlmConfig], bool]:
-    return lambda c: getattr(c.pretrain, _PRETRAIN_STAGES[name]).steps > 0
+    return lambda c: getattr(c.pretrain, PRETRAIN_BY_NAME[name].section).steps > 0
 
 
 _MODELS = ("pretrain-full", "pretrain-stage2", "pretrain-stage1", "resize", "init")
@@ -339,6 +355,7 @@ STAGES: dict[str, Stage] = {
             needs=("tokenize",),
             corpus_reader="pretrain",
             models_from=("resize", "init"),
+            section="pretrain",
         ),
         Stage(
             "pretrain-stage2",
@@ -351,6 +368,7 @@ STAGES: dict[str, Stage] = {
             corpus_reader="pretrain",
             models_from=("pretrain-stage1", "resize", "init"),
             base_fallback=True,
+            section="pretrain",
         ),
         Stage(
             "pretrain-full",
@@ -363,14 +381,13 @@ STAGES: dict[str, Stage] = {
             corpus_reader="pretrain",
             models_from=("pretrain-stage2", "pretrain-stage1", "resize", "init"),
             base_fallback=True,
+            section="pretrain",
         ),
         Stage(
             "export",
             "export",
             "lowlm export",
-            lambda c: any(
-                s.steps > 0 for s in (c.pretrain.stage1, c.pretrain.stage2, c.pretrain.full)
-            ),
+            lambda c: any(getattr(c.pretrain, s.section).steps > 0 for s in PRETRAIN_STAGES),
             _export_config,
             needs=("tokenize",),
             models_from=_MODELS,
@@ -386,6 +403,7 @@ STAGES: dict[str, Stage] = {
             models_from=("export", *_MODELS),
             base_fallback=True,
             override=lambda c: c.sft.model,
+            section="sft",
         ),
         Stage(
             "dpo",
@@ -397,6 +415,7 @@ STAGES: dict[str, Stage] = {
             models_from=("sft", "export", *_MODELS),
             base_fallback=True,
             override=lambda c: c.dpo.model,
+            section="dpo",
         ),
         Stage(
             "finetune",
@@ -408,6 +427,7 @@ STAGES: dict[str, Stage] = {
             models_from=("export", *_MODELS),
             base_fallback=True,
             override=lambda c: c.finetune.model,
+            section="finetune",
         ),
         Stage(
             "eval",

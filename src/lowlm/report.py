@@ -30,13 +30,13 @@ from pathlib import Path
 from lowlm import __version__
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.graph import ORDER, STAGES, Graph
+from lowlm.graph import ORDER, PRETRAIN_STAGES, STAGES, Graph
 from lowlm.report_adapt import adaptation_sections, baseline_run
 from lowlm.report_tokenizer import alone_section, is_alone
 from lowlm.rundir import atomic_write_text
 
 REPORT_FILE = "report.html"
-PRETRAIN = ("pretrain-stage1", "pretrain-stage2", "pretrain-full")
+PRETRAIN = tuple(s.name for s in PRETRAIN_STAGES)
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STATUS_COLOURS = {
     "done": "#1a7f37",

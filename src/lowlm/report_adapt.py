@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowlm.errors import LowlmError
+from lowlm.graph import PRETRAIN_STAGES
 
-PRETRAIN = ("pretrain-stage1", "pretrain-stage2", "pretrain-full")
+PRETRAIN = tuple(s.name for s in PRETRAIN_STAGES)
 MANIFEST = "manifest.json"
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
-from lowlm.graph import STAGES, Graph, folder
+from lowlm.graph import PRETRAIN_STAGES, STAGES, Graph, folder
 from lowlm.rundir import atomic_write_json
 
 FOLDER = "eval-checkpoints"
-PRETRAIN = ("pretrain-full", "pretrain-stage2", "pretrain-stage1")  # newest first
+PRETRAIN = tuple(s.name for s in reversed(PRETRAIN_STAGES))  # newest first
 
 
 @dataclass

@@ -24,7 +24,13 @@ from lowlm.data.heldout import heldout_document_lines, with_heldout_text
 from lowlm.errors import LowlmError
 from lowlm.evaluation.runners import periodic_eval
 from lowlm.execute import StageRun
-from lowlm.graph import corpus_patterns, folder, tokenizer_folder
+from lowlm.graph import (
+    PRETRAIN_BY_FLAG,
+    PRETRAIN_STAGES,
+    corpus_patterns,
+    folder,
+    tokenizer_folder,
+)
 from lowlm.models.load import (
     check_vocab,
     load_base_for_lora,
@@ -40,8 +46,6 @@ from lowlm.tokenization.base import resolve_base_tokenizer
 from lowlm.training.loop import document_positions, model_is_sharded, seed_everything
 from lowlm.training.metrics import training_flops
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
-
-STAGES = {"1": "pretrain-stage1", "2": "pretrain-stage2", "full": "pretrain-full"}
 
 
 class Blocks:
@@ -65,15 +69,7 @@ class Blocks:
 
 def configured_stages(config: LowlmConfig) -> list[str]:
     cfg = config.pretrain
-    return [
-        name
-        for name, steps in (
-            ("1", cfg.stage1.steps),
-            ("2", cfg.stage2.steps),
-            ("full", cfg.full.steps),
-        )
-        if steps > 0
-    ]
+    return [s.flag for s in PRETRAIN_STAGES if getattr(cfg, s.section).steps > 0]
 
 
 def _tokenizer_folder(config: LowlmConfig, parent: str) -> Path:
@@ -181,22 +177,23 @@ def _prepare_stage2(model, config: LowlmConfig, new_ids: list[int], sharded: boo
 
 def run_stage(config: LowlmConfig, stage: str, force: bool = False, resume: bool = True) -> dict:
     """Run one pre-training stage ('1', '2' or 'full') under the current accelerate setup."""
-    if stage not in STAGES:
+    if stage not in PRETRAIN_BY_FLAG:
         raise LowlmError(f"unknown pretrain stage '{stage}'; use 1, 2 or full.")
     cfg = config.pretrain
-    steps = getattr(cfg, _section(stage)).steps
+    steps = getattr(cfg, PRETRAIN_BY_FLAG[stage].section).steps
     if steps == 0:
         raise LowlmError(
-            f"pretrain stage {stage} has 0 steps; set pretrain.{_section(stage)}.steps."
+            f"pretrain stage {stage} has 0 steps; set "
+            f"pretrain.{PRETRAIN_BY_FLAG[stage].section}.steps."
         )
     work = lambda run, accelerator: _work(run, stage, accelerator)  # noqa: E731
-    return run_training_stage(config, STAGES[stage], work, force, resume)
+    return run_training_stage(config, PRETRAIN_BY_FLAG[stage].name, work, force, resume)
 
 
 def _work(run: StageRun, stage: str, accelerator) -> dict:
     config, cfg = run.config, run.config.pretrain
-    name = STAGES[stage]
-    section = getattr(cfg, _section(stage))
+    name = PRETRAIN_BY_FLAG[stage].name
+    section = getattr(cfg, PRETRAIN_BY_FLAG[stage].section)
     steps, lr = section.steps, section.lr
     parent = run.plan.model
     if parent is None:
@@ -274,7 +271,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
             )
         return figures
 
-    kind = {"1": "embeddings", "2": "adapter", "full": "model"}[stage]
+    kind = PRETRAIN_BY_FLAG[stage].writes
     metrics, energy, card = train_and_save(
         accelerator,
         model,
@@ -365,15 +362,11 @@ def stage_flops_per_token(config: LowlmConfig, stage: str) -> tuple[float, float
     from lowlm.graph import Graph
     from lowlm.training.session import make_accelerator
 
-    parent = Graph(config).plan(STAGES[stage]).model
+    parent = Graph(config).plan(PRETRAIN_BY_FLAG[stage].name).model
     tokenizer = load_tokenizer(_tokenizer_folder(config, parent))
     accelerator = make_accelerator(config.model.dtype)
     model, _, _ = _stage_model(config, stage, parent, tokenizer, accelerator)
     return training_flops(model, frozen_base=stage != "full")
-
-
-def _section(stage: str) -> str:
-    return {"1": "stage1", "2": "stage2", "full": "full"}[stage]
 
 
 def run(

@@ -223,7 +223,7 @@ def train_and_save(
             track_energy(
                 section.energy.enabled and accelerator.is_main_process,
                 section.energy.country_iso_code,
-                _SECTIONS.get(folder.name, "pretrain"),
+                _config_section(folder.name),
             ) as energy,
         ):
             metrics, prepared = train(
@@ -319,14 +319,12 @@ def speed_switches(model, section: TrainingSection, attn_implementation: str | N
         _apply_liger_kernel_to_instance(model=base)
 
 
-_SECTIONS = {
-    "pretrain-stage1": "pretrain",
-    "pretrain-stage2": "pretrain",
-    "pretrain-full": "pretrain",
-    "sft": "sft",
-    "dpo": "dpo",
-    "finetune": "finetune",
-}
+def _config_section(stage: str) -> str:
+    """The config section holding a training stage's loop settings (the graph declares it)."""
+    from lowlm.graph import STAGES
+
+    declared = STAGES.get(stage)
+    return declared.section if declared is not None and declared.section else "pretrain"
 
 
 def run_training_stage(config, name: str, work, force: bool = False, resume: bool = True):
@@ -335,7 +333,7 @@ def run_training_stage(config, name: str, work, force: bool = False, resume: boo
     `work(run, accelerator)` doing the stage."""
     from lowlm.execute import execute
 
-    section = getattr(config, _SECTIONS[name])
+    section = getattr(config, _config_section(name))
     accelerator = make_accelerator(config.model.dtype, section.compile)
     return execute(
         config,
