@@ -83,7 +83,7 @@ def headline(result: dict) -> tuple[str | None, float | None]:
 def curves_chart(run_path: Path, current_key: str | None) -> str | None:
     """One panel per task: its score against training tokens, over the checkpoints (None when
     nothing was recorded, or the record is of other weights than the stage's current ones)."""
-    from lowlm.report import _png, _pyplot
+    from lowlm.report.charts import png_uri, pyplot
 
     path = run_path / FOLDER / "results.json"
     try:
@@ -96,7 +96,7 @@ def curves_chart(run_path: Path, current_key: str | None) -> str | None:
     names = list(dict.fromkeys(n for p in points for n in p.get("tasks", {})))
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 0.8, 3.0), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         drawn = [(p["tokens"], headline(p["tasks"][name])) for p in points if name in p["tasks"]]
@@ -108,4 +108,4 @@ def curves_chart(run_path: Path, current_key: str | None) -> str | None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{record['stage']}: benchmarks over training", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png_uri(fig)

@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowlm.report import _e, _img, _png, _pyplot, fmt
+from lowlm.report.charts import png_uri, pyplot
+from lowlm.report.html import escape, img_tag
+from lowlm.report.text import fmt
 
 EXAMPLES_PER_REASON = 2
 
 
 def _row(*cells, head: bool = False) -> str:
     tag = "th" if head else "td"
-    return "<tr>" + "".join(f"<{tag}>{_e(c)}</{tag}>" for c in cells) + "</tr>"
+    return "<tr>" + "".join(f"<{tag}>{escape(c)}</{tag}>" for c in cells) + "</tr>"
 
 
 def _table(head: tuple, rows: list[tuple]) -> str:
@@ -27,7 +29,7 @@ def _histogram(stats: dict) -> str | None:
     counts = histogram.get("counts") or []
     if not any(counts):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 2.4))
     width = 1 / len(counts)
     ax.bar([i * width for i in range(len(counts))], counts, width=width * 0.9, align="edge")
@@ -37,7 +39,7 @@ def _histogram(stats: dict) -> str | None:
         ax.legend(fontsize=8)
     ax.set_xlabel(f"target-language score ({stats['lid'].get('label')})")
     ax.set_ylabel("documents read")
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _examples(removed: Path, reason_file: str) -> str:
@@ -58,15 +60,17 @@ def prepare_section(run_path: Path) -> str:
     kept = stats.get("kept", {})
     funnel = stats.get("funnel", [])
     read = funnel[0] if funnel else {}
+    lid = stats.get("lid", {})
     calibration = stats.get("calibration") or {}
     parts = [
         "<h2 id='prepare'>Corpus preparation</h2>",
         f"<p>{fmt(kept.get('documents'))} of {fmt(read.get('documents'))} documents kept "
         f"({fmt(kept.get('characters'))} characters, {fmt(kept.get('heldout_documents'))} "
-        f"marked held out) for {_e(stats.get('language'))}; language ID "
-        f"{_e(stats.get('lid', {}).get('model'))} (label {_e(stats.get('lid', {}).get('label'))}"
-        f", threshold {fmt(stats.get('lid', {}).get('threshold'))}); words: "
-        f"{_e(stats.get('word_tokenizer'))}; thresholds: {_e(stats.get('thresholds_source'))}"
+        f"marked held out) for {escape(stats.get('language'))}; language ID "
+        f"{escape(lid.get('model'))} (label {escape(lid.get('label'))}"
+        f", threshold {fmt(lid.get('threshold'))}); words: "
+        f"{escape(stats.get('word_tokenizer'))}; "
+        f"thresholds: {escape(stats.get('thresholds_source'))}"
         + (
             f", calibrated on {fmt(calibration.get('documents'))} clean documents "
             f"({len(calibration.get('changed') or {})} loosened)"
@@ -82,7 +86,7 @@ def prepare_section(run_path: Path) -> str:
             (step["step"], fmt(step["in"]), fmt(step["removed"]), fmt(step["documents"]), reasons)
         )
     parts.append(_table(("step", "in", "removed", "kept", "removed because"), rows))
-    parts.append(_img(_histogram(stats), "language-score histogram"))
+    parts.append(img_tag(_histogram(stats), "language-score histogram"))
     examples = []
     for step in funnel[1:]:
         for reason, count in sorted(step["reasons"].items()):
@@ -103,7 +107,7 @@ def prepare_section(run_path: Path) -> str:
             for name, ngrams in (decont.get("index_ngrams") or {}).items()
         ]
         rows += [(item, "not checked", "") for item in decont.get("not_checked") or []]
-        size = f"{fmt(decont.get('n_gram'))}-{_e(decont.get('unit'))}"
+        size = f"{fmt(decont.get('n_gram'))}-{escape(decont.get('unit'))}"
         parts += [
             f"<h3>Contamination ({size} n-grams)</h3>",
             _table(("benchmark", "n-grams indexed", "documents removed"), rows),

@@ -159,9 +159,9 @@ def comparison_chart(curves: list[HeldoutCurve]) -> str | None:
     """Held-out nats per character against training FLOPs (left) and characters (right)."""
     if not any(c.points for c in curves):
         return None
-    from lowlm.report import _png, _pyplot
+    from lowlm.report.charts import png_uri, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for index, curve in enumerate(curves):
         if not curve.points:
@@ -179,12 +179,12 @@ def comparison_chart(curves: list[HeldoutCurve]) -> str | None:
     axes[0].legend(fontsize=8)
     axes[0].set_title("held-out loss per character (dotted: each run's base)", fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    return png_uri(fig)
 
 
 def adaptation_sections(run_path: Path, baseline: Path | None) -> list[str]:
     """The report's HTML for this: the drift table, and with a baseline run the comparison."""
-    from lowlm.report import _img
+    from lowlm.report.html import img_tag
 
     parts = []
     drift = drift_table(run_path)
@@ -207,7 +207,7 @@ def adaptation_sections(run_path: Path, baseline: Path | None) -> list[str]:
         "(tokens x the held-out text's characters per token). Both runs' held-out lines "
         "come from the same rule; compare them only when both used the same corpus, "
         "data.heldout_fraction and run.seed.</p>",
-        _img(comparison_chart(curves), "held-out curve against the baseline run"),
+        img_tag(comparison_chart(curves), "held-out curve against the baseline run"),
         stages_table(curves),
     ]
     return parts

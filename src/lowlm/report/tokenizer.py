@@ -14,11 +14,12 @@ def is_alone(tokenizer: dict) -> bool:
 
 def alone_section(tokenizer: dict) -> list[str]:
     """HTML parts: a sentence, the chart and the table."""
-    from lowlm.report import _e, _img, fmt  # the page's own helpers (report imports this)
+    from lowlm.report.html import escape, img_tag
+    from lowlm.report.text import fmt
 
     reference = tokenizer.get("reference")
     against = (
-        f" It is compared with the reference tokenizer {_e(reference)} (vocabulary "
+        f" It is compared with the reference tokenizer {escape(reference)} (vocabulary "
         f"{fmt(tokenizer.get('reference_vocab_size'))}) on the same text."
         if reference
         else " No reference tokenizer is named (set model.tokenizer to compare with one)."
@@ -29,7 +30,7 @@ def alone_section(tokenizer: dict) -> list[str]:
         f"{fmt(tokenizer.get('vocab_size'))}. Characters per "
         f"token on the held-out text (text no stage trained on) and on each eval text; higher "
         f"means shorter sequences.{against}</p>",
-        _img(_chart(tokenizer), "characters per token by text"),
+        img_tag(_chart(tokenizer), "characters per token by text"),
         _table(tokenizer),
     ]
 
@@ -40,12 +41,12 @@ def _texts(tokenizer: dict) -> dict[str, dict]:
 
 
 def _chart(tokenizer: dict) -> str | None:
-    from lowlm.report import _png, _pyplot
+    from lowlm.report.charts import png_uri, pyplot
 
     texts = _texts(tokenizer)
     if not texts:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(texts)
     positions = list(range(len(labels)))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(labels)), 3.4))
@@ -66,21 +67,23 @@ def _chart(tokenizer: dict) -> str | None:
     ax.margins(y=0.25)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _table(tokenizer: dict) -> str:
-    from lowlm.report import _e, _finite, fmt
+    from lowlm.report.charts import finite
+    from lowlm.report.html import escape
+    from lowlm.report.text import fmt
 
     rows = []
     for label, entry in _texts(tokenizer).items():
         after, before = entry["after"], entry.get("before") or {}
         change = entry.get("token_change")
         rows.append(
-            f"<tr><td>{_e(label)}</td><td class='num'>{fmt(after.get('lines'))}</td>"
+            f"<tr><td>{escape(label)}</td><td class='num'>{fmt(after.get('lines'))}</td>"
             f"<td class='num'>{fmt(after.get('chars_per_token'))}</td>"
             f"<td class='num'>{fmt(before.get('chars_per_token'))}</td>"
-            f"<td class='num'>{f'{change:+.1%}' if _finite(change) else '-'}</td>"
+            f"<td class='num'>{f'{change:+.1%}' if finite(change) else '-'}</td>"
             f"<td class='num'>{fmt(after.get('tokens_per_word'))}</td>"
             f"<td class='num'>{fmt(after.get('byte_fallback_share'))}</td></tr>"
         )
