@@ -201,6 +201,59 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
             f"pretrain stage {stage} has no model to start from; configure `resize` (model.base "
             "and tokenize.corpus) or `init` (init.size) and run it first."
         )
+    sources, tokenizer, train_data, eval_data = _packed_corpus(run, parent, name, accelerator)
+
+    seed_everything(config.run.seed)
+    model, after_backward, new_ids = _stage_model(config, stage, parent, tokenizer, accelerator)
+    plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
+    texts = scored_texts(config, sources)
+    heldout_loss = _before_and_after(model, tokenizer, texts, accelerator)
+    flops_per_token, flops_per_attended = training_flops(model, plan.frozen_base)
+
+    kind = PRETRAIN_BY_FLAG[stage].writes
+    metrics, energy, card = train_and_save(
+        accelerator,
+        model,
+        tokenizer,
+        train_data,
+        eval_data,
+        plan,
+        cfg,
+        run.folder,
+        kind=kind,
+        parent=parent if kind != "model" else None,
+        resume=run.resume,
+        after_backward=after_backward,
+        final_metrics=heldout_loss,
+        new_token_ids=[new_ids[0], new_ids[-1] + 1] if new_ids else None,
+        trained_from=parent,
+        stage_key=run.key,
+        report_to=config.run.report_to,
+        attn_implementation=config.model.attn_implementation,
+        periodic=periodic_eval(
+            with_heldout_text(cfg.eval_tasks, folder(config, "tokenize")), tokenizer
+        ),
+        parent_key=model_identity(parent),
+    )
+    # The loop's own count (as its MFU): weights per token, attention per position attended.
+    metrics["training_flops"] = metrics["tokens"] * (
+        flops_per_token + flops_per_attended * cfg.block_size
+    )
+    if accelerator.is_main_process:
+        accelerator.print(
+            f"{name}: {steps} steps, loss {_loss(metrics)}"
+            + (f", held-out loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
+            + f"; wrote {run.folder}"
+        )
+    record = model_record(card) if card else {}
+    return {"metrics": metrics, "record": {**record, "energy": energy}}
+
+
+def _packed_corpus(run: StageRun, parent: str, name: str, accelerator):
+    """(corpus sources, tokenizer, training blocks, held-out blocks or None): the corpus packed
+    into the content-keyed cache (built, or reused when its key matches) with the tokenizer
+    the parent model was built for."""
+    config, cfg = run.config, run.config.pretrain
     tokenizer_dir = _tokenizer_folder(config, parent)
     corpus_hashes = {
         label.removeprefix("corpus:"): value
@@ -246,68 +299,31 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     train_data = Blocks(BlockDataset(cache, "train"), eos)
     eval_blocks = BlockDataset(cache, "eval")
     eval_data = Blocks(eval_blocks, eos) if len(eval_blocks) else None
+    return sources, tokenizer, train_data, eval_data
 
-    seed_everything(config.run.seed)
-    model, after_backward, new_ids = _stage_model(config, stage, parent, tokenizer, accelerator)
-    plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
-    texts = scored_texts(config, sources)
+
+def _before_and_after(model, tokenizer, texts: dict[str, list[str]], accelerator):
+    """Scores `texts` now (loss per character) and returns the function that gives the stage's
+    figures once trained: before and after on each text, comparable with resize's figures and
+    with the stage's own "before": did it help the target language, what did the base lose?"""
     with accelerator.autocast():
         before = score_texts(model, tokenizer, texts)
     model.train()
-    flops_per_token, flops_per_attended = training_flops(model, plan.frozen_base)
 
-    def heldout_loss(model) -> dict:
-        # Comparable with resize's before/after figures and with the stage's own "before":
-        # did this stage help the target language, and what did the base language lose?
+    def figures(model) -> dict:
         after = score_texts(model, tokenizer, texts)
-        figures = {"loss_per_char_before": before, "loss_per_char_after": after}
+        result = {"loss_per_char_before": before, "loss_per_char_after": after}
         if "heldout" in after:
-            figures["heldout_loss_per_char"] = after["heldout"]
+            result["heldout_loss_per_char"] = after["heldout"]
             # How much text a training token carries, estimated on the held-out lines: what
             # the report turns tokens seen into characters seen with.
             ids = tokenizer(texts["heldout"], add_special_tokens=False)["input_ids"]
-            figures["heldout_chars_per_token"] = sum(map(len, texts["heldout"])) / max(
+            result["heldout_chars_per_token"] = sum(map(len, texts["heldout"])) / max(
                 1, sum(map(len, ids))
             )
-        return figures
+        return result
 
-    kind = PRETRAIN_BY_FLAG[stage].writes
-    metrics, energy, card = train_and_save(
-        accelerator,
-        model,
-        tokenizer,
-        train_data,
-        eval_data,
-        plan,
-        cfg,
-        run.folder,
-        kind=kind,
-        parent=parent if kind != "model" else None,
-        resume=run.resume,
-        after_backward=after_backward,
-        final_metrics=heldout_loss,
-        new_token_ids=[new_ids[0], new_ids[-1] + 1] if new_ids else None,
-        trained_from=parent,
-        stage_key=run.key,
-        report_to=config.run.report_to,
-        attn_implementation=config.model.attn_implementation,
-        periodic=periodic_eval(
-            with_heldout_text(cfg.eval_tasks, folder(config, "tokenize")), tokenizer
-        ),
-        parent_key=model_identity(parent),
-    )
-    # The loop's own count (as its MFU): weights per token, attention per position attended.
-    metrics["training_flops"] = metrics["tokens"] * (
-        flops_per_token + flops_per_attended * cfg.block_size
-    )
-    if accelerator.is_main_process:
-        accelerator.print(
-            f"{name}: {steps} steps, loss {_loss(metrics)}"
-            + (f", held-out loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
-            + f"; wrote {run.folder}"
-        )
-    record = model_record(card) if card else {}
-    return {"metrics": metrics, "record": {**record, "energy": energy}}
+    return figures
 
 
 def _stage_model(config: LowlmConfig, stage: str, parent: str, tokenizer, accelerator):
