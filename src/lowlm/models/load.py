@@ -30,6 +30,13 @@ MODEL_CARD = "lowlm_model.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
+def pad_id(tokenizer) -> int | None:
+    """The id that pads batches: the tokenizer's pad token, else its EOS (Llama-style
+    tokenizers have no pad token; padded positions are masked, so the choice does not matter
+    as long as it is a real id)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

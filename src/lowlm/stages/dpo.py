@@ -35,6 +35,7 @@ from lowlm.models.load import (
     load_base_for_lora,
     model_identity,
     model_record,
+    pad_id,
     read_card,
     tokenizer_for,
 )
@@ -204,9 +205,7 @@ def _work(run: StageRun, accelerator) -> dict:
     train_pairs, held_pairs = _split(encoded, cfg.eval_fraction, config.run.seed)
     if not train_pairs:
         raise LowlmError("every pair was held out; lower dpo.eval_fraction or add pairs.")
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad = pad_id(tokenizer)
     accelerator.print(
         f"dpo: {len(train_pairs)} training and {len(held_pairs)} held-out pairs "
         f"({dropped} dropped by max_length), template {template_name}, beta {cfg.beta}"
@@ -218,7 +217,7 @@ def _work(run: StageRun, accelerator) -> dict:
     model = apply_lora(model, cfg.lora)
     plan = plan_from(cfg, cfg.steps, cfg.lr, config.run.seed, frozen_base=True)
     unwrapped = {"model": model}
-    before = heldout_metrics(model, held_pairs, pad_id, cfg.beta) if held_pairs else {}
+    before = heldout_metrics(model, held_pairs, pad, cfg.beta) if held_pairs else {}
     metrics, energy, saved = train_and_save(
         accelerator,
         model,
@@ -231,10 +230,10 @@ def _work(run: StageRun, accelerator) -> dict:
         kind="adapter",
         parent=source,
         resume=run.resume,
-        collate=collate_pairs(pad_id),
+        collate=collate_pairs(pad),
         loss_fn=dpo_loss(lambda: unwrapped["model"], cfg.beta),
         final_metrics=lambda trained: (
-            heldout_metrics(trained, held_pairs, pad_id, cfg.beta) if held_pairs else {}
+            heldout_metrics(trained, held_pairs, pad, cfg.beta) if held_pairs else {}
         ),
         template=template_name,
         system=system,

@@ -31,6 +31,7 @@ from lowlm.models.load import (
     load_merged,
     model_identity,
     model_record,
+    pad_id,
     read_card,
     tokenizer_for,
 )
@@ -222,10 +223,8 @@ def _work(run: StageRun, accelerator) -> dict:
     label_ids = {label: i for i, label in enumerate(labels)}
 
     tokenizer = tokenizer_for(source, config.model)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    if pad_id is None:
+    pad = pad_id(tokenizer)
+    if pad is None:
         raise LowlmError("the tokenizer has neither a pad nor an EOS token to pad batches with.")
     train_rows = _encode(tokenizer, train_examples, label_ids, cfg.max_length)
     test_rows = _encode(tokenizer, test_examples, label_ids, cfg.max_length)
@@ -241,7 +240,7 @@ def _work(run: StageRun, accelerator) -> dict:
     seed_everything(config.run.seed)
     work = Path(tempfile.mkdtemp(dir=run.run_dir.path, prefix=".finetune-work-"))
     try:
-        model = _classifier(source, config, labels, work, pad_id)
+        model = _classifier(source, config, labels, work, pad)
         check_vocab(model, tokenizer, source)
         if cfg.method == "lora":
             model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
@@ -249,7 +248,7 @@ def _work(run: StageRun, accelerator) -> dict:
         test: dict = {}
 
         def evaluate_test(trained) -> dict:
-            predicted = predict(trained, test_rows, pad_id)
+            predicted = predict(trained, test_rows, pad)
             test.update(scores([r["label"] for r in test_rows], predicted, labels))
             return {
                 "accuracy": test["accuracy"],
@@ -270,7 +269,7 @@ def _work(run: StageRun, accelerator) -> dict:
             kind="classifier" if cfg.method == "full" else "classifier-adapter",
             parent=None,
             resume=run.resume,
-            collate=collate_labels(pad_id),
+            collate=collate_labels(pad),
             final_metrics=evaluate_test,
             files=lambda: {
                 "labels.json": json.dumps(

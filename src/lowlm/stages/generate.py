@@ -18,7 +18,7 @@ from lowlm.config import LowlmConfig
 from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
 from lowlm.graph import current_model
-from lowlm.models.load import load_for_inference
+from lowlm.models.load import load_for_inference, pad_id
 
 
 def load_for_generation(config: LowlmConfig, model_path: str | None):
@@ -76,9 +76,7 @@ class Generator:
             output = self.model.generate(
                 **encoded,
                 streamer=streamer,
-                pad_token_id=self.tokenizer.pad_token_id
-                if self.tokenizer.pad_token_id is not None
-                else self.tokenizer.eos_token_id,
+                pad_token_id=pad_id(self.tokenizer),
                 eos_token_id=self.tokenizer.eos_token_id,
                 **self.settings,
             )
