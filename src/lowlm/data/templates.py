@@ -204,6 +204,18 @@ class Template:
         return Rendered(rendered.text[:start], rendered.spans[:-1], rendered.add_special_tokens)
 
 
+def template_from_card(
+    card: dict, tokenizer, name: str | None = None, system: str | None = None
+) -> Template | None:
+    """The template a model was tuned with, read from its card (with the card's system prompt),
+    or the named one when `name` is given (then with `system`); None when neither says."""
+    chosen = name or card.get("template")
+    if not chosen:
+        return None
+    prompt = system if name else card.get("system")
+    return Template(chosen, tokenizer, prompt, bool(card.get("append_input", False)))
+
+
 def _segments(rendered: Rendered) -> list[tuple[str, bool]]:
     """The text cut at the edges of its trained spans: (text, trained) in order, none empty."""
     pieces, position = [], 0

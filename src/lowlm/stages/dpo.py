@@ -27,7 +27,7 @@ from lowlm.config import LowlmConfig
 from lowlm.data.heldout import is_held_out
 from lowlm.data.records import read_records
 from lowlm.data.sft_examples import IGNORE, truncate
-from lowlm.data.templates import Template
+from lowlm.data.templates import Template, template_from_card
 from lowlm.errors import LowlmError
 from lowlm.execute import StageRun
 from lowlm.models.load import (
@@ -176,14 +176,13 @@ def _work(run: StageRun, accelerator) -> dict:
     if not source:
         raise LowlmError("there is no model to align; set dpo.model or model.base, or run sft.")
     card = (read_card(Path(source)) if Path(source).is_dir() else None) or {}
-    template_name = cfg.template or card.get("template")
-    if not template_name:
+    tokenizer = tokenizer_for(source, config.model)
+    template = template_from_card(card, tokenizer, cfg.template)
+    if template is None:
         raise LowlmError(
             f"{source} was not tuned with a template; set dpo.template (alpaca, chatml, ...)."
         )
-    tokenizer = tokenizer_for(source, config.model)
-    system = card.get("system") if not cfg.template else None
-    template = Template(template_name, tokenizer, system, bool(card.get("append_input", False)))
+    template_name, system = template.spec, template.system
     encoded, dropped = [], 0
     for _where, prompt, chosen, rejected in read_pairs(config):
         c = encode_pair(template, prompt, chosen, cfg.max_length)

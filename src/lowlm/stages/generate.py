@@ -15,7 +15,7 @@ import torch
 from transformers import TextStreamer
 
 from lowlm.config import LowlmConfig
-from lowlm.data.templates import Template
+from lowlm.data.templates import template_from_card
 from lowlm.errors import LowlmError
 from lowlm.graph import current_model
 from lowlm.models.load import load_for_inference, pad_id
@@ -43,16 +43,8 @@ class Generator:
         write: Callable[[str], None] | None = None,
     ):
         self.model, self.tokenizer, card = load_for_generation(config, model_path)
-        name = template or card.get("template")
         self.template = (
-            None
-            if raw or not name
-            else Template(
-                name,
-                self.tokenizer,
-                card.get("system") if not template else config.sft.system,
-                bool(card.get("append_input", False)),
-            )
+            None if raw else template_from_card(card, self.tokenizer, template, config.sft.system)
         )
         self.settings = dict(
             max_new_tokens=max_new_tokens, do_sample=not greedy and temperature > 0

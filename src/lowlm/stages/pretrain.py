@@ -44,7 +44,7 @@ from lowlm.models.load import (
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.tokenization.base import resolve_base_tokenizer
 from lowlm.training.loop import document_positions, model_is_sharded, seed_everything
-from lowlm.training.metrics import training_flops
+from lowlm.training.metrics import loss_text, training_flops
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 
@@ -241,7 +241,7 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
     )
     if accelerator.is_main_process:
         accelerator.print(
-            f"{name}: {steps} steps, loss {_loss(metrics)}"
+            f"{name}: {steps} steps, loss {loss_text(metrics)}"
             + (f", held-out loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
             + f"; wrote {run.folder}"
         )
@@ -396,8 +396,3 @@ def run(
     for name in stages:
         results[name] = run_stage(config, name, force=force, resume=resume)
     return results
-
-
-def _loss(metrics: dict) -> str:
-    loss = metrics.get("loss")
-    return "-" if loss is None else f"{loss:.4f}"

@@ -28,6 +28,7 @@ from lowlm.models.load import (
     tokenizer_for,
 )
 from lowlm.training.loop import seed_everything
+from lowlm.training.metrics import loss_text
 from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
 
 STAGE = "sft"
@@ -138,11 +139,6 @@ def _work(run: StageRun, accelerator) -> dict:
         validation_examples=len(eval_examples),
     )
     if accelerator.is_main_process:
-        accelerator.print(f"sft: {cfg.steps} steps, loss {_loss(metrics)}; wrote {run.folder}")
+        accelerator.print(f"sft: {cfg.steps} steps, loss {loss_text(metrics)}; wrote {run.folder}")
     record = model_record(card) if card else {}
     return {"metrics": metrics, "record": {**record, "energy": energy}}
-
-
-def _loss(metrics: dict) -> str:
-    loss = metrics.get("loss")
-    return "-" if loss is None else f"{loss:.4f}"

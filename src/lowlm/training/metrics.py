@@ -174,3 +174,9 @@ def training_flops(model, frozen_base: bool) -> tuple[float, float]:
         (getattr(config, "hidden_size", 0) or 0) // max(heads, 1)
     )
     return (4 if frozen_base else 6) * weights, 12 * layers * heads * head_dim
+
+
+def loss_text(metrics: dict) -> str:
+    """A stage's final loss for its closing line ("-" when it trained no step)."""
+    loss = metrics.get("loss")
+    return "-" if loss is None else f"{loss:.4f}"
