@@ -14,17 +14,31 @@ on, and which `sft` keeps out of its training examples.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 HELDOUT_FILE = "heldout.txt"
 
 
+def _hash_share(data: bytes) -> float:
+    """A stable number in [0, 1) drawn from the bytes' hash."""
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
 def is_held_out(document: str, seed: int, fraction: float) -> bool:
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{seed}\0{document}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    return _hash_share(f"{seed}\0{document}".encode()) < fraction
+
+
+def hash_split(items: Iterable, hashed: Callable[[object], bytes], fraction: float):
+    """(kept, held): an item is held when the hash of `hashed(item)` (its content, with the
+    seed) falls below `fraction`; the same items are held whatever their order or number."""
+    kept, held = [], []
+    for item in items:
+        (held if _hash_share(hashed(item)) < fraction else kept).append(item)
+    return kept, held
 
 
 def read_heldout(tokenizer_folder: Path | None) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lowlm.config import LowlmConfig
-from lowlm.data.heldout import is_held_out
+from lowlm.data.heldout import hash_split
 from lowlm.data.records import read_records
 from lowlm.data.sft_examples import IGNORE, truncate
 from lowlm.data.templates import Template, template_from_card
@@ -160,10 +160,9 @@ def heldout_metrics(model, pairs: list[dict], pad_id: int, beta: float, batch_si
 
 def _split(pairs: list[dict], fraction: float, seed: int) -> tuple[list, list]:
     """Held-out pairs chosen by the run's held-out rule over each pair's text."""
-    train, held = [], []
-    for pair in pairs:
-        (held if is_held_out(pair["key"], seed, fraction) else train).append(pair)
-    return train, held
+    if fraction <= 0:
+        return pairs, []
+    return hash_split(pairs, lambda pair: f"{seed}\0{pair['key']}".encode(), fraction)
 
 
 def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:

@@ -11,7 +11,6 @@ energy are the shared ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from lowlm.config import LowlmConfig
+from lowlm.data.heldout import hash_split
 from lowlm.data.records import read_records
 from lowlm.errors import LowlmError
 from lowlm.execute import StageRun
@@ -77,13 +77,11 @@ def _examples(
 
 def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     """A stable test share chosen by a hash of each record's content."""
-    train, test = [], []
-    for example in examples:
-        digest = hashlib.blake2b(
-            json.dumps([seed, *example[1:]], ensure_ascii=False).encode(), digest_size=8
-        ).digest()
-        (test if int.from_bytes(digest, "little") / 2**64 < fraction else train).append(example)
-    return train, test
+    return hash_split(
+        examples,
+        lambda example: json.dumps([seed, *example[1:]], ensure_ascii=False).encode(),
+        fraction,
+    )
 
 
 def _label_order(labels: list[str]) -> list[str]:

@@ -9,10 +9,8 @@ shared ones of `lowlm pretrain`.
 
 from __future__ import annotations
 
-import hashlib
-
 from lowlm.config import LowlmConfig
-from lowlm.data.heldout import heldout_set, with_heldout_text
+from lowlm.data.heldout import hash_split, heldout_set, with_heldout_text
 from lowlm.data.instructions import describe, read_conversations
 from lowlm.data.sft_examples import build_examples, pack
 from lowlm.data.templates import Template
@@ -38,13 +36,9 @@ def _split(examples: list[dict], fraction: float, seed: int) -> tuple[list, list
     """Hold out a stable share of examples (by content) for validation loss."""
     if fraction == 0 or len(examples) < 20:
         return examples, []
-    train, held = [], []
-    for example in examples:
-        digest = hashlib.blake2b(f"{seed}".encode() + example["input_ids"].tobytes(), digest_size=8)
-        (held if int.from_bytes(digest.digest(), "little") / 2**64 < fraction else train).append(
-            example
-        )
-    return train, held
+    return hash_split(
+        examples, lambda example: f"{seed}".encode() + example["input_ids"].tobytes(), fraction
+    )
 
 
 def _without_heldout(conversations: list, heldout: frozenset[str]) -> tuple[list, int]:
