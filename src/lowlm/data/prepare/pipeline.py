@@ -167,6 +167,8 @@ class Runner:
                 executor.run()
             if self.executor.kind == "slurm":
                 _wait_for_slurm(executor)
+            elif self.executor.kind == "ray":
+                _check_ray_tasks(executor)
         except Exception as exc:  # noqa: BLE001 - a task's failure, reported in one line
             raise TaskFailed(
                 f"prepare's {name} step failed in a task ({type(exc).__name__}: {exc}); its log is "
@@ -199,15 +201,16 @@ class Runner:
                 raise LowlmError(
                     "prepare.executor kind ray needs Ray: pip install 'datatrove[ray]'."
                 ) from None
-            if not ray.is_initialized():
-                ray.init(address=cfg.address, ignore_reinit_error=True)
-            return RayPipelineExecutor(
-                phase.steps,
-                tasks=phase.tasks,
-                logging_dir=str(logs),
-                cpus_per_task=cfg.cpus_per_task,
-                mem_per_cpu_gb=cfg.mem_per_cpu_gb,
-            )
+            if not ray.is_initialized():  # else: the Ray the caller started (and stops)
+                ray.init(address=cfg.address, log_to_driver=False)  # task logs: logs/<phase>
+            with _datatrove_logs_to(self.work / "datatrove.log"):  # its shared-folder warning
+                return RayPipelineExecutor(
+                    phase.steps,
+                    tasks=phase.tasks,
+                    logging_dir=str(logs),
+                    cpus_per_task=cfg.cpus_per_task,
+                    mem_per_cpu_gb=cfg.mem_per_cpu_gb,
+                )
         from datatrove.executor import SlurmPipelineExecutor
 
         if not cfg.partition:
@@ -249,6 +252,16 @@ def _wait_for_slurm(executor) -> None:
     """Slurm jobs are submitted, not run: wait until every task has its completion marker."""
     while executor.get_incomplete_ranks(skip_completed=True):
         time.sleep(30)
+
+
+def _check_ray_tasks(executor) -> None:
+    """datatrove's Ray executor only logs a warning when a task fails: fail the phase here."""
+    failed = executor.get_incomplete_ranks(skip_completed=True)
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {executor.world_size} Ray tasks did not complete (first: rank "
+            f"{failed[0]})"
+        )
 
 
 def _merged_stats(logs: Path) -> list[dict]:
