@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -100,3 +103,46 @@ def test_the_cli_starts_its_own_ray_when_none_runs(write_config, tmp_path):
     corpus = tmp_path / "runs" / "ray" / "corpus"
     ids = sorted(r["id"] for s in corpus.glob("*.parquet") for r in pq.read_table(s).to_pylist())
     assert ids == [r["id"] for r in local_rows]
+
+
+@pytest.fixture
+def slurm_log(monkeypatch):
+    """A single-node Slurm with partition `lowlm`; yields its controller's log."""
+    from . import slurm_cluster
+
+    reason = slurm_cluster.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    folder = Path(tempfile.mkdtemp(prefix="lowlm-slurm-"))  # short: it holds munge's socket
+    try:
+        monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.start(folder, "lowlm")))
+        yield folder / "slurmctld.log"
+    finally:
+        slurm_cluster.stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_slurm_keeps_the_same_documents_and_stats_as_local(write_config, tmp_path, slurm_log):
+    inputs = _corpus(tmp_path)
+    local_rows, local_stats = _prepare(write_config, tmp_path, inputs, "local", {"workers": 1})
+    executor = {"kind": "slurm", "partition": "lowlm", "mem_per_cpu_gb": 1.5}
+    slurm_rows, slurm_stats = _prepare(write_config, tmp_path, inputs, "slurm", executor)
+    assert 0 < len(slurm_rows) < 64
+    assert slurm_rows == local_rows
+    assert _without_times(slurm_stats) == _without_times(local_stats)
+    # every task of every phase ran as a Slurm job array element (and datatrove's stats merges)
+    tasks = sum(phase["tasks"] for phase in slurm_stats["phases"].values())
+    assert slurm_log.read_text().count("WEXITSTATUS 0") >= tasks
+
+
+def test_a_failed_slurm_task_fails_the_phase_instead_of_waiting(tmp_path, slurm_log):
+    from lowlm.data.prepare.pipeline import Runner, TaskFailed, shard_reader
+    from lowlm.data.prepare.settings import ExecutorConfig
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.jsonl.gz").write_bytes(b"not gzip")  # the reader raises inside the task
+    (tmp_path / "work").mkdir()
+    runner = Runner(ExecutorConfig(kind="slurm", partition="lowlm"), tmp_path / "work")
+    with pytest.raises(TaskFailed, match=r"ended with 1 of 1 tasks unfinished"):
+        runner.run("read", [shard_reader(shards)], 1)
