@@ -98,10 +98,30 @@ def stop(folder: Path) -> None:
     their pid files)."""
     env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
     subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # slurmd must outlive its jobs' step daemons
+        queue = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+        if queue.returncode != 0 or not queue.stdout.strip():
+            break
+        time.sleep(0.5)
+    pids = []
     for pid_file in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
         path = folder / pid_file
         if path.exists():
             try:
-                os.kill(int(path.read_text().split()[0]), signal.SIGTERM)
+                pids.append(int(path.read_text().split()[0]))
+                os.kill(pids[-1], signal.SIGTERM)
             except (ProcessLookupError, ValueError):
                 pass
+    deadline = time.time() + 15
+    while pids and time.time() < deadline:  # they write their state files on the way out
+        pids = [pid for pid in pids if _alive(pid)]
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
