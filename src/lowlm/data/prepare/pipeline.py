@@ -200,7 +200,8 @@ class Runner:
                 from datatrove.executor import RayPipelineExecutor
             except ImportError:
                 raise LowlmError(
-                    "prepare.executor kind ray needs Ray: pip install 'datatrove[ray]'."
+                    "prepare.executor kind ray needs Ray: pip install 'lowlm[ray]' "
+                    "(datatrove[ray])."
                 ) from None
             if not ray.is_initialized():  # else: the Ray the caller started (and stops)
                 ray.init(address=cfg.address, log_to_driver=False)  # task logs: logs/<phase>
