@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -167,6 +168,8 @@ class Runner:
                 executor.run()
             if self.executor.kind == "slurm":
                 _wait_for_slurm(executor)
+            elif self.executor.kind == "ray":
+                _check_ray_tasks(executor)
         except Exception as exc:  # noqa: BLE001 - a task's failure, reported in one line
             raise TaskFailed(
                 f"prepare's {name} step failed in a task ({type(exc).__name__}: {exc}); its log is "
@@ -197,17 +200,19 @@ class Runner:
                 from datatrove.executor import RayPipelineExecutor
             except ImportError:
                 raise LowlmError(
-                    "prepare.executor kind ray needs Ray: pip install 'datatrove[ray]'."
+                    "prepare.executor kind ray needs Ray: pip install 'lowlm[ray]' "
+                    "(datatrove[ray])."
                 ) from None
-            if not ray.is_initialized():
-                ray.init(address=cfg.address, ignore_reinit_error=True)
-            return RayPipelineExecutor(
-                phase.steps,
-                tasks=phase.tasks,
-                logging_dir=str(logs),
-                cpus_per_task=cfg.cpus_per_task,
-                mem_per_cpu_gb=cfg.mem_per_cpu_gb,
-            )
+            if not ray.is_initialized():  # else: the Ray the caller started (and stops)
+                ray.init(address=cfg.address, log_to_driver=False)  # task logs: logs/<phase>
+            with _datatrove_logs_to(self.work / "datatrove.log"):  # its shared-folder warning
+                return RayPipelineExecutor(
+                    phase.steps,
+                    tasks=phase.tasks,
+                    logging_dir=str(logs),
+                    cpus_per_task=cfg.cpus_per_task,
+                    mem_per_cpu_gb=cfg.mem_per_cpu_gb,
+                )
         from datatrove.executor import SlurmPipelineExecutor
 
         if not cfg.partition:
@@ -223,6 +228,8 @@ class Runner:
             logging_dir=str(logs),
             slurm_logs_folder=str(Path(cfg.logs) / phase.name) if cfg.logs else None,
             venv_path=str(Path(sys.prefix) / "bin" / "activate"),
+            # datatrove writes f"{gb}G", which sbatch refuses for a float ("2.0G"): megabytes
+            sbatch_args={"mem-per-cpu": f"{round(cfg.mem_per_cpu_gb * 1024)}M"},
         )
 
 
@@ -245,10 +252,34 @@ def _report_progress(phase: Phase, logs: Path, task_bytes, started: float, stop,
         print(line, flush=True)
 
 
-def _wait_for_slurm(executor) -> None:
-    """Slurm jobs are submitted, not run: wait until every task has its completion marker."""
+def _wait_for_slurm(executor, poll: float = 5.0) -> None:
+    """Slurm jobs are submitted, not run: wait until every task has its completion marker, or
+    fail once the job array has left the queue with tasks unfinished."""
     while executor.get_incomplete_ranks(skip_completed=True):
-        time.sleep(30)
+        if executor.job_id not in (None, -1) and not _slurm_job_queued(executor.job_id):
+            failed = executor.get_incomplete_ranks(skip_completed=True)  # a last look
+            if failed:
+                raise RuntimeError(
+                    f"Slurm job {executor.job_id} ended with {len(failed)} of "
+                    f"{executor.world_size} tasks unfinished (first: rank {failed[0]})"
+                )
+        time.sleep(poll)
+
+
+def _slurm_job_queued(job_id) -> bool:
+    """Whether any task of the job array is still pending or running (squeue lists them)."""
+    listed = subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True)
+    return listed.returncode == 0 and bool(listed.stdout.strip())
+
+
+def _check_ray_tasks(executor) -> None:
+    """datatrove's Ray executor only logs a warning when a task fails: fail the phase here."""
+    failed = executor.get_incomplete_ranks(skip_completed=True)
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {executor.world_size} Ray tasks did not complete (first: rank "
+            f"{failed[0]})"
+        )
 
 
 def _merged_stats(logs: Path) -> list[dict]:
