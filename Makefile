@@ -25,11 +25,10 @@ demo: $(STAMP)
 
 # The report tests render the page in headless Chromium: Debian's package, installed here when
 # absent and possible (root with apt); the tests skip, saying why, where it is not.
-# The Slurm tests start a single-node cluster from Debian's slurm-wlm daemons, installed the
-# same way; the Ray tests need the `ray` extra (pip install -e '.[ray]').
+# The executor tests of `lowlm prepare` skip, saying why, without Ray (the `ray` extra: pip
+# install -e '.[ray]') or Debian's Slurm daemons (run as root); .ci/run installs both.
 test: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || true
-	command -v slurmctld >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null) || true
 	$(BIN)/python -m pytest
 
 # The tests a developer runs while working (under a minute): no multi-process or whole-pipeline test.
