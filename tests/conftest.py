@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -209,3 +214,134 @@ def prepare_run(write_config):
         return config
 
     return prepare
+
+
+# ----- shared by several test modules ---------------------------------------------------
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def report_images(page: str) -> list[bytes]:
+    from PIL import Image
+
+    uris = re.findall(r'<img src="([^"]*)"', page)
+    images = []
+    for uri in uris:
+        assert uri.startswith("data:image/png;base64,")
+        data = base64.b64decode(uri.split(",", 1)[1], validate=True)
+        image = Image.open(io.BytesIO(data)).convert("L")
+        low, high = image.getextrema()
+        assert image.width > 100 and image.height > 100 and high - low > 100  # a drawn chart
+        images.append(data)
+    return images
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium package)")
+    return found
+
+
+MC_QUESTIONS = [
+    ["What is 1 + 1? ", "1", "2", "3", "4", "B"],
+    ["Which is a colour?", "red", "dog", "run", "up", "A"],
+    ["Pick the vowel.", "b", "c", "e", "d", "C"],
+]
+
+
+def write_harness_task(folder: Path, name: str = "demo_mc", **overrides) -> Path:
+    """A multiple-choice harness task over a small jsonl built from the demo text: the
+    question is the start of a line, the choices are continuations from four lines."""
+    lines = [x for x in (DEMO / "en.txt").read_text(encoding="utf-8").splitlines() if x]
+    rows = []
+    for i in range(16):
+        words = lines[i].split()
+        choices = [" ".join(lines[j].split()[5:9]) for j in (i, i + 30, i + 60, i + 90)]
+        rows.append({"question": " ".join(words[:5]), "choices": choices, "label": i % 4})
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", rows[:4]), ("test", rows[4:])):
+        (folder / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in part), encoding="utf-8"
+        )
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {
+            "data_files": {s: str(folder / f"{s}.jsonl") for s in ("train", "test")}
+        },
+        "training_split": "train",
+        "test_split": "test",
+        "fewshot_split": "train",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "label",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+        **overrides,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def run_tokenize(write_config, **tokenize):
+    """The tokenize stage on the demo's zh-TW text, English as an eval text."""
+    from lowlm.config import load_config
+    from lowlm.stages import tokenize as stage
+
+    model = tokenize.pop("model", {})
+    tokenize = {
+        "corpus": [str(DEMO / "zh-tw.txt")],
+        "eval_texts": {"en": str(DEMO / "en.txt")},
+        "vocab_size": 1500,
+        **tokenize,
+    }
+    config = load_config(write_config(model=model, tokenize=tokenize))
+    report = stage.run(config)
+    return config, report, config.run_dir / "tokenizer"
+
+
+ZH_LINES = (DEMO / "zh-tw.txt").read_text(encoding="utf-8").splitlines()
+
+
+EN_LINES = (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()
+
+
+def blocks(lines: list[str], size: int, count: int, start: int = 0) -> list[str]:
+    return ["\n".join(lines[start + i * size : start + (i + 1) * size]) for i in range(count)]
+
+
+def write_text(path, documents: list[str]):
+    path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    return path
+
+
+def prepare_config(write_config, inputs, sections: dict | None = None, **prepare):
+    section = {"inputs": [str(p) for p in inputs], "language": "cmn_Hant"}
+    section.setdefault("executor", {"workers": 1})
+    section.update(prepare)
+    return write_config(prepare=section, **(sections or {}))
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from lowlm.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])

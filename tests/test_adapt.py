@@ -20,8 +20,7 @@ from lowlm.models.load import read_card, tokenizer_hash
 from lowlm.rundir import RunDir
 from lowlm.stages.pretrain import stage_flops_per_token
 
-from .conftest import DEMO, pipeline_config
-from .test_report import CHROMIUM_FLAGS, _images, chromium  # noqa: F401 (a fixture)
+from .conftest import CHROMIUM_FLAGS, DEMO, pipeline_config, report_images
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow  # two whole runs through `lowlm run`
@@ -123,7 +122,7 @@ def test_report_compares_the_run_with_a_baseline_run_directory(runs, tmp_path):
     plain_dir = load_config(runs["plain"]).run_dir
     page = _report(runs["merge"], "--baseline", str(plain_dir))
     section = page.split("id='baseline'")[1].split("<h2")[0]
-    assert len(_images(section)) == 1
+    assert len(report_images(section)) == 1
     rows = re.findall(r"<tr>(.*?)</tr>", section)
     merge, plain = _stages(runs["merge"]), _stages(runs["plain"])
     base = merge["resize"]["metrics"]["heldout_loss_per_char_base"]
@@ -155,5 +154,5 @@ def test_the_baseline_comparison_renders_in_headless_chromium(runs, chromium, tm
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Refused to" not in dom.stderr
     section = dom.stdout.split('id="baseline"')[1].split("<h2")[0]
-    assert len(_images(section)) == 1 and "this run" in section
+    assert len(report_images(section)) == 1 and "this run" in section
     assert section.count("<tr>") >= 4  # both runs' base and stages

@@ -20,11 +20,7 @@ from lowlm.evaluation.tasks import aggregate, benchmark_questions, mc_questions
 from lowlm.models.load import load_pretrained, load_tokenizer
 from lowlm.stages import eval as eval_stage
 
-QUESTIONS = [
-    ["What is 1 + 1? ", "1", "2", "3", "4", "B"],
-    ["Which is a colour?", "red", "dog", "run", "up", "A"],
-    ["Pick the vowel.", "b", "c", "e", "d", "C"],
-]
+from .conftest import MC_QUESTIONS
 
 
 def write_csv(path: Path, rows: list[list[str]], header: list[str] | None = None) -> None:
@@ -42,8 +38,8 @@ def releases(tmp_path) -> dict[str, Path]:
     roots = {}
     mmlu = tmp_path / "mmlu"
     for subject in ("anatomy", "virology"):
-        write_csv(mmlu / "data" / "test" / f"{subject}_test.csv", QUESTIONS)
-        write_csv(mmlu / "data" / "dev" / f"{subject}_dev.csv", QUESTIONS[::-1])
+        write_csv(mmlu / "data" / "test" / f"{subject}_test.csv", MC_QUESTIONS)
+        write_csv(mmlu / "data" / "dev" / f"{subject}_dev.csv", MC_QUESTIONS[::-1])
     roots["mmlu"] = mmlu
     ceval = tmp_path / "ceval"
     header = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
@@ -51,7 +47,7 @@ def releases(tmp_path) -> dict[str, Path]:
         for split in ("val", "dev"):
             rows = [
                 [str(i), *q, ""]
-                for i, q in enumerate(QUESTIONS if split == "val" else QUESTIONS[::-1])
+                for i, q in enumerate(MC_QUESTIONS if split == "val" else MC_QUESTIONS[::-1])
             ]
             write_csv(ceval / split / f"{subject}_{split}.csv", rows, header)
     roots["ceval"] = ceval
@@ -60,7 +56,7 @@ def releases(tmp_path) -> dict[str, Path]:
         for split in ("test", "dev"):
             rows = [
                 [str(i), *q]
-                for i, q in enumerate(QUESTIONS if split == "test" else QUESTIONS[::-1])
+                for i, q in enumerate(MC_QUESTIONS if split == "test" else MC_QUESTIONS[::-1])
             ]
             write_csv(
                 cmmlu / split / f"{subject}.csv",
@@ -71,7 +67,7 @@ def releases(tmp_path) -> dict[str, Path]:
     tmmlu = tmp_path / "tmmluplus"
     for subject in ("music", "physics"):
         for split in ("test", "train"):
-            rows = QUESTIONS if split == "test" else QUESTIONS[::-1]
+            rows = MC_QUESTIONS if split == "test" else MC_QUESTIONS[::-1]
             write_csv(
                 tmmlu / "data" / f"{subject}_{split}.csv",
                 rows,
@@ -241,7 +237,7 @@ def test_eval_command_writes_results_samples_and_compares(
                 }
             )
             + "\n"
-            for q in QUESTIONS
+            for q in MC_QUESTIONS
         ),
         encoding="utf-8",
     )
@@ -304,10 +300,10 @@ def test_missing_subject_file_names_it(releases):
 
 def test_malformed_rows_name_file_and_line(releases):
     path = releases["mmlu"] / "data" / "test" / "anatomy_test.csv"
-    write_csv(path, [*QUESTIONS, ["only", "three", "columns"]])
+    write_csv(path, [*MC_QUESTIONS, ["only", "three", "columns"]])
     with pytest.raises(LowlmError, match=r"anatomy_test.csv:4: 3 columns, expected 6"):
         benchmark_questions(EvalTask(name="mmlu", path=str(releases["mmlu"])))
-    write_csv(path, [*QUESTIONS[:1], ["q", "a", "b", "c", "d", "E"]])
+    write_csv(path, [*MC_QUESTIONS[:1], ["q", "a", "b", "c", "d", "E"]])
     with pytest.raises(
         LowlmError, match=r"anatomy_test.csv:2: answer 'E' is not one of A, B, C, D"
     ):
@@ -412,7 +408,7 @@ def test_shots_beyond_the_examples_and_limit_zero_are_refused(releases, tmp_path
     ):
         benchmark_questions(EvalTask(name="mmlu", path=str(releases["mmlu"]), shots=5))
     mc = tmp_path / "mc.csv"
-    write_csv(mc, [q[:5] + ["B"] for q in QUESTIONS], ["question", "A", "B", "C", "D", "answer"])
+    write_csv(mc, [q[:5] + ["B"] for q in MC_QUESTIONS], ["question", "A", "B", "C", "D", "answer"])
     with pytest.raises(LowlmError, match=r"has 3 questions, not more than shots=3"):
         mc_questions(EvalTask(name="mc", path=str(mc), shots=3))
     with pytest.raises(
@@ -445,7 +441,7 @@ def test_a_corrupt_gz_and_a_mistyped_folder_are_one_line(tmp_path, write_config,
 def test_ceval_test_split_writes_the_leaderboard_submission(releases, write_config, tiny_base):
     header = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
     for subject in ("logic", "physician"):
-        rows = [[str(10 + i), q[0], *q[1:5], "", ""] for i, q in enumerate(QUESTIONS)]
+        rows = [[str(10 + i), q[0], *q[1:5], "", ""] for i, q in enumerate(MC_QUESTIONS)]
         write_csv(releases["ceval"] / "test" / f"{subject}_test.csv", rows, header)
     path = write_config(
         model={"base": str(tiny_base)},
@@ -470,7 +466,7 @@ def test_pretrain_and_sft_score_eval_tasks_every_eval_every_steps(write_config, 
 
     mc = tmp_path / "mc.csv"
     write_csv(
-        mc, [q[:5] + [q[5]] for q in QUESTIONS * 4], ["question", "A", "B", "C", "D", "answer"]
+        mc, [q[:5] + [q[5]] for q in MC_QUESTIONS * 4], ["question", "A", "B", "C", "D", "answer"]
     )
     text = tmp_path / "ppl.txt"
     text.write_text("第一行文字。\n第二行文字。\n", encoding="utf-8")

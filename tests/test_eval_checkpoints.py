@@ -19,8 +19,7 @@ from lowlm.config import EvalTask, load_config
 from lowlm.models.load import load_for_inference
 from lowlm.stages import eval as eval_stage
 
-from .conftest import DEMO, pipeline_config
-from .test_report import CHROMIUM_FLAGS, _images
+from .conftest import CHROMIUM_FLAGS, DEMO, pipeline_config, report_images, write_harness_task
 
 runner = CliRunner()
 
@@ -38,9 +37,7 @@ def trained(tmp_path_factory) -> Path:
         eval={"batch_size": 2, "tasks": [{"name": "ppl", "path": str(text)}]},
     )
     if importlib.util.find_spec("lm_eval") is not None:  # a harness task on each checkpoint too
-        from .test_harness import write_task
-
-        write_task(root / "tasks")
+        write_harness_task(root / "tasks")
         raw["eval"]["tasks"].append({"harness": "demo_mc", "limit": 4})
         raw["eval"]["harness_include"] = [str(root / "tasks")]
     raw["run"] = {"name": "c", "root": str(root / "runs")}
@@ -87,7 +84,7 @@ def test_each_checkpoint_is_scored_recorded_and_drawn_against_tokens(trained):
     html = (config.run_dir / "report.html").read_text(encoding="utf-8")
     assert "Benchmarks over training" in html
     curves = html[html.index("benchmark-curves") :]
-    assert len(_images(curves)) == 1
+    assert len(report_images(curves)) == 1
 
 
 @pytest.mark.slow
@@ -111,7 +108,7 @@ def test_the_curves_render_in_headless_chromium(trained, tmp_path):
     assert "Refused to" not in dom.stderr
     rendered = dom.stdout[dom.stdout.index("benchmark-curves") :]
     assert re.search(r'<img src="data:image/png;base64,', rendered)
-    assert len(_images(rendered)) == 1
+    assert len(report_images(rendered)) == 1
 
 
 def test_checkpoints_without_a_pretraining_stage_is_one_line(write_config, tiny_base):

@@ -19,8 +19,7 @@ from typer.testing import CliRunner
 
 from lowlm.cli import app
 
-from .conftest import DEMO
-from .test_eval import QUESTIONS
+from .conftest import DEMO, MC_QUESTIONS, write_harness_task
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -33,7 +32,7 @@ def _free_port() -> int:
 
 
 def mc_file(path: Path) -> Path:
-    rows = [q for _ in range(4) for q in QUESTIONS]  # 12 questions, an odd share per rank
+    rows = [q for _ in range(4) for q in MC_QUESTIONS]  # 12 questions, an odd share per rank
     path.write_text(
         "".join(
             json.dumps(
@@ -78,11 +77,9 @@ def test_two_ranks_score_every_question_as_one_process_does(tmp_path, tiny_base)
     ]
     include = []
     if importlib.util.find_spec("lm_eval") is not None:  # the harness's own split too
-        from .test_harness import write_task
-
         # first_n: the harness's random sampler is one stream consumed in question order, so
         # on two ranks it draws other examples than one process does (its own behaviour).
-        write_task(tmp_path / "tasks", fewshot_config={"sampler": "first_n"})
+        write_harness_task(tmp_path / "tasks", fewshot_config={"sampler": "first_n"})
         tasks.append({"harness": "demo_mc", "shots": 1})
         include = [str(tmp_path / "tasks")]
     one = write(tmp_path, "one", tiny_base, tasks, include)

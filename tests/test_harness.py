@@ -16,50 +16,11 @@ from lowlm.config import load_config
 from lowlm.errors import LowlmError
 from lowlm.graph import Graph
 
-from .conftest import DEMO
+from .conftest import DEMO, write_harness_task
 
 lm_eval = pytest.importorskip("lm_eval")
 runner = CliRunner()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where lowlm eval puts the model
-
-
-def write_task(folder: Path, name: str = "demo_mc", **overrides) -> Path:
-    """A multiple-choice harness task over a small jsonl built from the demo text: the
-    question is the start of a line, the choices are continuations from four lines."""
-    lines = [x for x in (DEMO / "en.txt").read_text(encoding="utf-8").splitlines() if x]
-    rows = []
-    for i in range(16):
-        words = lines[i].split()
-        choices = [" ".join(lines[j].split()[5:9]) for j in (i, i + 30, i + 60, i + 90)]
-        rows.append({"question": " ".join(words[:5]), "choices": choices, "label": i % 4})
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, part in (("train", rows[:4]), ("test", rows[4:])):
-        (folder / f"{split}.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in part), encoding="utf-8"
-        )
-    config = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {
-            "data_files": {s: str(folder / f"{s}.jsonl") for s in ("train", "test")}
-        },
-        "training_split": "train",
-        "test_split": "test",
-        "fewshot_split": "train",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{question}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "label",
-        "metric_list": [
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-        ],
-        "metadata": {"version": 1.0},
-        **overrides,
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is YAML
-    return path
 
 
 def eval_config(write_config, model: Path, folder: Path, *tasks: dict) -> Path:
@@ -78,7 +39,7 @@ def test_a_harness_task_scores_identically_through_lowlm_eval_and_lm_eval(
     write_config, tiny_base, tmp_path
 ):
     folder = tmp_path / "tasks"
-    yaml_path = write_task(folder)
+    yaml_path = write_harness_task(folder)
     path = eval_config(
         write_config,
         tiny_base,
@@ -154,7 +115,7 @@ def fails(path: Path) -> str:
 
 
 def test_a_limit_over_the_tasks_size_is_refused(write_config, tiny_base, tmp_path):
-    write_task(tmp_path / "tasks")
+    write_harness_task(tmp_path / "tasks")
     path = eval_config(
         write_config, tiny_base, tmp_path / "tasks", {"harness": "demo_mc", "limit": 13}
     )
@@ -168,7 +129,7 @@ def test_data_on_the_hub_while_offline_is_refused_before_the_model_loads(
     import huggingface_hub
 
     folder = tmp_path / "tasks"
-    write_task(folder, "hub_mc", dataset_path="facebook/belebele", dataset_kwargs={})
+    write_harness_task(folder, "hub_mc", dataset_path="facebook/belebele", dataset_kwargs={})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
@@ -185,7 +146,7 @@ def test_a_generative_task_needing_a_chat_template_the_model_lacks_is_refused(
     write_config, tiny_base, tmp_path
 ):
     folder = tmp_path / "tasks"
-    write_task(
+    write_harness_task(
         folder,
         "demo_gen",
         output_type="generate_until",
@@ -202,7 +163,7 @@ def test_a_generative_task_needing_a_chat_template_the_model_lacks_is_refused(
 
 
 def test_an_unknown_harness_task_suggests_the_nearest_names(write_config, tiny_base, tmp_path):
-    write_task(tmp_path / "tasks")
+    write_harness_task(tmp_path / "tasks")
     path = eval_config(
         write_config, tiny_base, tmp_path / "tasks", {"harness": "belebele_por_latn"}
     )

@@ -8,7 +8,7 @@ import pytest
 
 from lowlm.tokenization.pieces_curve import piece_counts
 
-from .test_tokenize import run_tokenize
+from .conftest import run_tokenize
 
 
 def test_piece_counts_run_from_none_to_all():

@@ -10,29 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from lowlm.cli import app
-
-from .conftest import DEMO
+from .conftest import DEMO, EN_LINES, ZH_LINES, blocks, invoke, prepare_config, write_text
 
 runner = CliRunner()
-ZH = (DEMO / "zh-tw.txt").read_text(encoding="utf-8").splitlines()
-EN = (DEMO / "en.txt").read_text(encoding="utf-8").splitlines()
-
-
-def blocks(lines: list[str], size: int, count: int, start: int = 0) -> list[str]:
-    return ["\n".join(lines[start + i * size : start + (i + 1) * size]) for i in range(count)]
-
-
-def write_text(path, documents: list[str]):
-    path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
-    return path
-
-
-def prepare_config(write_config, inputs, sections: dict | None = None, **prepare):
-    section = {"inputs": [str(p) for p in inputs], "language": "cmn_Hant"}
-    section.setdefault("executor", {"workers": 1})
-    section.update(prepare)
-    return write_config(prepare=section, **(sections or {}))
 
 
 def kept_rows(tmp_path) -> list[dict]:
@@ -42,13 +22,9 @@ def kept_rows(tmp_path) -> list[dict]:
     return rows
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def test_prepare_keeps_the_target_language_drops_copies_and_writes_stats(write_config, tmp_path):
-    zh = blocks(ZH, 6, 60)
-    raw = write_text(tmp_path / "raw.txt", zh + blocks(EN, 4, 20) + zh[:10])
+    zh = blocks(ZH_LINES, 6, 60)
+    raw = write_text(tmp_path / "raw.txt", zh + blocks(EN_LINES, 4, 20) + zh[:10])
     path = prepare_config(write_config, [raw])
     result = invoke("prepare", path)
     assert result.exit_code == 0, result.output
@@ -72,7 +48,7 @@ def test_prepare_keeps_the_target_language_drops_copies_and_writes_stats(write_c
 
 @pytest.mark.slow
 def test_run_trains_on_the_prepared_corpus_and_marks_the_heldout_documents(write_config, tmp_path):
-    raw = write_text(tmp_path / "raw.txt", blocks(ZH, 5, 200))
+    raw = write_text(tmp_path / "raw.txt", blocks(ZH_LINES, 5, 200))
     path = write_config(
         data={"heldout_fraction": 0.1},
         prepare={"inputs": [str(raw)], "language": "cmn_Hant", "executor": {"workers": 1}},
@@ -101,13 +77,13 @@ def test_run_trains_on_the_prepared_corpus_and_marks_the_heldout_documents(write
     heldout_lines = (run_dir / "tokenizer" / "heldout.txt").read_text(encoding="utf-8")
     assert heldout_lines.split("\n")[0] in "\n".join(heldout_docs)
     # a changed input makes prepare stale, and tokenize with it
-    write_text(raw, blocks(ZH, 5, 199))
+    write_text(raw, blocks(ZH_LINES, 5, 199))
     status = invoke("status", path)
     assert "prepare" in status.output and "stale" in status.output
 
 
 def test_jsonl_parquet_and_warc_inputs_keep_ids_and_fields(write_config, tmp_path):
-    zh = blocks(ZH, 6, 12)
+    zh = blocks(ZH_LINES, 6, 12)
     jsonl = tmp_path / "a.jsonl.gz"
     with gzip.open(jsonl, "wt", encoding="utf-8") as handle:
         for i, text in enumerate(zh[:6]):
@@ -145,8 +121,8 @@ def _warc(path, html_body: str):
 
 
 def test_planted_benchmark_questions_are_removed_and_counted(write_config, tmp_path):
-    clean = blocks(ZH, 6, 40)
-    questions = [line for line in ZH[2000:2400] if len(line) >= 40][:8]
+    clean = blocks(ZH_LINES, 6, 40)
+    questions = [line for line in ZH_LINES[2000:2400] if len(line) >= 40][:8]
     mc = tmp_path / "quiz.jsonl"
     mc.write_text(
         "".join(
@@ -173,8 +149,8 @@ def test_planted_benchmark_questions_are_removed_and_counted(write_config, tmp_p
 
 
 def test_calibration_loosens_thresholds_to_keep_clean_text(write_config, tmp_path):
-    raw = write_text(tmp_path / "raw.txt", blocks(ZH, 6, 80))
-    reference = write_text(tmp_path / "clean.txt", blocks(ZH, 6, 150, start=1000))
+    raw = write_text(tmp_path / "raw.txt", blocks(ZH_LINES, 6, 80))
+    reference = write_text(tmp_path / "clean.txt", blocks(ZH_LINES, 6, 150, start=1000))
     plain = invoke("prepare", prepare_config(write_config, [raw]))
     assert plain.exit_code == 0, plain.output
     before = len(kept_rows(tmp_path))
@@ -187,7 +163,7 @@ def test_calibration_loosens_thresholds_to_keep_clean_text(write_config, tmp_pat
 
 
 def test_pii_is_replaced(write_config, tmp_path):
-    docs = blocks(ZH, 6, 20)
+    docs = blocks(ZH_LINES, 6, 20)
     docs[0] += "\n聯絡我們：someone.real@gmail.com 或 8.8.4.4。"
     path = prepare_config(write_config, [write_text(tmp_path / "raw.txt", docs)])
     assert invoke("prepare", path).exit_code == 0
@@ -215,7 +191,7 @@ def _nothing_written(tmp_path):
 
 @pytest.fixture
 def raw(tmp_path):
-    return write_text(tmp_path / "raw.txt", blocks(ZH, 6, 20))
+    return write_text(tmp_path / "raw.txt", blocks(ZH_LINES, 6, 20))
 
 
 def test_unknown_language_code_suggests_the_nearest(write_config, raw, tmp_path):
@@ -248,7 +224,7 @@ def test_a_corrupt_input_file_stops_the_stage_or_is_skipped(write_config, raw, t
 
 def test_invalid_utf8_is_counted(write_config, tmp_path):
     raw = tmp_path / "raw.txt"
-    text = "\n\n".join(blocks(ZH, 6, 20)).encode("utf-8")
+    text = "\n\n".join(blocks(ZH_LINES, 6, 20)).encode("utf-8")
     raw.write_bytes(text + b"\n\n\xff\xfe broken line\n")
     result = invoke("prepare", prepare_config(write_config, [raw]))
     assert result.exit_code == 0, result.output
@@ -266,7 +242,7 @@ def test_a_missing_text_field_is_named(write_config, tmp_path):
 
 
 def test_everything_removed_names_the_step_that_removed_most(write_config, tmp_path):
-    english = write_text(tmp_path / "en.txt", blocks(EN, 4, 20))
+    english = write_text(tmp_path / "en.txt", blocks(EN_LINES, 4, 20))
     _refused(invoke("prepare", prepare_config(write_config, [english])), "'language' step")
     _nothing_written(tmp_path)
 
@@ -297,7 +273,7 @@ def test_prepare_without_datatrove_names_the_extra(write_config, raw, monkeypatc
 def test_a_local_hugging_face_dataset_is_read_and_its_text_field_checked(write_config, tmp_path):
     folder = tmp_path / "dataset"
     folder.mkdir()
-    zh = blocks(ZH, 6, 12)
+    zh = blocks(ZH_LINES, 6, 12)
     pq.write_table(
         pa.table({"content": zh, "id": [f"row-{i}" for i in range(12)]}), folder / "train.parquet"
     )
@@ -314,7 +290,7 @@ def test_a_local_hugging_face_dataset_is_read_and_its_text_field_checked(write_c
 
 
 def test_rehydration_writes_a_document_once_per_cluster_member(write_config, tmp_path):
-    zh = blocks(ZH, 6, 30)
+    zh = blocks(ZH_LINES, 6, 30)
     near = [doc.replace("的", "之", 1) if "的" in doc else doc + "。" for doc in zh[:5]]
     raw = write_text(tmp_path / "raw.txt", zh + near + near)  # 3-member clusters (1 exact)
     path = prepare_config(write_config, [raw], dedup={"rehydrate": True, "max_copies": 5})
@@ -329,11 +305,11 @@ def test_rehydration_writes_a_document_once_per_cluster_member(write_config, tmp
 
 
 def test_sft_test_answers_are_decontaminated_too(write_config, tmp_path):
-    docs = blocks(ZH, 6, 30)
-    answer = ZH[2500] + ZH[2501]
+    docs = blocks(ZH_LINES, 6, 30)
+    answer = ZH_LINES[2500] + ZH_LINES[2501]
     sft_test = tmp_path / "sft-test.jsonl"
     sft_test.write_text(json.dumps({"instruction": "問", "output": answer}) + "\n", "utf-8")
-    raw = write_text(tmp_path / "raw.txt", docs + [docs[0].replace(ZH[0], answer)])
+    raw = write_text(tmp_path / "raw.txt", docs + [docs[0].replace(ZH_LINES[0], answer)])
     path = prepare_config(write_config, [raw], decontaminate={"sft_test": [str(sft_test)]})
     assert invoke("prepare", path).exit_code == 0
     stats = json.loads((tmp_path / "runs/t/corpus/stats.json").read_text(encoding="utf-8"))

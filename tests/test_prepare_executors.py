@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from .test_prepare import EN, ZH, blocks, invoke, prepare_config, write_text
+from .conftest import EN_LINES, ZH_LINES, blocks, invoke, prepare_config, write_text
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +54,9 @@ def local_ray():
 
 def _corpus(tmp_path) -> list:
     """Two input files (two filter tasks): target-language blocks, English blocks, exact copies."""
-    zh = blocks(ZH, 6, 40)
-    first = write_text(tmp_path / "a.txt", zh[:20] + blocks(EN, 4, 8) + zh[:4])
-    second = write_text(tmp_path / "b.txt", zh[20:] + blocks(EN, 4, 8, start=40) + zh[20:24])
+    zh = blocks(ZH_LINES, 6, 40)
+    first = write_text(tmp_path / "a.txt", zh[:20] + blocks(EN_LINES, 4, 8) + zh[:4])
+    second = write_text(tmp_path / "b.txt", zh[20:] + blocks(EN_LINES, 4, 8, start=40) + zh[20:24])
     return [first, second]
 
 

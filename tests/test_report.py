@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import importlib.util
-import io
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,20 +16,10 @@ from lowlm.cli import app
 from lowlm.config import load_config
 from lowlm.graph import Graph
 
-from .conftest import DEMO, pipeline_config
+from .conftest import CHROMIUM_FLAGS, DEMO, pipeline_config, report_images
 
 runner = CliRunner()
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 QUESTIONS = [
     ("geography", "最大的海洋是？", "太平洋", "大西洋", "印度洋", "北冰洋", "A"),
     ("geography", "台灣最高的山是？", "雪山", "玉山", "合歡山", "大霸尖山", "B"),
@@ -110,21 +97,6 @@ def _statuses(page: str) -> dict[str, str]:
     return dict(re.findall(r'data-stage="([^"]+)" data-status="([^"]+)"', page))
 
 
-def _images(page: str) -> list[bytes]:
-    from PIL import Image
-
-    uris = re.findall(r'<img src="([^"]*)"', page)
-    images = []
-    for uri in uris:
-        assert uri.startswith("data:image/png;base64,")
-        data = base64.b64decode(uri.split(",", 1)[1], validate=True)
-        image = Image.open(io.BytesIO(data)).convert("L")
-        low, high = image.getextrema()
-        assert image.width > 100 and image.height > 100 and high - low > 100  # a drawn chart
-        images.append(data)
-    return images
-
-
 @pytest.mark.slow
 def test_report_shows_every_stage_with_its_status_and_the_charts(run):
     page = _report(run)
@@ -145,7 +117,7 @@ def test_report_shows_every_stage_with_its_status_and_the_charts(run):
     assert ">Instruction tuning</h2>" in page and ">Evaluation</h2>" in page
     # tokenizer chart, held-out loss, training curves, sft, eval scores (acc and bits/char),
     # and the multiple-choice task's per-subject bars
-    assert len(_images(page)) == 7
+    assert len(report_images(page)) == 7
     assert "mc_0shot per subject" in page and "ppl_ppl" in page
     assert "new tokens" in page and "held-out loss/char, base" in page
     assert "not measured: disabled by pretrain.energy.enabled: false" in page
@@ -175,7 +147,7 @@ def test_status_names_the_report_and_the_baseline_is_compared(run, tmp_path):
     page = _report(run, "--baseline", str(path))
     assert "the-base" in page and ">baseline</th>" in page and ">change</th>" in page
     assert "class='num better'>-1</td>" in page  # one bit per character fewer
-    assert len(_images(page)) == 7
+    assert len(report_images(page)) == 7
 
     status = runner.invoke(app, ["status", str(run)])
     assert status.exit_code == 0 and "report: " in status.output
@@ -196,14 +168,6 @@ def test_the_page_is_self_contained(run):
     assert "<script" not in page and "<link" not in page and "url(" not in page
 
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.skip("chromium is not installed (make test installs Debian's chromium package)")
-    return found
-
-
 @pytest.mark.slow
 def test_the_page_renders_in_headless_chromium_with_every_chart(run, chromium, tmp_path):
     from PIL import Image
@@ -220,7 +184,7 @@ def test_the_page_renders_in_headless_chromium_with_every_chart(run, chromium, t
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Refused to" not in dom.stderr  # nothing the policy had to block
     assert set(_statuses(dom.stdout)) == set(Graph(load_config(run)).enabled())
-    assert len(_images(dom.stdout)) == 7
+    assert len(report_images(dom.stdout)) == 7
     shot = tmp_path / "shot.png"
     result = subprocess.run(
         [*base, "--hide-scrollbars", "--window-size=1200,3000", f"--screenshot={shot}"]

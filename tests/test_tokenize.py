@@ -13,18 +13,10 @@ from lowlm.errors import LowlmError
 from lowlm.stages import tokenize as stage
 from lowlm.tokenization.sentencepiece_merge import load_proto, score_floor
 
-from .conftest import ASSETS, CHAT_TEMPLATE, DEMO
+from .conftest import ASSETS, CHAT_TEMPLATE, DEMO, run_tokenize
 
 ZH = str(DEMO / "zh-tw.txt")
 EN = str(DEMO / "en.txt")
-
-
-def run_tokenize(write_config, **tokenize):
-    model = tokenize.pop("model", {})
-    tokenize = {"corpus": [ZH], "eval_texts": {"en": EN}, "vocab_size": 1500, **tokenize}
-    config = load_config(write_config(model=model, tokenize=tokenize))
-    report = stage.run(config)
-    return config, report, config.run_dir / "tokenizer"
 
 
 @pytest.fixture
