@@ -345,3 +345,20 @@ def invoke(*args):
     from lowlm.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def rendered_dom(chromium: str, page: Path, profile: Path) -> str:
+    """The page's DOM after headless Chromium rendered it; fails the test if Chromium failed or
+    the page's content-security policy had to block a request."""
+    import subprocess
+
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr"]
+        + ["--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Refused to" not in dom.stderr  # nothing the policy had to block
+    return dom.stdout

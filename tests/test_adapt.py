@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from lowlm.models.load import read_card, tokenizer_hash
 from lowlm.rundir import RunDir
 from lowlm.stages.pretrain import stage_flops_per_token
 
-from .conftest import CHROMIUM_FLAGS, DEMO, pipeline_config, report_images
+from .conftest import DEMO, pipeline_config, rendered_dom, report_images
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow  # two whole runs through `lowlm run`
@@ -144,15 +143,7 @@ def test_the_baseline_comparison_renders_in_headless_chromium(runs, chromium, tm
     plain_dir = load_config(runs["plain"]).run_dir
     _report(runs["merge"], "--baseline", str(plain_dir))
     page = load_config(runs["merge"]).run_dir / "report.html"
-    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(
-        [*base, "--enable-logging=stderr", "--dump-dom", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "Refused to" not in dom.stderr
-    section = dom.stdout.split('id="baseline"')[1].split("<h2")[0]
+    dom = rendered_dom(chromium, page, tmp_path / "profile")
+    section = dom.split('id="baseline"')[1].split("<h2")[0]
     assert len(report_images(section)) == 1 and "this run" in section
     assert section.count("<tr>") >= 4  # both runs' base and stages

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,13 @@ from lowlm.config import EvalTask, load_config
 from lowlm.models.load import load_for_inference
 from lowlm.stages import eval as eval_stage
 
-from .conftest import CHROMIUM_FLAGS, DEMO, pipeline_config, report_images, write_harness_task
+from .conftest import (
+    DEMO,
+    pipeline_config,
+    rendered_dom,
+    report_images,
+    write_harness_task,
+)
 
 runner = CliRunner()
 
@@ -97,16 +102,8 @@ def test_the_curves_render_in_headless_chromium(trained, tmp_path):
         assert runner.invoke(app, ["eval", str(trained), "--checkpoints"]).exit_code == 0
     assert runner.invoke(app, ["report", str(trained)]).exit_code == 0
     page = config.run_dir / "report.html"
-    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(
-        [*base, "--enable-logging=stderr", "--dump-dom", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "Refused to" not in dom.stderr
-    rendered = dom.stdout[dom.stdout.index("benchmark-curves") :]
+    dom = rendered_dom(chromium, page, tmp_path / "profile")
+    rendered = dom[dom.index("benchmark-curves") :]
     assert re.search(r'<img src="data:image/png;base64,', rendered)
     assert len(report_images(rendered)) == 1
 
