@@ -169,6 +169,12 @@ class Stage2Config(Section):
     train_embeddings: Literal["all", "new", "none"] = Field(
         "all", description="Embedding and LM-head rows trained beside LoRA."
     )
+    embedding_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of the trained embedding and LM-head rows; "
+        "default: lr (the LoRA weights').",
+    )
     quantize_base: Literal["none", "4bit", "8bit"] = Field(
         "none",
         description="Load the frozen base in 4-bit NF4 (QLoRA) or 8-bit with bitsandbytes; "

@@ -205,7 +205,8 @@ def _work(run: StageRun, stage: str, accelerator) -> dict:
 
     seed_everything(config.run.seed)
     model, after_backward, new_ids = _stage_model(config, stage, parent, tokenizer, accelerator)
-    plan = plan_from(cfg, steps, lr, config.run.seed, frozen_base=stage != "full")
+    embedding_lr = getattr(section, "embedding_lr", None)  # stage 2's own lever
+    plan = plan_from(cfg, steps, lr, config.run.seed, stage != "full", embedding_lr)
     texts = scored_texts(config, sources)
     heldout_loss = _before_and_after(model, tokenizer, texts, accelerator)
     flops_per_token, flops_per_attended = training_flops(model, plan.frozen_base)

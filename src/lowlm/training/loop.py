@@ -57,6 +57,7 @@ class TrainPlan:
     peak_tflops: float | None = None
     frozen_base: bool = False  # LoRA / embedding stages: no weight gradients for most of the model
     max_skipped_steps: int = 5  # non-finite steps in a row before the stage stops
+    embedding_lr: float | None = None  # peak lr of trained embedding / LM-head rows (default lr)
 
 
 def seed_everything(seed: int) -> None:
@@ -91,22 +92,30 @@ def cosine_lr(step: int, plan: TrainPlan) -> float:
     return plan.min_lr_ratio + (1 - plan.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    """No decay on embeddings, norms and biases: zero-gradient rows must not shrink."""
+def _param_groups(model, weight_decay: float, embedding_lr: float | None = None) -> list[dict]:
+    """No decay on embeddings, norms and biases: zero-gradient rows must not shrink. With
+    embedding_lr, the embedding and LM-head rows (whole, or peft's trainable-token deltas)
+    form a group of their own at that peak lr."""
     embedding_ids = {id(model.get_input_embeddings().weight)}
     output = model.get_output_embeddings()
     if output is not None:
         embedding_ids.add(id(output.weight))
-    decay, no_decay = [], []
+    decay, no_decay, rows = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim < 2 or id(param) in embedding_ids or "embed" in name or "lm_head" in name
-        (no_decay if skip else decay).append(param)
-    return [
+        row = id(param) in embedding_ids or "embed" in name or "lm_head" in name
+        if row and embedding_lr is not None:
+            rows.append(param)
+        else:
+            (no_decay if row or param.ndim < 2 else decay).append(param)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0, "lr": embedding_lr})
+    return [group for group in groups if group["params"]]
 
 
 def to_device(data, device) -> torch.Tensor:
@@ -376,7 +385,7 @@ def _prepare(accelerator, model, plan: TrainPlan, fused: bool):
     for param in trainable:
         param.data = param.data.float()
     optimizer = torch.optim.AdamW(
-        _param_groups(model, plan.weight_decay),
+        _param_groups(model, plan.weight_decay, plan.embedding_lr),
         lr=plan.lr,
         betas=(0.9, 0.95),
         eps=1e-8,

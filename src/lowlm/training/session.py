@@ -159,7 +159,14 @@ def apply_lora(model, lora: LoraSection, task_type: str = "CAUSAL_LM", **extra):
         raise LowlmError(f"cannot apply LoRA to this model: {exc}") from None
 
 
-def plan_from(section: TrainingSection, steps: int, lr: float, seed: int, frozen_base: bool):
+def plan_from(
+    section: TrainingSection,
+    steps: int,
+    lr: float,
+    seed: int,
+    frozen_base: bool,
+    embedding_lr: float | None = None,
+):
     return TrainPlan(
         steps=steps,
         lr=lr,
@@ -178,6 +185,7 @@ def plan_from(section: TrainingSection, steps: int, lr: float, seed: int, frozen
         peak_tflops=section.peak_tflops,
         frozen_base=frozen_base,
         max_skipped_steps=section.max_skipped_steps,
+        embedding_lr=embedding_lr,
     )
 
 
