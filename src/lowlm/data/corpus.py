@@ -206,22 +206,28 @@ def _hf_documents(name: str, data: DataConfig) -> Iterator[str]:
         yield value
 
 
+def source_documents(source: Source, data: DataConfig) -> Iterator[str]:
+    """One source's documents, normalised and filtered by length (no de-duplication: that
+    spans sources)."""
+    raw = (
+        _file_documents(source.path, data)
+        if source.path is not None
+        else _hf_documents(source.hf_name or "", data)
+    )
+    for text in raw:
+        if data.nfkc:
+            text = unicodedata.normalize("NFKC", text)
+        text = text.strip()
+        if len(text) >= data.min_chars:
+            yield text
+
+
 def iter_documents(sources: Iterable[Source], data: DataConfig) -> Iterator[str]:
     """Stream every document, normalised and filtered; an empty result is an error."""
     seen: set[bytes] = set()
     kept = 0
     for source in sources:
-        raw = (
-            _file_documents(source.path, data)
-            if source.path is not None
-            else _hf_documents(source.hf_name or "", data)
-        )
-        for text in raw:
-            if data.nfkc:
-                text = unicodedata.normalize("NFKC", text)
-            text = text.strip()
-            if len(text) < data.min_chars:
-                continue
+        for text in source_documents(source, data):
             if data.dedup:
                 digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
                 if digest in seen:

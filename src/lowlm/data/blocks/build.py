@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lowlm.config import DataConfig
-from lowlm.data.blocks import choice, shards
+from lowlm.data.blocks import choice, shards, share
 from lowlm.data.blocks.encoder import (
     EncodedBatch,
     EncoderMismatch,
@@ -25,13 +25,13 @@ from lowlm.data.blocks.encoder import (
     init_worker,
 )
 from lowlm.data.blocks.options import MISMATCH_FILE, PLAIN_SUFFIXES, STOP_FILE, CacheOptions
-from lowlm.data.corpus import Source, iter_documents
+from lowlm.data.corpus import Source
 from lowlm.errors import LowlmError
 from lowlm.rundir import atomic_write_json
 
 # What the build record keeps of each rank's figures (meta.json's build["per_rank"]).
-PER_RANK = ("rank", "mb", "documents", "batches", "parts_written", "parts_reused", "seconds")
-PER_RANK += ("mb_per_s", "peak_rss_mb", "peak_rss_mb_largest_child")
+PER_RANK = ("rank", "mb_read", "mb", "documents", "batches", "parts_written", "parts_reused")
+PER_RANK += ("seconds", "mb_per_s", "peak_rss_mb", "peak_rss_mb_largest_child")
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,15 @@ class _Job:
         return self.rank == 0
 
     @property
+    def by_files(self) -> bool:
+        """Whether the ranks share the corpus by files rather than by parts of one stream."""
+        return share.by_files(self.sources, self.data, self.ranks)
+
+    @property
     def parts(self) -> Path:
         """Where the ranks of a build over several leave their parts."""
+        if self.by_files:
+            return self.folder / share.FILE_PARTS
         return self.folder / f"parts-{self.options.part_documents}"
 
 
@@ -68,6 +75,7 @@ class _Setup:
     dtype: type
     vocab_size: int
     progress: dict  # documents consumed and shards written before an interruption
+    start: share.Start  # where this build starts reading
 
 
 def build_cache(
@@ -135,14 +143,18 @@ def _prepare(job: _Job) -> _Setup:
     plan = choice.choose_encoder(
         tokenizer, job.tokenizer_folder, sample, refused, job.options.max_triggers
     )
-    return _Setup(plan, eos, dtype, len(tokenizer), shards.read_progress(job.folder))
+    progress = shards.read_progress(job.folder)
+    start = share.Start(progress["documents"])
+    if job.by_files and progress["documents"]:
+        start = share.locate(job.sources, job.data, progress["documents"])
+    return _Setup(plan, eos, dtype, len(tokenizer), progress, start)
 
 
 @dataclass
 class _Part:
-    """A part being encoded: its first document, its batches' arrays, its documents."""
+    """A part being encoded: its file, its batches' arrays, its documents."""
 
-    first: int
+    path: Path
     train: list[np.ndarray] = field(default_factory=list)
     held_out: list[np.ndarray] = field(default_factory=list)
     documents: int = 0
@@ -159,7 +171,7 @@ class _ShardSink:
         self.progress_path = job.folder / "progress.json"
         self.parts_written = 0
 
-    def add(self, batch: EncodedBatch, first: int, ends_part: bool, index: int) -> bool:
+    def add(self, batch: EncodedBatch, part: Path, ends_part: bool, index: int) -> bool:
         self.documents += batch.documents
         shards.pack(self.packers, batch.train, batch.held_out, self.documents, self.progress_path)
         return True
@@ -181,11 +193,11 @@ class _PartSink:
         self.part: _Part | None = None
         self.parts_written = 0
 
-    def add(self, batch: EncodedBatch, first: int, ends_part: bool, index: int) -> bool:
-        if self.part is not None and self.part.first != first:
+    def add(self, batch: EncodedBatch, part: Path, ends_part: bool, index: int) -> bool:
+        if self.part is not None and self.part.path != part:
             self._write()
         if self.part is None:
-            self.part = _Part(first)
+            self.part = _Part(part)
         self.part.train.append(batch.train)
         self.part.held_out.append(batch.held_out)
         self.part.documents += batch.documents
@@ -203,8 +215,7 @@ class _PartSink:
 
     def _write(self) -> None:
         part, self.part = self.part, None
-        path = shards.part_path(self.job.parts, part.first)
-        shards.write_part(path, part.documents, part.train, part.held_out, self.dtype)
+        shards.write_part(part.path, part.documents, part.train, part.held_out, self.dtype)
         self.parts_written += 1
 
 
@@ -228,28 +239,30 @@ def _encode_share(job: _Job, setup: _Setup, sink) -> tuple[dict, BaseException |
     """Encode this rank's batches into the sink; (its figures or failure, the exception)."""
     started = time.perf_counter()
     status = _new_status(job.rank)
-    pending: deque[tuple[int, int, bool, int]] = deque()
+    pending: deque[tuple[int, Path, bool, int]] = deque()
     sizes = {"read": 0, "encoded": 0}
-    batches = _batches(job, setup.progress["documents"], status, pending, sizes)
+    batches = (share.file_batches if job.by_files else share.stream_batches)(
+        job, setup.start, status, pending, sizes
+    )
     worker_args = (str(job.tokenizer_folder), job.seed, job.data.heldout_fraction, setup.plan)
     worker_args = (*worker_args, setup.eos, setup.dtype, job.options)
     pool = Pool(job.num_proc, init_worker, (*worker_args, True)) if job.num_proc > 1 else None
     if pool is None:
         init_worker(*worker_args)
-    bar = _progress_bar(job.sources) if job.main else None
+    bar = _progress_bar(_read_by(job)) if job.main else None
     failure: BaseException | None = None
     finished = False
     try:
         encoded = pool.imap(encode_batch, batches) if pool else map(encode_batch, batches)
         for batch in encoded:
-            index, first, ends_part, read = pending.popleft()
+            index, part, ends_part, read = pending.popleft()
             if bar is not None:
                 bar.update(read - bar.n)
             status["documents"] += batch.documents
-            status["batches"] += 1
+            status["batches"] += int(batch.documents > 0)
             status["by_hf"] += batch.by_hf
             status["verified"] += batch.verified
-            if not sink.add(batch, first, ends_part, index):  # another rank failed
+            if not sink.add(batch, part, ends_part, index):  # another rank failed
                 status.update(failed="stopped", message="another rank failed")
                 break
         else:
@@ -271,6 +284,7 @@ def _encode_share(job: _Job, setup: _Setup, sink) -> tuple[dict, BaseException |
     seconds = time.perf_counter() - started
     status.update(
         parts_written=sink.parts_written,
+        mb_read=round(sizes["read"] / 1e6, 3),
         bytes=sizes["encoded"],
         mb=round(sizes["encoded"] / 1e6, 3),
         seconds=round(seconds, 2),
@@ -279,47 +293,6 @@ def _encode_share(job: _Job, setup: _Setup, sink) -> tuple[dict, BaseException |
         peak_rss_mb_largest_child=_peak_rss_mb(children=True),
     )
     return status, failure
-
-
-def _batches(
-    job: _Job, start: int, status: dict, pending: deque, sizes: dict
-) -> Iterator[tuple[int, list[str]]]:
-    """This rank's batches from document `start` on, numbered from there (part k of
-    part_batches batches is rank k % ranks's, unless a rerun finds it written). Per batch,
-    `pending` gets its number, its part's first document, whether it ends the part and the
-    bytes read so far (for the main rank's bar)."""
-    per_batch, per_part = job.options.docs_per_batch, job.options.part_documents
-    batch: list[str] = []
-    first, mine, length = start, False, 0
-    position = -1
-    for number, document in enumerate(iter_documents(job.sources, job.data)):
-        if number < start:  # consumed before an interruption
-            if job.main:
-                sizes["read"] += len(document.encode("utf-8")) + 1
-            continue
-        position = number - start
-        if position % per_part == 0:  # a part starts
-            first = number
-            owned = (position // per_part) % job.ranks == job.rank
-            mine = owned and (job.ranks == 1 or not shards.part_path(job.parts, first).exists())
-            status["parts_reused"] += int(owned and not mine)
-        if job.main or mine:
-            length = len(document.encode("utf-8")) + 1
-            sizes["read"] += length
-        if not mine:
-            continue
-        sizes["encoded"] += length
-        batch.append(document)
-        if len(batch) == per_batch:
-            index = position // per_batch
-            pending.append((index, first, (position + 1) % per_part == 0, sizes["read"]))
-            yield index, batch
-            batch = []
-    if batch:
-        index = position // per_batch
-        pending.append((index, first, True, sizes["read"]))
-        yield index, batch
-    status["documents_read"] = position + 1
 
 
 def _stop_on_failure(
@@ -381,30 +354,24 @@ def _merge_parts(
 ) -> tuple[dict[str, shards.Packer], int]:
     """Every part in corpus order through the packers; each deleted once progress.json is
     past it. Returns the packers and the documents consumed."""
-    start = setup.progress["documents"]
-    total = start + statuses[0]["documents_read"]
-    per_part = job.options.part_documents
     packers = shards.packers(
         job.folder, job.block_size, setup.dtype, setup.progress, job.options.shard_blocks
     )
-    documents = start
+    documents = setup.progress["documents"]
     merged: list[Path] = []
-    for first in range(start, total, per_part):
-        path = shards.part_path(job.parts, first)
-        expected = min(per_part, total - first)
+    for path, owner, expected in _parts_in_order(job, setup, statuses):
         if not path.exists():
-            owner = (first - start) // per_part % job.ranks
             raise LowlmError(
                 f"{path}, the part of the corpus rank {owner} encoded, is missing; ranks on "
                 "several nodes need the run directory on a filesystem they all share."
             )
         with np.load(path) as part:
-            if int(part["documents"]) != expected:
+            held = int(part["documents"])
+            if expected is not None and held != expected:
                 raise LowlmError(
-                    f"{path} holds {int(part['documents'])} documents, not {expected}; delete "
-                    f"{job.parts} and rerun."
+                    f"{path} holds {held} documents, not {expected}; delete {job.parts} and rerun."
                 )
-            documents += expected
+            documents += held
             merged.append(path)
             progress_path = job.folder / "progress.json"
             if shards.pack(packers, part["train"], part["eval"], documents, progress_path):
@@ -412,6 +379,22 @@ def _merge_parts(
                     done.unlink()
                 merged = []
     return packers, documents
+
+
+def _parts_in_order(job: _Job, setup: _Setup, statuses: list[dict]):
+    """(path, the rank that encodes it, its documents when known) of every part, in corpus
+    order: one per file from the start's on, or parts of part_documents from the start on."""
+    start = setup.start
+    if job.by_files:
+        for number in range(start.source, len(job.sources)):
+            skip = start.skip if number == start.source else 0
+            yield share.file_part(job.parts, number, skip), share.owner(number, job.ranks), None
+        return
+    total = start.documents + statuses[0]["documents_read"]
+    per_part = job.options.part_documents
+    for first in range(start.documents, total, per_part):
+        owner = (first - start.documents) // per_part % job.ranks
+        yield shards.part_path(job.parts, first), owner, min(per_part, total - first)
 
 
 def _build_record(job: _Job, setup: _Setup, statuses: list[dict], seconds: float) -> dict:
@@ -537,6 +520,13 @@ def _close_pool(pool, finished: bool) -> None:
         else:
             pool.terminate()
         pool.join()
+
+
+def _read_by(job: _Job) -> list[Source]:
+    """The sources this rank reads: its own files in a build shared by files, else all."""
+    if not job.by_files:
+        return job.sources
+    return [s for i, s in enumerate(job.sources) if share.owner(i, job.ranks) == job.rank]
 
 
 def _progress_bar(sources: list[Source]):

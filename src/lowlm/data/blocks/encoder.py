@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -186,8 +187,17 @@ def init_worker(
         heldout_fraction=heldout_fraction,
         eos=eos,
         dtype=dtype,
-        verify_every=options.verify_every,
     )
+
+
+class BatchTask(NamedTuple):
+    """A batch for a worker: its place in the corpus's order (a mismatch's rank among the
+    ranks'), its documents, whether sentencepiece is checked on it, and how to name it."""
+
+    index: int
+    documents: list[str]
+    verify: bool
+    where: str
 
 
 @dataclass
@@ -201,22 +211,22 @@ class EncodedBatch:
     verified: bool
 
 
-def encode_batch(task: tuple[int, list[str]]) -> EncodedBatch:
+def encode_batch(task: BatchTask) -> EncodedBatch:
     """Encode a batch (each document's ids as the HF tokenizer gives them, BOS included when it
     adds one) and pack it per split (lowlm.data.heldout), EOS after each document."""
-    index, batch = task
+    batch = task.documents
     encoder: Encoder = _worker["encoder"]
     rows, by_hf = encoder.encode(batch)
-    verified = encoder.processor is not None and index % _worker["verify_every"] == 0
+    verified = encoder.processor is not None and task.verify
     if verified:
         for position, (row, wanted) in enumerate(zip(rows, encoder.reference(batch), strict=True)):
             if row != wanted:
                 at = first_difference(row, wanted)
                 raise EncoderMismatch(
                     f"sentencepiece and the HF tokenizer gave different ids for document "
-                    f"{position} of batch {index} ({batch[position][:80]!r}, first at token "
+                    f"{position} of {task.where} ({batch[position][:80]!r}, first at token "
                     f"{at}): {row[:12]} vs {wanted[:12]}",
-                    index,
+                    task.index,
                 )
     eos, seed, fraction = _worker["eos"], _worker["seed"], _worker["heldout_fraction"]
     train: list[int] = []
