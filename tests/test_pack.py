@@ -3,6 +3,7 @@ ids are the same, and the cache is byte for byte the one the HF tokenizer gives.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -533,6 +534,40 @@ def test_an_interrupted_two_rank_build_resumes_without_encoding_a_part_twice(
     assert meta["build"]["parts_reused"] > 0
     assert_same_cache(tmp_path / "whole", tmp_path / "two")
     assert not list((tmp_path / "two").glob("parts-*"))
+
+
+@pytest.mark.slow
+@needs_accelerate
+def test_two_ranks_pack_their_own_parquet_shards_into_the_one_process_cache(
+    tokenizers, corpus, tmp_path
+):
+    """Five shards (one with no document): rank 0 reads shards 0, 2, 4, rank 1 shards 1, 3, so
+    the text they read sums to the corpus once; a build killed after rank 1's first part
+    reuses it. Both caches are the one a single process builds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines, folder = corpus.read_text(encoding="utf-8").splitlines(), tmp_path / "shards"
+    folder.mkdir()
+    cuts = [0, 150, 150, 400, 520, len(lines)]
+    for number, (a, b) in enumerate(itertools.pairwise(cuts)):
+        pq.write_table(pa.table({"text": lines[a:b] or [" "]}), folder / f"{number}.parquet")
+    tokenizer = tokenizers["shuffled"]
+    alone = small_build(tmp_path / "one", tokenizer, folder)["build"]
+    builds = [{"folder": tmp_path / n, "tokenizer": tokenizer, "corpus": folder} for n in "ab"]
+    two_ranks(tmp_path, builds, options=SMALL, exit_after_parts=[1, 3], expect_exit=True)
+    per_rank = json.loads((tmp_path / "a" / "meta.json").read_text())["build"]["per_rank"]
+    print("MB read per rank:", [r["mb_read"] for r in per_rank], "corpus:", alone["mb"])
+    assert sum(r["mb_read"] for r in per_rank) == pytest.approx(alone["mb"], abs=2e-3)
+    assert all(0 < r["mb_read"] == r["mb"] < alone["mb"] for r in per_rank)
+    assert [r["parts_written"] for r in per_rank] == [3, 2]  # a part per file
+    assert not (tmp_path / "b" / "meta.json").exists()
+    _, results = two_ranks(tmp_path, builds[1:], options=SMALL)
+    assert "error" not in results[0][0]
+    record = json.loads((tmp_path / "b" / "meta.json").read_text())["build"]
+    assert [record["per_rank"][1][k] for k in ("parts_reused", "parts_written")] == [1, 1]
+    for name in "ab":
+        assert_same_cache(tmp_path / "one", tmp_path / name)
 
 
 @pytest.mark.slow
