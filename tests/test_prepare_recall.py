@@ -73,7 +73,9 @@ def build_corpus(clean, other, planted_base, questions, spam_phrases, extra=None
     return docs
 
 
-def measure(tmp_path, write_config, docs, language, reference, eval_tasks, calibrate=True) -> dict:
+def measure(
+    tmp_path, write_config, docs, language, reference, eval_tasks, calibrate=True, decont=None
+) -> dict:
     corpus = tmp_path / "noisy.jsonl"
     corpus.write_text(
         "".join(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for _, i, t in docs),
@@ -88,6 +90,7 @@ def measure(tmp_path, write_config, docs, language, reference, eval_tasks, calib
             "calibrate_from": [str(clean_file)] if calibrate else [],
             "removed_samples": 100_000,
             "executor": {"workers": 2},
+            "decontaminate": decont or {},
         },
         eval={"tasks": eval_tasks},
     )
@@ -145,6 +148,9 @@ def add_checkable_recall(figures: dict, questions: list[str], language: str, n: 
     figures["planted_too_short"] = float(len(questions) - len(long_enough))
 
 
+OFF = {"whole_min_chars": 20}  # no string is both shorter than 20 characters and this long
+
+
 def _report(name: str, figures: dict) -> None:
     shown = {k: round(v, 3) for k, v in figures.items() if isinstance(v, float)}
     print(f"\nrecall ({name}): {json.dumps(shown)}")
@@ -174,9 +180,8 @@ def test_recall_on_a_noisy_zh_tw_corpus(write_config, tmp_path):
         simplified = (simplified_dir / "libreoffice-help-zh-cn.txt").read_text(encoding="utf-8")
         extra["simplified"] = _blocks(simplified.splitlines()[:2000], 5)[:100]
     docs = build_corpus(clean, _blocks(EN, 4)[:80], planted_base, questions, SPAM_ZH, extra=extra)
-    figures = measure(
-        tmp_path, write_config, docs, "cmn_Hant", reference, [{"name": "mc", "path": str(mc)}]
-    )
+    tasks = [{"name": "mc", "path": str(mc)}]
+    figures = measure(tmp_path, write_config, docs, "cmn_Hant", reference, tasks)
     if extra:
         ids = figures["ids"]
         figures["simplified_removed"] = sum(
@@ -190,13 +195,18 @@ def test_recall_on_a_noisy_zh_tw_corpus(write_config, tmp_path):
         figures["traditional_kept_by_script_check"] = 1 - len(by_script) / len(ids["clean"])
     uncalibrated = measure(tmp_path, write_config, docs, "cmn_Hant", reference, [], False)
     figures["clean_kept_fineweb2_thresholds"] = uncalibrated["clean_kept"]
+    # Questions shorter than one n-gram (3 of the 30) matched whole, or (min = the n-gram) not.
+    n_grams_only = measure(tmp_path, write_config, docs, "cmn_Hant", reference, tasks, True, OFF)
+    for name in ("planted", "clean_kept"):
+        figures[f"{name}_n_grams_only"] = n_grams_only[name]
     add_checkable_recall(figures, questions, "cmn_Hant", 20)
     _report("zh-TW", figures)
     assert figures["other"] >= 0.95
     assert figures["exact"] == 1.0
     assert figures["near"] >= 0.9
     assert figures["spam"] >= 0.8
-    assert figures["planted_checkable"] >= 0.95
+    assert figures["planted_too_short"] == 3 and figures["planted_n_grams_only"] < 1.0
+    assert figures["planted"] >= 0.95 and figures["planted_by_decontamination"] >= 0.95
     assert figures["clean_kept"] >= 0.85
     if extra:
         assert figures["simplified_removed"] >= 0.9

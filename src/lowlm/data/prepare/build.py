@@ -43,6 +43,7 @@ class Resolved:
     calibration: dict = field(default_factory=dict)
     decontamination: dict = field(default_factory=dict)
     n_grams: int = 13
+    whole_min: int = 8  # units of the shortest string matched on its whole text
 
 
 def resolve(config: LowlmConfig, work: Path, task_texts: Callable) -> Resolved:
@@ -60,19 +61,17 @@ def resolve(config: LowlmConfig, work: Path, task_texts: Callable) -> Resolved:
     )
     if cfg.calibrate_from:
         _calibrate(config, resolved, work)
-    resolved.n_grams = (
-        cfg.decontaminate.char_n_gram
-        if tokenizer_name == "characters"
-        else cfg.decontaminate.n_gram
-    )
-    if cfg.decontaminate.enabled:
+    by_chars = tokenizer_name == "characters"
+    decont = cfg.decontaminate
+    resolved.n_grams = decont.char_n_gram if by_chars else decont.n_gram
+    resolved.whole_min = decont.whole_min_chars if by_chars else decont.whole_min_words
+    if decont.enabled:
         texts, skipped = decontaminate.benchmark_texts(config, task_texts)
-        counts, short = decontaminate.write_index(
-            texts, work / "decont-index", tokenizer, resolved.n_grams
-        )
-        unit = "characters" if tokenizer_name == "characters" else "words"
+        index = (work / "decont-index", tokenizer, resolved.n_grams, resolved.whole_min)
+        counts, short = decontaminate.write_index(texts, *index)
+        unit = "characters" if by_chars else "words"
         resolved.decontamination = decontaminate.describe(
-            counts, short, skipped, resolved.n_grams, unit
+            counts, short, skipped, resolved.n_grams, resolved.whole_min, unit
         )
     return resolved
 
@@ -133,8 +132,12 @@ def _filter_steps(config: LowlmConfig, resolved: Resolved, work: Path, writer) -
         steps.append(lid.HanScriptFilter(script, cfg.lid.script_threshold, writer("script")))
     if cfg.decontaminate.enabled and resolved.decontamination.get("index_ngrams"):
         steps.append(
-            decontaminate.decontamination_filter(
-                work / "decont-index", resolved.tokenizer, resolved.n_grams, writer("decontaminate")
+            decontaminate.DecontaminationFilter(
+                work / "decont-index",
+                resolved.tokenizer,
+                resolved.n_grams,
+                resolved.whole_min,
+                writer("decontaminate"),
             )
         )
     if cfg.quality:

@@ -55,6 +55,18 @@ class DecontaminateConfig(Section):
     char_n_gram: int = Field(
         20, ge=4, description="Characters per n-gram for scripts without spaces (Han, kana)."
     )
+    whole_min_words: int = Field(
+        8,
+        ge=3,
+        description="A question, choice or SFT string shorter than n_gram but at least this "
+        "many words is matched on its whole text.",
+    )
+    whole_min_chars: int = Field(
+        12,
+        ge=3,
+        description="The same for scripts without spaces: shorter than char_n_gram but at "
+        "least this many characters.",
+    )
     sft_test: list[str] = Field(
         default_factory=list,
         description="SFT test files (JSON / JSONL): every string value of every record is "
