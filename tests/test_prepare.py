@@ -355,6 +355,28 @@ def test_tokenize_and_pretrain_read_prepare_only_when_their_corpus_is_unset(writ
     assert "prepare" not in Graph(own).plan("pretrain-full").parents
 
 
+def test_tokenize_and_pretrain_read_prepare_s_text_column_whatever_data_text_field_says(
+    write_config, tmp_path
+):
+    """data.text_field names the users' own field ("content" here); prepare writes `text`."""
+    from lowlm.config import load_config
+    from lowlm.data.corpus import iter_documents, resolve_sources
+    from lowlm.graph import corpus_patterns
+
+    docs = blocks(ZH_LINES, 6, 20)
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"content": d}) + "\n" for d in docs), encoding="utf-8")
+    sections = {"data": {"text_field": "content"}}
+    path = prepare_config(write_config, [raw], sections, text_field="content")
+    assert invoke("prepare", path).exit_code == 0
+    config = load_config(path)
+    for reader in ("tokenize", "pretrain"):
+        sources = resolve_sources(corpus_patterns(config, reader))
+        assert [s.path.suffix for s in sources] == [".parquet"]
+        read = list(iter_documents(sources, config.data))
+        assert read == [r["text"] for r in kept_rows(tmp_path)] and len(read) >= 15
+
+
 def test_the_demo_prepares_its_raw_sample_offline(tmp_path):
     from .conftest import REPO
 

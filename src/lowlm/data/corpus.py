@@ -27,6 +27,9 @@ from lowlm.hub import unreachable_note
 from lowlm.rundir import cached_sha256, sha256_text
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".parquet", ".gz"}
+# Parquet schema metadata naming the text column of a file lowlm wrote (prepare's shards): read
+# whatever data.text_field says, which names the field of the user's own inputs.
+TEXT_COLUMN_KEY = b"lowlm.text_column"
 _HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 
 
@@ -166,6 +169,8 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise LowlmError(f"cannot read parquet file {path}: {exc}") from None
+    written = (parquet.schema_arrow.metadata or {}).get(TEXT_COLUMN_KEY)
+    field = written.decode("utf-8") if written else field
     if field not in parquet.schema_arrow.names:
         raise LowlmError(
             f"{path} has no column '{field}' (columns: {', '.join(parquet.schema_arrow.names)}); "

@@ -43,6 +43,7 @@ from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.logging import setup_default_logger
 
+from lowlm.data.corpus import TEXT_COLUMN_KEY
 from lowlm.data.heldout import is_held_out
 from lowlm.data.prepare.settings import ExecutorConfig
 from lowlm.errors import LowlmError
@@ -361,4 +362,15 @@ def final_touches(pii: bool) -> list:
 
 
 def output_writer(folder: Path) -> ParquetWriter:
-    return ParquetWriter(str(folder), output_filename="${rank}.parquet", adapter=parquet_row)
+    """The kept documents' shards, their schema naming the text column for tokenize and
+    pretrain (lowlm.data.corpus reads it instead of data.text_field)."""
+    import pyarrow as pa
+
+    columns = [("text", pa.string()), ("id", pa.string()), ("source", pa.string())]
+    columns += [("language_score", pa.float64()), ("target_language_score", pa.float64())]
+    columns += [("minhash_cluster_size", pa.int64()), ("heldout", pa.bool_())]
+    columns += [("metadata", pa.string())]
+    schema = pa.schema(columns, metadata={TEXT_COLUMN_KEY: b"text"})
+    return ParquetWriter(
+        str(folder), output_filename="${rank}.parquet", adapter=parquet_row, schema=schema
+    )
