@@ -16,6 +16,10 @@ drawn at random, up to the chosen size.
     .venv/bin/python scripts/bench_pack.py --mb 64 256 --skip-old   # peak memory at two sizes
     .venv/bin/python scripts/bench_pack.py                           # 1 GB
     .venv/bin/python scripts/bench_pack.py --mb 16 --procs 1 --ranks 1,2 --skip-old
+    .venv/bin/python scripts/bench_pack.py --mb 16 --procs 1 --ranks 1,2 --skip-old --shards 8
+
+With --shards N the builds read the corpus cut into N files (ranks then share it by files,
+each reading its own: "MB read per rank" sums to the corpus once instead of once per rank).
 """
 
 from __future__ import annotations
@@ -54,6 +58,24 @@ def corpus_lines(lang: str) -> list[str]:
         words = ["".join(rng.choices(letters, k=rng.randint(1, 10))) for _ in range(5000)]
         lines = [" ".join(rng.choices(words, k=rng.randint(5, 40))) for _ in range(20000)]
     return lines
+
+
+def cut_corpus(corpus: Path, shards: int) -> Path:
+    """The corpus cut at line ends into `shards` files of about equal size, in a folder."""
+    folder = corpus.with_name(f"{corpus.stem}-{shards}-shards")
+    if folder.is_dir():
+        return folder
+    folder.mkdir()
+    size = corpus.stat().st_size
+    outs = [open(folder / f"{number:05d}.txt", "wb") for number in range(shards)]
+    written = 0
+    with open(corpus, "rb") as source:
+        for line in source:
+            outs[min(shards - 1, written * shards // size)].write(line)
+            written += len(line)
+    for out in outs:
+        out.close()
+    return folder
 
 
 def make_corpus(path: Path, megabytes: float, lines: list[str], seed: int = 0) -> None:
@@ -192,6 +214,7 @@ def child(spec: dict) -> None:
         "peak_child_mb": max(r["child"] for r in ranks),
         "ranks": build.get("ranks", 1),
         "per_rank_mb": [r["mb"] for r in build.get("per_rank", [])],
+        "per_rank_mb_read": [r["mb_read"] for r in build.get("per_rank", [])],
         "encoder": build.get("encoder", "hf (old)"),
         "reason": build.get("encoder_reason", ""),
         "by_hf": build.get("documents_encoded_by_hf"),
@@ -272,6 +295,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="1", help="processes launched, comma-separated")
     parser.add_argument("--tokenizers", default="sentencepiece,byte-level")
     parser.add_argument("--lang", default="pt-BR", help="assets corpus language")
+    parser.add_argument("--shards", type=int, default=1, help="corpus files the builds read")
     parser.add_argument("--block-size", type=int, default=2048)
     parser.add_argument("--skip-old", action="store_true", help="only the new path")
     parser.add_argument("--old-ref", default=None, help="git ref of the old blocks.py")
@@ -330,7 +354,9 @@ def main() -> None:
                         "old": str(old) if path == "old" else None,
                         "folder": str(work / f"cache-{name}-{ranks}x{num_proc}-{path}"),
                         "tokenizer": str(folder),
-                        "corpus": str(corpus),
+                        "corpus": str(
+                            cut_corpus(corpus, args.shards) if args.shards > 1 else corpus
+                        ),
                         "block_size": args.block_size,
                         "num_proc": num_proc,
                         "keep": args.keep,
@@ -346,6 +372,7 @@ def main() -> None:
                         f"RSS {result['peak_rss_mb']:.0f} MB, largest worker "
                         f"{result['peak_child_mb']:.0f} MB, encoder {result['encoder']}"
                         + (f", MB per rank {shares}" if shares else "")
+                        + (f", MB read per rank {result['per_rank_mb_read']}" if shares else "")
                     )
                 rows.append((name, mb, ranks, num_proc, results))
 
