@@ -133,3 +133,16 @@ def test_a_file_with_no_document_still_ends_its_part(corpus, tmp_path):
     empty = [(t, ends) for t, (_, part, ends, _) in tasks if part.name.startswith("file-000001")]
     assert len(empty) == 1 and empty[0][0].documents == [] and empty[0][1]
     assert not empty[0][0].verify
+
+
+def test_an_empty_batch_encodes_to_nothing_even_through_the_full_hf_call(byte_base):
+    """tokenizer([]) raises in transformers 5: an empty file's batch never reaches it."""
+    import numpy as np
+
+    from lowlm.data.blocks.encoder import BatchTask, EncoderPlan, encode_batch, init_worker
+
+    plan = EncoderPlan(kind="hf", reason="the full call", hf_fast=False)
+    init_worker(str(byte_base), 7, 0.0, plan, 0, np.uint16, CacheOptions())
+    empty = encode_batch(BatchTask(0, [], False, "batch 0"))
+    assert empty.documents == 0 and len(empty.train) == len(empty.held_out) == 0
+    assert encode_batch(BatchTask(1, ["a b"], False, "batch 1")).train[-1] == 0  # then EOS

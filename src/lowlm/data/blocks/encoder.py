@@ -214,7 +214,9 @@ class EncodedBatch:
 def encode_batch(task: BatchTask) -> EncodedBatch:
     """Encode a batch (each document's ids as the HF tokenizer gives them, BOS included when it
     adds one) and pack it per split (lowlm.data.heldout), EOS after each document."""
-    batch = task.documents
+    batch, dtype = task.documents, _worker["dtype"]
+    if not batch:  # a file with no document left still ends its part
+        return EncodedBatch(0, np.zeros(0, dtype), np.zeros(0, dtype), 0, False)
     encoder: Encoder = _worker["encoder"]
     rows, by_hf = encoder.encode(batch)
     verified = encoder.processor is not None and task.verify
@@ -236,7 +238,6 @@ def encode_batch(task: BatchTask) -> EncodedBatch:
         out += row
         if not row or row[-1] != eos:  # tokenizers that add EOS themselves keep theirs
             out.append(eos)
-    dtype = _worker["dtype"]
     return EncodedBatch(
         len(batch), np.array(train, dtype=dtype), np.array(held_out, dtype=dtype), by_hf, verified
     )
