@@ -86,8 +86,8 @@ _MODELS = ("pretrain-full", "pretrain-stage2", "pretrain-stage1", "resize", "ini
 
 
 def _pretrain_stage(index: int) -> Stage:
-    """Pre-training stage `index` starts from the newest earlier one that is enabled, else the
-    resized or initialised model; stages 2 and full, else from model.base as it is."""
+    """Pre-training stage `index`: its model is the newest enabled earlier pre-training stage's,
+    else the resized or initialised one, else (stages 2 and full only) model.base."""
     sub = PRETRAIN_STAGES[index]
     earlier = tuple(s.name for s in reversed(PRETRAIN_STAGES[:index]))
     return Stage(
@@ -111,15 +111,17 @@ def _tuning_stage(
     files: Callable[[LowlmConfig], dict],
     after: tuple[str, ...] = (),
     needs: tuple[str, ...] = (),
+    reads_data: bool = False,
 ) -> Stage:
     """sft, dpo or finetune: tunes `<name>.model` if set, else the first enabled of `after`,
-    export and the pre-trained models, else model.base."""
+    export and the pre-trained models, else model.base; `reads_data`: its key includes the data
+    section too."""
     return Stage(
         name,
         name,
         f"lowlm {name}",
         enabled,
-        reads.tuning_config(name, reads_data=name == "sft"),
+        reads.tuning_config(name, reads_data),
         files,
         needs=needs,
         models_from=(*after, "export", *_MODELS),
@@ -181,7 +183,9 @@ STAGES: dict[str, Stage] = {
             needs=("tokenize",),
             models_from=_MODELS,
         ),
-        _tuning_stage("sft", lambda c: bool(c.sft.data), reads.sft_files, needs=("tokenize",)),
+        _tuning_stage(
+            "sft", lambda c: bool(c.sft.data), reads.sft_files, needs=("tokenize",), reads_data=True
+        ),
         _tuning_stage("dpo", lambda c: bool(c.dpo.data), reads.dpo_files, after=("sft",)),
         _tuning_stage("finetune", lambda c: bool(c.finetune.train), reads.finetune_files),
         Stage(
