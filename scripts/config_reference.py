@@ -3,8 +3,9 @@
     python scripts/config_reference.py          # rewrite docs/configuration.md
     python scripts/config_reference.py --check  # exit 1 if the committed page is out of date
 
-The schema (src/lowlm/config.py) is the one source: a field added there appears here with
-its type, default and description, and a test fails while the page is stale.
+The schema (src/lowlm/config.py and the section modules it imports) is the one source: a field
+added there appears here with its type, default and description, and a test fails while the
+page is stale.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ One YAML file describes one run; every command takes it (`lowlm <command> CONFIG
 [--set section.key=value ...]`) and `lowlm validate CONFIG` prints it resolved, every default
 filled in. Unknown keys are errors that name the nearest valid key.
 
-This page is generated from the field descriptions in `src/lowlm/config.py` by
-`python scripts/config_reference.py`; a test fails when it is out of date.
+This page is generated from the field descriptions of the config schema (`src/lowlm/config.py`
+and the section modules it imports) by `python scripts/config_reference.py`; a test fails when
+it is out of date.
 """
 
 

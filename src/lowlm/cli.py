@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +12,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
 from typer.core import TyperGroup
 
+from lowlm.cli_output import main_process, print_status, summarised, tokenizer_spinner
 from lowlm.config import LowlmConfig, config_to_yaml, load_config
 from lowlm.errors import LowlmError
 
@@ -139,67 +138,6 @@ def _interrupted(exc: KeyboardInterrupt) -> None:
     raise typer.Exit(130)
 
 
-def _main_process() -> bool:
-    """Rank 0 (or a single process): the one that prints summaries and writes the report."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _finished(resolved: LowlmConfig) -> dict[str, str | None]:
-    from lowlm.rundir import RunDir
-
-    stages = RunDir(resolved).read_manifest()["stages"]
-    return {name: (record or {}).get("finished") for name, record in stages.items()}
-
-
-@contextlib.contextmanager
-def _summarised(resolved: LowlmConfig):
-    """After the body: the short summary table of every stage it finished (main process)."""
-    before = _finished(resolved)
-    yield
-    if not _main_process():
-        return
-    from lowlm.graph import ORDER
-    from lowlm.report import stage_summary
-
-    after = _finished(resolved)
-    for name in ORDER:
-        if after.get(name) and after.get(name) != before.get(name):
-            typer.echo(stage_summary(resolved, name))
-
-
-@contextlib.contextmanager
-def _tokenizer_spinner(resolved: LowlmConfig, force: bool):
-    """Tokenizer training is one SentencePiece call with no progress to report: say so, with a
-    spinner and the time elapsed on a terminal, unless the stage will be skipped."""
-    from lowlm.graph import Graph
-
-    if not _main_process() or (not force and Graph(resolved).state("tokenize").status == "done"):
-        yield
-        return
-    message = "tokenize: reading the corpus, training and merging the tokenizer"
-    if not sys.stderr.isatty():
-        typer.echo(f"{message} (one SentencePiece call: no progress bar)...", err=True)
-        yield
-        return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn(message),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
-        progress.add_task(message, total=None)
-        yield
-
-
-@contextlib.contextmanager
-def _no_spinner(resolved: LowlmConfig, force: bool):
-    yield
-
-
 def _check_trackers(resolved: LowlmConfig) -> None:
     """A tracker named in run.report_to that is not installed stops before any stage runs."""
     if resolved.run.report_to:
@@ -208,12 +146,17 @@ def _check_trackers(resolved: LowlmConfig) -> None:
         check_trackers(resolved.run.report_to)
 
 
-def _call(function, config: Path, overrides: list[str] | None, **kwargs) -> None:
+def _call(
+    function, config: Path, overrides: list[str] | None, trackers: bool = False, **kwargs
+) -> None:
     """Load the config and run a stage, then print the summary of what it finished; bad input
-    becomes one line on stderr and exit 1."""
+    becomes one line on stderr and exit 1. `trackers`: a training stage, whose run.report_to
+    trackers are checked before it starts."""
     try:
         resolved = _load(config, overrides)
-        with _summarised(resolved):
+        if trackers:
+            _check_trackers(resolved)
+        with summarised(resolved):
             function(resolved, **kwargs)
     except LowlmError as exc:
         _fail(exc)
@@ -221,17 +164,17 @@ def _call(function, config: Path, overrides: list[str] | None, **kwargs) -> None
         _interrupted(exc)
 
 
-def _call_training(function, config: Path, overrides: list[str] | None, **kwargs) -> None:
-    """_call for the training stages: the trackers of run.report_to are checked first."""
-    try:
-        resolved = _load(config, overrides)
-        _check_trackers(resolved)
-        with _summarised(resolved):
-            function(resolved, **kwargs)
-    except LowlmError as exc:
-        _fail(exc)
-    except KeyboardInterrupt as exc:
-        _interrupted(exc)
+def _runner(name: str):
+    """The function that runs stage `name` (the order and parents live in lowlm.graph)."""
+    from importlib import import_module
+
+    if name.startswith("pretrain-"):
+        from lowlm.graph import PRETRAIN_BY_NAME
+        from lowlm.stages import pretrain
+
+        flag = PRETRAIN_BY_NAME[name].flag
+        return lambda config, force: pretrain.run_stage(config, flag, force=force)
+    return import_module(f"lowlm.stages.{name}").run
 
 
 @app.command()
@@ -248,19 +191,16 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 @app.command()
 def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Raw text in, a clean, deduplicated, decontaminated target-language corpus out."""
-    from lowlm.stages import prepare as stage
-
-    _call(stage.run, config, set_, force=force)
+    _call(_runner("prepare"), config, set_, force=force)
 
 
 @app.command()
 def tokenize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Train a target-language tokenizer and merge it into the base vocabulary."""
-    from lowlm.stages import tokenize as stage
 
     def run(resolved: LowlmConfig, force: bool) -> None:
-        with _tokenizer_spinner(resolved, force):
-            stage.run(resolved, force=force)
+        with tokenizer_spinner(resolved, force):
+            _runner("tokenize")(resolved, force=force)
 
     _call(run, config, set_, force=force)
 
@@ -268,17 +208,13 @@ def tokenize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) ->
 @app.command()
 def resize(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Append embedding rows for the merged tokenizer's new tokens to the base model."""
-    from lowlm.stages import resize as stage
-
-    _call(stage.run, config, set_, force=force)
+    _call(_runner("resize"), config, set_, force=force)
 
 
 @app.command()
 def init(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Create a Llama model from scratch (init.size) for the run's tokenizer."""
-    from lowlm.stages import init as stage
-
-    _call(stage.run, config, set_, force=force)
+    _call(_runner("init"), config, set_, force=force)
 
 
 @app.command()
@@ -292,9 +228,7 @@ def pretrain(
     force: ForceOpt = False,
 ) -> None:
     """Pre-train: stage 1 (embeddings), stage 2 (LoRA + embeddings) or full; accelerate-aware."""
-    from lowlm.stages import pretrain as pretrain_stage
-
-    _call_training(pretrain_stage.run, config, set_, stage=stage, force=force, resume=resume)
+    _call(_runner("pretrain"), config, set_, trackers=True, stage=stage, force=force, resume=resume)
 
 
 @app.command()
@@ -307,48 +241,29 @@ def export(
     force: ForceOpt = False,
 ) -> None:
     """Merge LoRA into the weights and write a standalone HF model with its tokenizer."""
-    from lowlm.stages import export as stage
-
-    _call(stage.run, config, set_, source=source, force=force)
+    _call(_runner("export"), config, set_, source=source, force=force)
 
 
-@app.command()
-def sft(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    resume: ResumeOpt = True,
-    force: ForceOpt = False,
-) -> None:
-    """Instruction-tune the run's model (or sft.model) with LoRA."""
-    from lowlm.stages import sft as stage
+def _tuning_command(name: str, summary: str) -> None:
+    """Register `lowlm <name>` for a stage that tunes the run's model: sft, dpo and finetune
+    take the same arguments."""
 
-    _call_training(stage.run, config, set_, force=force, resume=resume)
+    def command(
+        config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True, force: ForceOpt = False
+    ) -> None:
+        _call(_runner(name), config, set_, trackers=True, force=force, resume=resume)
 
-
-@app.command()
-def dpo(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    resume: ResumeOpt = True,
-    force: ForceOpt = False,
-) -> None:
-    """Preference-tune the run's sft model (or dpo.model) with DPO on {prompt, chosen, rejected}."""
-    from lowlm.stages import dpo as stage
-
-    _call_training(stage.run, config, set_, force=force, resume=resume)
+    app.command(name, help=summary)(command)
 
 
-@app.command()
-def finetune(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    resume: ResumeOpt = True,
-    force: ForceOpt = False,
-) -> None:
-    """Fine-tune the run's model (or finetune.model) as a classifier on a labelled set."""
-    from lowlm.stages import finetune as stage
-
-    _call_training(stage.run, config, set_, force=force, resume=resume)
+_tuning_command("sft", "Instruction-tune the run's model (or sft.model) with LoRA.")
+_tuning_command(
+    "dpo",
+    "Preference-tune the run's sft model (or dpo.model) with DPO on {prompt, chosen, rejected}.",
+)
+_tuning_command(
+    "finetune", "Fine-tune the run's model (or finetune.model) as a classifier on a labelled set."
+)
 
 
 ModelOpt = Annotated[
@@ -477,23 +392,10 @@ def evaluate(
         if checkpoints:
             stage.run_checkpoints(resolved)
             return
-        with _summarised(resolved):
+        with summarised(resolved):
             stage.run(resolved, force=force)
     except LowlmError as exc:
         _fail(exc)
-
-
-def _runner(name: str):
-    """The function that runs stage `name` (the order and parents live in lowlm.graph)."""
-    from importlib import import_module
-
-    if name.startswith("pretrain-"):
-        from lowlm.graph import PRETRAIN_BY_NAME
-        from lowlm.stages import pretrain
-
-        flag = PRETRAIN_BY_NAME[name].flag
-        return lambda config, force: pretrain.run_stage(config, flag, force=force)
-    return import_module(f"lowlm.stages.{name}").run
 
 
 @app.command("run")
@@ -511,17 +413,21 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
         _fail(exc)
     try:
         for name in Graph(resolved).enabled():
-            spinner = _tokenizer_spinner if name == "tokenize" else _no_spinner
-            with _summarised(resolved), spinner(resolved, force):
+            spinner = (
+                tokenizer_spinner(resolved, force)
+                if name == "tokenize"
+                else contextlib.nullcontext()
+            )
+            with summarised(resolved), spinner:
                 _runner(name)(resolved, force=force)
     except LowlmError as exc:
-        if _main_process():
+        if main_process():
             with contextlib.suppress(Exception):  # the report shows the failed stage too
                 write_report(resolved)
         _fail(exc)
     except KeyboardInterrupt as exc:
         _interrupted(exc)
-    if _main_process():
+    if main_process():
         try:
             typer.echo(f"report: {write_report(resolved)}")
         except LowlmError as exc:
@@ -559,44 +465,14 @@ def report(
 def status(config: TargetArg, set_: SetOpt = None) -> None:
     """Show each stage as done, stale (and which input changed), running, interrupted, failed
     or not run."""
-    from lowlm.graph import ORDER, Graph
+    from lowlm.graph import Graph
 
     try:
         graph = Graph(_load_target(config, set_, "status"))
-        recorded = graph.manifest()
+        graph.manifest()  # a manifest it cannot read stops here, in one line
     except LowlmError as exc:
         _fail(exc)
-    names = [n for n in ORDER if n in graph.enabled() or n in recorded]
-    if not names:
-        typer.echo(f"{graph.run_dir.path}: no stage is configured or has run.")
-        return
-
-    def short(value):
-        return float(f"{value:.4g}") if isinstance(value, float) else value
-
-    typer.echo(f"{'stage':<17}{'status':<13}{'finished':<26}details")
-    for name in names:
-        state = graph.state(name)
-        record = state.record
-        if state.status == "done":
-            detail = json.dumps(
-                {k: short(v) for k, v in (record.get("metrics") or {}).items()},
-                ensure_ascii=False,
-            )
-        else:
-            detail = state.reason
-        if name not in graph.enabled():
-            detail = f"(not in this config) {detail}"
-        typer.echo(
-            f"{name:<17}{state.status:<13}{record.get('finished', '') if record else '':<26}"
-            f"{detail}"
-        )
-    from lowlm.report import REPORT_FILE
-
-    page = graph.run_dir.path / REPORT_FILE
-    if page.is_file():
-        typer.echo(f"report: {page} (`lowlm report` rewrites it)")
-    if any(graph.state(name).status == "error" for name in names):
+    if print_status(graph):
         raise typer.Exit(1)  # a stage that cannot be checked: its reason is in its row
 
 

@@ -1,5 +1,6 @@
-"""Field types the config shares: paths expanded alike, and a run name that stays inside the
-root. Their validators raise ValueError, which the config turns into one sentence."""
+"""What every config module shares: the section base (unknown keys refused), paths expanded
+alike, and a run name that stays inside the root. The validators raise ValueError, which the
+config turns into one sentence."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    """A config section: an unknown key is an error, and so is a bad value assigned later."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def _expand_path(text: str) -> str:

@@ -1,9 +1,10 @@
 """The stage graph: every stage declared once, and everything derived from that declaration.
 
 Each stage names its folder in the run directory, the command that builds it, the config it
-reads, the files outside the run it reads, and its parents (the run stages it reads). From
-this one table come: the order `lowlm run` follows, the model a stage starts from, the
-model `generate` / `chat` / `eval` use by default, `lowlm status`, and every stage's key.
+reads and the files outside the run it reads (both hashed by `lowlm.stage_inputs`), and its
+parents (the run stages it reads). From this one table come: the order `lowlm run` follows,
+the model a stage starts from, the model `generate` / `chat` / `eval` use by default,
+`lowlm status`, and every stage's key.
 
 A stage's key is a hash of its inputs: the config sections it reads, the content of every
 file it reads, and its parents' keys (a Merkle chain, as Nix, Bazel or DVC build them), so a
@@ -18,36 +19,16 @@ measured on text no stage trained on.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowlm import stage_inputs as reads
 from lowlm.config import LowlmConfig
-from lowlm.data.heldout import HELDOUT_FILE
 from lowlm.errors import LowlmError
-from lowlm.rundir import RunDir, content_id, fingerprint, sha256_text, signature
-
-# Training-section fields that change how a run is logged or saved, not what it computes.
-_BOOKKEEPING = {
-    "log_every",
-    "save_every",
-    "eval_every",
-    "keep_checkpoints",
-    "num_proc",
-    "peak_tflops",
-    "energy",
-    "max_skipped_steps",  # only when to give up; a raised limit resumes the same run
-    "eval_tasks",  # benchmark figures logged while training; the weights are the same
-    # Speed and memory switches: the same computation up to rounding, so a run resumes
-    # across them (e.g. gradient checkpointing turned on after an out-of-memory stop).
-    "gradient_checkpointing",
-    "compile",
-    "liger_kernel",
-    "attn_implementation",
-}
+from lowlm.rundir import RunDir, content_id, fingerprint, signature
 
 
 @dataclass(frozen=True)
@@ -70,129 +51,6 @@ PRETRAIN_BY_FLAG = {s.flag: s for s in PRETRAIN_STAGES}
 PRETRAIN_BY_NAME = {s.name: s for s in PRETRAIN_STAGES}
 
 
-def _section_hash(section, exclude: set[str] | None = None, include: set[str] | None = None) -> str:
-    dumped = section.model_dump(exclude=exclude, include=include)
-    return sha256_text(json.dumps(dumped, sort_keys=True, ensure_ascii=False))
-
-
-# ----- what each stage reads from the config --------------------------------------------------
-
-
-def _prepare_config(c: LowlmConfig) -> dict:
-    read = {
-        "config.prepare": _section_hash(c.prepare, exclude={"executor"}),  # where it runs, not what
-        "config.data": _section_hash(c.data, include={"heldout_fraction", "nfkc"}),
-        "config.run.seed": str(c.run.seed),
-    }
-    if c.prepare.decontaminate.enabled:  # the eval questions it removes copies of
-        tasks = [*c.eval.tasks, *c.pretrain.eval_tasks, *c.sft.eval_tasks]
-        read["config.eval_tasks"] = sha256_text(
-            json.dumps([t.model_dump() for t in tasks], sort_keys=True, ensure_ascii=False)
-        )
-    return read
-
-
-def _tokenize_config(c: LowlmConfig) -> dict:
-    read = {
-        "config.tokenize": _section_hash(c.tokenize),
-        "config.data": _section_hash(c.data),
-        "config.run.seed": str(c.run.seed),
-    }
-    if c.tokenize.merge:  # the base's tokenizer is read only to merge into it
-        read["config.model"] = _section_hash(c.model, exclude={"dtype"} | _BOOKKEEPING)
-    return read
-
-
-def _resize_config(c: LowlmConfig) -> dict:
-    return {
-        "config.resize": _section_hash(c.resize),
-        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
-        "config.run.seed": str(c.run.seed),
-    }
-
-
-def _init_config(c: LowlmConfig) -> dict:
-    return {"config.init": _section_hash(c.init), "config.run.seed": str(c.run.seed)}
-
-
-def _pretrain_config(name: str) -> Callable[[LowlmConfig], dict]:
-    own = PRETRAIN_BY_NAME[name].section
-
-    def read(c: LowlmConfig) -> dict:
-        return {
-            "config.pretrain": _section_hash(
-                c.pretrain, exclude={s.section for s in PRETRAIN_STAGES} | _BOOKKEEPING
-            ),
-            f"config.pretrain.{own}": _section_hash(getattr(c.pretrain, own)),
-            "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
-            "config.data": _section_hash(c.data),
-            "config.run.seed": str(c.run.seed),
-        }
-
-    return read
-
-
-def _export_config(c: LowlmConfig) -> dict:
-    return {
-        "config.export": _section_hash(c.export),
-        "config.model": _section_hash(c.model, exclude={"base", "tokenizer"} | _BOOKKEEPING),
-    }
-
-
-def _sft_config(c: LowlmConfig) -> dict:
-    return {
-        "config.sft": _section_hash(c.sft, exclude=_BOOKKEEPING),
-        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
-        "config.data": _section_hash(c.data),
-        "config.run.seed": str(c.run.seed),
-    }
-
-
-def _finetune_config(c: LowlmConfig) -> dict:
-    return {
-        "config.finetune": _section_hash(c.finetune, exclude=_BOOKKEEPING),
-        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
-        "config.run.seed": str(c.run.seed),
-    }
-
-
-def _dpo_config(c: LowlmConfig) -> dict:
-    return {
-        "config.dpo": _section_hash(c.dpo, exclude=_BOOKKEEPING),
-        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
-        "config.run.seed": str(c.run.seed),
-    }
-
-
-def _eval_config(c: LowlmConfig) -> dict:
-    return {
-        "config.eval": _section_hash(c.eval),
-        "config.model": _section_hash(c.model, exclude=_BOOKKEEPING),
-    }
-
-
-# ----- what each stage reads from outside the run ---------------------------------------------
-
-
-def _sources(label: str, patterns: list[str], field: str) -> dict[str, str]:
-    from lowlm.data.corpus import resolve_sources, source_hashes
-
-    sources = resolve_sources(patterns, field)
-    return {f"{label}:{k}": v for k, v in source_hashes(sources).items()}
-
-
-def _base_tokenizer_id(c: LowlmConfig) -> str:
-    """The base tokenizer's content: its files only, not a whole model folder's weights."""
-    spec = c.model.tokenizer or c.model.base
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        from lowlm.tokenization.base import HUB_PATTERNS
-
-        files = {n: content_id(path / n) for n in HUB_PATTERNS if (path / n).is_file()}
-        return sha256_text(json.dumps(files, sort_keys=True))
-    return content_id(spec)
-
-
 def prepared_corpus(c: LowlmConfig) -> list[str]:
     """The kept documents `prepare` writes: the corpus tokenize and pretrain read by default."""
     return [str(c.run_dir / STAGES["prepare"].folder / "*.parquet")]
@@ -205,79 +63,6 @@ def corpus_patterns(c: LowlmConfig, reader: str) -> list[str]:
     return own or c.tokenize.corpus or (prepared_corpus(c) if c.prepare.inputs else [])
 
 
-def _prepare_files(c: LowlmConfig) -> dict:
-    from lowlm.data.prepare.inputs import resolve_inputs
-
-    files, datasets = resolve_inputs(c.prepare.inputs)
-    read = {f"input:{path}": content_id(path) for path, _ in files}
-    read.update({f"input:hf:{name}": sha256_text(name) for name in datasets})
-    calibration, _ = (
-        resolve_inputs(c.prepare.calibrate_from) if c.prepare.calibrate_from else ([], [])
-    )
-    read.update({f"calibrate_from:{path}": content_id(path) for path, _ in calibration})
-    extra = [c.prepare.language_config, c.prepare.lid.model]
-    if c.prepare.decontaminate.enabled:
-        tasks = [*c.eval.tasks, *c.pretrain.eval_tasks, *c.sft.eval_tasks]
-        extra += [t.path for t in tasks if t.name != "ppl"] + c.prepare.decontaminate.sft_test
-    for path in extra:
-        if path and Path(path).exists():
-            read[f"file:{path}"] = content_id(path)
-    return read
-
-
-def _tokenize_files(c: LowlmConfig) -> dict:
-    files = _sources("corpus", c.tokenize.corpus, "tokenize.corpus") if c.tokenize.corpus else {}
-    for label, path in c.tokenize.eval_texts.items():
-        if not Path(path).is_file():
-            raise LowlmError(f"tokenize.eval_texts.{label}: file '{path}' does not exist.")
-        files[f"eval_texts.{label}:{path}"] = content_id(path)
-    if c.model.tokenizer or c.model.base:  # merged into, or (merge: false) compared with
-        role = "base_tokenizer" if c.tokenize.merge else "reference_tokenizer"
-        files[f"{role}:{c.model.tokenizer or c.model.base}"] = _base_tokenizer_id(c)
-    return files
-
-
-def _pretrain_files(c: LowlmConfig) -> dict:
-    own = c.pretrain.corpus or c.tokenize.corpus
-    if not own:
-        return {}  # prepare's corpus, keyed through its parent
-    return _sources("corpus", own, "pretrain.corpus" if c.pretrain.corpus else "tokenize.corpus")
-
-
-def _sft_files(c: LowlmConfig) -> dict:
-    return _sources("data", c.sft.data, "sft.data") if c.sft.data else {}
-
-
-def _finetune_files(c: LowlmConfig) -> dict:
-    files = _sources("train", [c.finetune.train], "finetune.train") if c.finetune.train else {}
-    if c.finetune.test:
-        files.update(_sources("test", [c.finetune.test], "finetune.test"))
-    return files
-
-
-def _dpo_files(c: LowlmConfig) -> dict:
-    return _sources("data", c.dpo.data, "dpo.data") if c.dpo.data else {}
-
-
-def _eval_files(c: LowlmConfig) -> dict:
-    files = {}
-    for index, task in enumerate(c.eval.tasks):
-        # the run's own held-out text: labelled by role, so a moved run stays current
-        path = folder(c, "tokenize") / HELDOUT_FILE if task.heldout else task.path
-        if path and Path(path).exists():
-            label = "heldout" if task.heldout else task.path
-            files[f"eval.tasks[{index}]:{label}"] = content_id(path)
-    if any(task.harness for task in c.eval.tasks):  # their YAML and code, and the version
-        from lowlm.evaluation.harness import stage_inputs
-
-        files.update(stage_inputs(c.eval))
-    return files
-
-
-def _no_files(c: LowlmConfig) -> dict:
-    return {}
-
-
 # ----- the table ------------------------------------------------------------------------------
 
 
@@ -288,7 +73,7 @@ class Stage:
     command: str  # the command that builds it
     enabled: Callable[[LowlmConfig], bool]  # part of `lowlm run` with this config
     config: Callable[[LowlmConfig], dict]  # the config it reads, hashed
-    files: Callable[[LowlmConfig], dict] = _no_files  # what it reads outside the run, hashed
+    files: Callable[[LowlmConfig], dict] = reads.no_files  # what it reads outside the run, hashed
     needs: tuple[str, ...] = ()  # run stages it reads whenever they are enabled
     corpus_reader: str | None = None  # tokenize / pretrain: reads prepare's corpus by default
     models_from: tuple[str, ...] = ()  # its model: the first enabled of these...
@@ -297,11 +82,54 @@ class Stage:
     section: str | None = None  # a training stage's config section (its loop settings)
 
 
-def _pretrain_enabled(name: str) -> Callable[[LowlmConfig], bool]:
-    return lambda c: getattr(c.pretrain, PRETRAIN_BY_NAME[name].section).steps > 0
-
-
 _MODELS = ("pretrain-full", "pretrain-stage2", "pretrain-stage1", "resize", "init")
+
+
+def _pretrain_stage(index: int) -> Stage:
+    """Pre-training stage `index`: its model is the newest enabled earlier pre-training stage's,
+    else the resized or initialised one, else (stages 2 and full only) model.base."""
+    sub = PRETRAIN_STAGES[index]
+    earlier = tuple(s.name for s in reversed(PRETRAIN_STAGES[:index]))
+    return Stage(
+        sub.name,
+        sub.name,
+        f"lowlm pretrain --stage {sub.flag}",
+        lambda c: getattr(c.pretrain, sub.section).steps > 0,
+        reads.pretrain_config(sub.section, {s.section for s in PRETRAIN_STAGES}),
+        reads.pretrain_files,
+        needs=("tokenize",),
+        corpus_reader="pretrain",
+        models_from=(*earlier, "resize", "init"),
+        base_fallback=index > 0,
+        section="pretrain",
+    )
+
+
+def _tuning_stage(
+    name: str,
+    enabled: Callable[[LowlmConfig], bool],
+    files: Callable[[LowlmConfig], dict],
+    after: tuple[str, ...] = (),
+    needs: tuple[str, ...] = (),
+    reads_data: bool = False,
+) -> Stage:
+    """sft, dpo or finetune: tunes `<name>.model` if set, else the first enabled of `after`,
+    export and the pre-trained models, else model.base; `reads_data`: its key includes the data
+    section too."""
+    return Stage(
+        name,
+        name,
+        f"lowlm {name}",
+        enabled,
+        reads.tuning_config(name, reads_data),
+        files,
+        needs=needs,
+        models_from=(*after, "export", *_MODELS),
+        base_fallback=True,
+        override=lambda c: getattr(c, name).model,
+        section=name,
+    )
+
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -311,16 +139,16 @@ STAGES: dict[str, Stage] = {
             "corpus",
             "lowlm prepare",
             lambda c: bool(c.prepare.inputs),
-            _prepare_config,
-            _prepare_files,
+            reads.prepare_config,
+            reads.prepare_files,
         ),
         Stage(
             "tokenize",
             "tokenizer",
             "lowlm tokenize",
             lambda c: bool(c.tokenize.corpus or c.prepare.inputs),
-            _tokenize_config,
-            _tokenize_files,
+            reads.tokenize_config,
+            reads.tokenize_files,
             corpus_reader="tokenize",
         ),
         Stage(
@@ -328,7 +156,7 @@ STAGES: dict[str, Stage] = {
             "model-init",
             "lowlm init",
             lambda c: bool(c.init.size),
-            _init_config,
+            reads.init_config,
             needs=("tokenize",),
         ),
         Stage(
@@ -341,101 +169,32 @@ STAGES: dict[str, Stage] = {
                     c.model.base and c.tokenize.merge and (c.tokenize.corpus or c.prepare.inputs)
                 )
             ),
-            _resize_config,
-            lambda c: {f"base:{c.model.base}": content_id(c.model.base)} if c.model.base else {},
+            reads.resize_config,
+            reads.resize_files,
             needs=("tokenize",),
         ),
-        Stage(
-            "pretrain-stage1",
-            "pretrain-stage1",
-            "lowlm pretrain --stage 1",
-            _pretrain_enabled("pretrain-stage1"),
-            _pretrain_config("pretrain-stage1"),
-            _pretrain_files,
-            needs=("tokenize",),
-            corpus_reader="pretrain",
-            models_from=("resize", "init"),
-            section="pretrain",
-        ),
-        Stage(
-            "pretrain-stage2",
-            "pretrain-stage2",
-            "lowlm pretrain --stage 2",
-            _pretrain_enabled("pretrain-stage2"),
-            _pretrain_config("pretrain-stage2"),
-            _pretrain_files,
-            needs=("tokenize",),
-            corpus_reader="pretrain",
-            models_from=("pretrain-stage1", "resize", "init"),
-            base_fallback=True,
-            section="pretrain",
-        ),
-        Stage(
-            "pretrain-full",
-            "pretrain-full",
-            "lowlm pretrain --stage full",
-            _pretrain_enabled("pretrain-full"),
-            _pretrain_config("pretrain-full"),
-            _pretrain_files,
-            needs=("tokenize",),
-            corpus_reader="pretrain",
-            models_from=("pretrain-stage2", "pretrain-stage1", "resize", "init"),
-            base_fallback=True,
-            section="pretrain",
-        ),
+        *(_pretrain_stage(index) for index in range(len(PRETRAIN_STAGES))),
         Stage(
             "export",
             "export",
             "lowlm export",
             lambda c: any(getattr(c.pretrain, s.section).steps > 0 for s in PRETRAIN_STAGES),
-            _export_config,
+            reads.export_config,
             needs=("tokenize",),
             models_from=_MODELS,
         ),
-        Stage(
-            "sft",
-            "sft",
-            "lowlm sft",
-            lambda c: bool(c.sft.data),
-            _sft_config,
-            _sft_files,
-            needs=("tokenize",),
-            models_from=("export", *_MODELS),
-            base_fallback=True,
-            override=lambda c: c.sft.model,
-            section="sft",
+        _tuning_stage(
+            "sft", lambda c: bool(c.sft.data), reads.sft_files, needs=("tokenize",), reads_data=True
         ),
-        Stage(
-            "dpo",
-            "dpo",
-            "lowlm dpo",
-            lambda c: bool(c.dpo.data),
-            _dpo_config,
-            _dpo_files,
-            models_from=("sft", "export", *_MODELS),
-            base_fallback=True,
-            override=lambda c: c.dpo.model,
-            section="dpo",
-        ),
-        Stage(
-            "finetune",
-            "finetune",
-            "lowlm finetune",
-            lambda c: bool(c.finetune.train),
-            _finetune_config,
-            _finetune_files,
-            models_from=("export", *_MODELS),
-            base_fallback=True,
-            override=lambda c: c.finetune.model,
-            section="finetune",
-        ),
+        _tuning_stage("dpo", lambda c: bool(c.dpo.data), reads.dpo_files, after=("sft",)),
+        _tuning_stage("finetune", lambda c: bool(c.finetune.train), reads.finetune_files),
         Stage(
             "eval",
             "eval",
             "lowlm eval",
             lambda c: bool(c.eval.tasks),
-            _eval_config,
-            _eval_files,
+            reads.eval_config,
+            lambda c: reads.eval_files(c, folder(c, "tokenize")),
             models_from=("dpo", "sft", "export", *_MODELS),
             base_fallback=True,
             override=lambda c: c.eval.model,

@@ -15,11 +15,19 @@ from pathlib import Path
 
 from lowlm.config import EvalTask
 from lowlm.errors import LowlmError
-from lowlm.evaluation.benchmarks import LETTERS, build_context
+from lowlm.evaluation.benchmarks import LETTERS, Question, build_context
 from lowlm.evaluation.ranks import Ranks
 from lowlm.evaluation.scoring import Request, score_requests
-from lowlm.evaluation.tasks import HARNESS_PROTOCOL, aggregate, benchmark_questions, mc_questions
+from lowlm.evaluation.tasks import (
+    HARNESS_PROTOCOL,
+    TaskQuestions,
+    aggregate,
+    benchmark_questions,
+    mc_questions,
+)
 from lowlm.models.metrics import text_nll
+
+_AGGREGATION = "acc: micro (questions, as the harness's groups); acc_macro: mean of subjects"
 
 
 def run_multiple_choice(
@@ -39,17 +47,7 @@ def run_multiple_choice(
             "it is left out of the averages (listed as empty_subjects in results.json)."
         )
     questions = [q for qs in loaded.evaluated.values() for q in qs]
-    requests = []
-    for q in questions:
-        context = build_context(
-            loaded.describe(q.subject), loaded.pools[q.subject], q, loaded.answer_cue
-        )
-        if task.chat_template:
-            context = tokenizer.apply_chat_template(
-                [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
-            )
-        choices = [f" {letter}" for letter in LETTERS[: len(q.choices)]]
-        requests.append(Request(context, choices, group=q.subject))
+    requests = [_request(loaded, q, tokenizer, task.chat_template) for q in questions]
     ranks = ranks or Ranks()
     mine = ranks.share(requests)  # all of them on one process
     progress = progress_factory(len(mine), task.name)
@@ -58,24 +56,7 @@ def run_multiple_choice(
     scores = ranks.gather(scores)
     seconds = time.perf_counter() - started
     progress.close()
-    samples = []
-    for q, lls in zip(questions, scores, strict=True):
-        letters = LETTERS[: len(lls)]
-        prediction = letters[max(range(len(lls)), key=lambda i: lls[i])]
-        lengths = [len(letter) for letter in letters]  # the harness normalises by choice length
-        normalised = letters[max(range(len(lls)), key=lambda i: lls[i] / lengths[i])]
-        sample = {
-            "subject": q.subject,
-            "index": q.index,
-            "target": q.answer,
-            "prediction": prediction,
-            "scores": lls,
-            "correct": int(prediction == q.answer),
-            "correct_norm": int(normalised == q.answer),
-        }
-        if q.key is not None:
-            sample["id"] = q.key
-        samples.append(sample)
+    samples = [_sample(q, lls) for q, lls in zip(questions, scores, strict=True)]
     if loaded.submission:
         result: dict = {"n": len(samples), "submission": True}
     else:
@@ -89,21 +70,61 @@ def run_multiple_choice(
         questions_per_s=round(len(samples) / max(seconds, 1e-9), 2),
         template="lm-evaluation-harness" + (" + chat template" if task.chat_template else ""),
         fewshot="first_n" if task.shots else None,
-        aggregation="acc: micro (questions, as the harness's groups); acc_macro: mean of subjects",
-        protocol={
-            "reproduces": HARNESS_PROTOCOL,
-            "template": "description + first-n examples + question, continuations ' A'..' D'"
-            + (" inside the tokenizer's chat template" if task.chat_template else ""),
-            "shots": task.shots,
-            "fewshot_source": loaded.fewshot_source,
-            "scoring": "sum of continuation log-likelihoods; highest wins",
-            "normalisation": "acc: none; acc_norm: divided by the choice's length in characters",
-            "aggregation": "acc: micro (questions, as the harness's groups); "
-            "acc_macro: mean of subjects",
-        },
+        aggregation=_AGGREGATION,
+        protocol=_protocol(task, loaded.fewshot_source),
         example_prompt=requests[0].context if requests else None,
     )
     return result, samples
+
+
+def _request(loaded: TaskQuestions, question: Question, tokenizer, chat_template: bool) -> Request:
+    """One question as the harness asks it: its context (few-shot examples first, in the chat
+    template if asked) and the continuations ' A', ' B', ..."""
+    context = build_context(
+        loaded.describe(question.subject),
+        loaded.pools[question.subject],
+        question,
+        loaded.answer_cue,
+    )
+    if chat_template:
+        context = tokenizer.apply_chat_template(
+            [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
+        )
+    choices = [f" {letter}" for letter in LETTERS[: len(question.choices)]]
+    return Request(context, choices, group=question.subject)
+
+
+def _sample(question: Question, lls: list[float]) -> dict:
+    """A question's record: the likeliest letter, raw and normalised by choice length."""
+    letters = LETTERS[: len(lls)]
+    prediction = letters[max(range(len(lls)), key=lambda i: lls[i])]
+    lengths = [len(letter) for letter in letters]  # the harness normalises by choice length
+    normalised = letters[max(range(len(lls)), key=lambda i: lls[i] / lengths[i])]
+    sample = {
+        "subject": question.subject,
+        "index": question.index,
+        "target": question.answer,
+        "prediction": prediction,
+        "scores": lls,
+        "correct": int(prediction == question.answer),
+        "correct_norm": int(normalised == question.answer),
+    }
+    if question.key is not None:
+        sample["id"] = question.key
+    return sample
+
+
+def _protocol(task: EvalTask, fewshot_source: str | None) -> dict:
+    return {
+        "reproduces": HARNESS_PROTOCOL,
+        "template": "description + first-n examples + question, continuations ' A'..' D'"
+        + (" inside the tokenizer's chat template" if task.chat_template else ""),
+        "shots": task.shots,
+        "fewshot_source": fewshot_source,
+        "scoring": "sum of continuation log-likelihoods; highest wins",
+        "normalisation": "acc: none; acc_norm: divided by the choice's length in characters",
+        "aggregation": _AGGREGATION,
+    }
 
 
 def periodic_eval(tasks: list[EvalTask], tokenizer, max_length: int = 2048):

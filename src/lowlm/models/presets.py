@@ -5,35 +5,24 @@ from __future__ import annotations
 from lowlm.config import InitConfig
 from lowlm.errors import LowlmError
 
+_COLUMNS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+# One row a size, in the order of _COLUMNS. tiny is for tests and the demo (thousands of
+# tokens/s on a laptop CPU); ttl-160m and ttl-460m are TeenyTinyLlama's.
+_ROWS = {
+    "tiny": (64, 256, 2, 4, 4, 512, True),
+    "ttl-160m": (768, 3072, 12, 12, 12, 2048, False),
+    "ttl-460m": (1024, 4096, 24, 16, 16, 2048, False),
+}
 SIZES: dict[str, dict[str, int | bool]] = {
-    # For tests and the demo: trains at thousands of tokens/s on a laptop CPU.
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    ),
-    "ttl-160m": dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    ),
-    "ttl-460m": dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    ),
+    name: dict(zip(_COLUMNS, row, strict=True)) for name, row in _ROWS.items()
 }
 
 

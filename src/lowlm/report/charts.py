@@ -39,23 +39,19 @@ def tokenizer_chart(report: dict) -> str | None:
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [max(2, len(labels)), 2]}
     )
-    positions = list(range(len(labels)))
-    before = [texts[k].get("before", {}).get("tokens_per_char") for k in labels]
-    after = [texts[k]["after"].get("tokens_per_char", 0.0) for k in labels]
-    if any(b is not None for b in before):
-        bars = left.bar([p - 0.2 for p in positions], [b or 0 for b in before], 0.4, label="base")
-        left.bar_label(bars, fmt="%.3g", fontsize=8)
-    bars = left.bar([p + 0.2 for p in positions], after, 0.4, label="after", color="#2da44e")
-    left.bar_label(bars, fmt="%.3g", fontsize=8)
     ticks = []
     for label in labels:  # the change in token count under each text's name
         change = texts[label].get("token_change")
         ticks.append(f"{label}\n{change:+.0%} tokens" if finite(change) else label)
-    left.set_xticks(positions, ticks)
-    left.set_ylabel("tokens per character")
-    left.set_title("tokens per character by text (lower is better)")
-    left.margins(y=0.25)
-    left.legend(fontsize=8)
+    before_after_bars(
+        left,
+        ticks,
+        [texts[k].get("before", {}).get("tokens_per_char") for k in labels],
+        [texts[k]["after"].get("tokens_per_char", 0.0) for k in labels],
+        ("base", "after"),
+        "tokens per character",
+        "tokens per character by text (lower is better)",
+    )
     counts = [
         ("base vocabulary", report.get("base_vocab_size")),
         ("new tokens", report.get("new_tokens")),
@@ -71,6 +67,28 @@ def tokenizer_chart(report: dict) -> str | None:
     right.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     return png_uri(fig)
+
+
+def before_after_bars(
+    ax, ticks: list[str], before: list, after: list, names: tuple[str, str], ylabel: str, title: str
+) -> None:
+    """A figure per text before (left bar, drawn when any text has one) and after (green),
+    each bar labelled with its value; `names` are the two bars' legend entries."""
+    positions = list(range(len(ticks)))
+    paired = any(b is not None for b in before)
+    width, shift = (0.4, 0.2) if paired else (0.6, 0.0)
+    if paired:
+        bars = ax.bar(
+            [p - shift for p in positions], [b or 0 for b in before], width, label=names[0]
+        )
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    bars = ax.bar([p + shift for p in positions], after, width, label=names[1], color="#2da44e")
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_xticks(positions, ticks)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.margins(y=0.25)
+    ax.legend(fontsize=8)
 
 
 def heldout_chart(views: list[StageView]) -> str | None:

@@ -237,59 +237,89 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
         )
     baseline_dir = baseline_run(baseline)  # a run directory: compared in adaptation_sections
     base_results = read_baseline(None if baseline_dir else baseline)
+    views = _readable_views(graph)
+    tokenizer = read_json(run_path / STAGES["tokenize"].folder / "report.json")
+    results = read_json(run_path / STAGES["eval"].folder / "results.json")
+    parts = [
+        *_head(config.run.name, run_path),
+        _cards(views, tokenizer, results),
+        "<h2>Stages</h2>",
+        _stage_rows(views) if views else '<p class="none">No stage is configured or has run.</p>',
+        _prepare(run_path),
+        *_tokenizer_section(tokenizer),
+        *_heldout_section(views),
+        *adaptation_sections(run_path, baseline_dir),
+        *_training_sections(run_path, views),
+        *_eval_sections(run_path, results, base_results, baseline),
+        *_checkpoint_section(graph),
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _readable_views(graph: Graph) -> list[StageView]:
+    """Every stage's view; refused when a stage cannot be checked (a page of unreadable stages
+    must not replace a report of the run)."""
+    run_path = graph.run_dir.path
     views = stage_views(graph)
     unreadable = [view for view in views if view.status == "error"]
-    if unreadable:  # a page of unreadable stages must not replace a report of the run
+    if unreadable:
         raise LowlmError(
             f"cannot report {run_path}: {unreadable[0].name} cannot be checked "
             f"({unreadable[0].reason.rstrip('.')}); restore that input, or report the run with "
             f"the config it recorded: `lowlm report {run_path}`."
         )
-    tokenizer = read_json(run_path / STAGES["tokenize"].folder / "report.json")
-    results = read_json(run_path / STAGES["eval"].folder / "results.json")
-    parts = [
+    return views
+
+
+def _head(run_name: str, run_path: Path) -> list[str]:
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>lowlm report: {escape(config.run.name)}</title>",
+        f"<title>lowlm report: {escape(run_name)}</title>",
         f"<style>{_STYLE}</style></head><body>",
-        f"<h1>lowlm report: {escape(config.run.name)}</h1>",
+        f"<h1>lowlm report: {escape(run_name)}</h1>",
         f'<p class="meta">run directory {escape(run_path)} · written '
         f"{escape(time.strftime('%Y-%m-%d %H:%M:%S %z'))} by lowlm {escape(__version__)} "
         "from the run "
         "directory alone (nothing re-run)</p>",
-        _cards(views, tokenizer, results),
-        "<h2>Stages</h2>",
     ]
-    if views:
-        parts.append(_stage_rows(views))
-    else:
-        parts.append('<p class="none">No stage is configured or has run.</p>')
 
-    parts.append(_prepare(run_path))
-    if tokenizer and is_alone(tokenizer):
-        parts += alone_section(tokenizer)
-    elif tokenizer:
-        parts += [
-            "<h2 id='tokenizer'>Tokenizer</h2>",
-            f"<p>{fmt(tokenizer.get('new_tokens'))} new tokens "
-            f"({fmt(tokenizer.get('reachable_new_tokens'))} reachable) over a base of "
-            f"{fmt(tokenizer.get('base_vocab_size'))}; vocabulary "
-            f"{fmt(tokenizer.get('vocab_size'))}. Held-out text is text no stage trained on.</p>",
-            img_tag(tokenizer_chart(tokenizer), "tokens per character before and after"),
-            _tokenizer_table(tokenizer),
-        ]
+
+def _tokenizer_section(tokenizer: dict | None) -> list[str]:
+    if not tokenizer:
+        return []
+    if is_alone(tokenizer):
+        return alone_section(tokenizer)
+    return [
+        "<h2 id='tokenizer'>Tokenizer</h2>",
+        f"<p>{fmt(tokenizer.get('new_tokens'))} new tokens "
+        f"({fmt(tokenizer.get('reachable_new_tokens'))} reachable) over a base of "
+        f"{fmt(tokenizer.get('base_vocab_size'))}; vocabulary "
+        f"{fmt(tokenizer.get('vocab_size'))}. Held-out text is text no stage trained on.</p>",
+        img_tag(tokenizer_chart(tokenizer), "tokens per character before and after"),
+        _tokenizer_table(tokenizer),
+    ]
+
+
+def _heldout_section(views: list[StageView]) -> list[str]:
     held = heldout_chart(views)
-    if held:
-        parts += [
-            "<h2 id='resize'>Held-out loss per character</h2>",
-            "<p>Nats per character on the tokenizer's held-out lines: the base model, the "
-            "resized one (new rows initialised), and after each pre-training stage. Per "
-            "character, so figures under different tokenizers compare.</p>",
-            img_tag(held, "held-out loss per character by stage"),
-        ]
-    parts += adaptation_sections(run_path, baseline_dir)
+    if not held:
+        return []
+    return [
+        "<h2 id='resize'>Held-out loss per character</h2>",
+        "<p>Nats per character on the tokenizer's held-out lines: the base model, the "
+        "resized one (new rows initialised), and after each pre-training stage. Per "
+        "character, so figures under different tokenizers compare.</p>",
+        img_tag(held, "held-out loss per character by stage"),
+    ]
+
+
+def _training_sections(run_path: Path, views: list[StageView]) -> list[str]:
+    """The pre-training curves and the sft loss, each when its log has points."""
+    parts = []
     curves = training_chart(run_path, views)
     if curves:
         parts += [
@@ -301,29 +331,49 @@ def render(config: LowlmConfig, baseline: Path | None = None) -> str:
     sft = sft_chart(run_path)
     if sft:
         parts += ["<h2 id='sft'>Instruction tuning</h2>", img_tag(sft, "sft loss by step")]
-    if results:
-        parts.append("<h2 id='eval'>Evaluation</h2>")
-        if base_results is not None:
-            parts.append(
-                f"<p>Against the baseline {escape(baseline)} (model "
-                f"{escape(base_results.get('model', '?'))}).</p>"
-            )
-        parts.append(_eval_table(results, base_results))
-        for title, chart in eval_charts(results, base_results):
-            parts.append(img_tag(chart, title))
-        samples = _samples(run_path)
-        if samples:
-            parts += ["<h2 id='samples'>Recorded answers</h2>", samples]
-    curves = _checkpoint_curves(graph)
-    if curves:
-        parts += [
-            "<h2 id='benchmark-curves'>Benchmarks over training</h2>",
-            "<p>Each eval task on the checkpoints of the last pre-training stage and its final "
-            "model (<code>lowlm eval --checkpoints</code>), against training tokens.</p>",
-            img_tag(curves, "benchmark scores against training tokens"),
-        ]
-    parts.append("</body></html>")
-    return "\n".join(p for p in parts if p)
+    return parts
+
+
+def _eval_sections(
+    run_path: Path, results: dict | None, base_results: dict | None, baseline: Path | None
+) -> list[str]:
+    """The eval table and charts (beside the baseline's results, if given), and a few recorded
+    answers."""
+    if not results:
+        return []
+    parts = ["<h2 id='eval'>Evaluation</h2>"]
+    if base_results is not None:
+        parts.append(
+            f"<p>Against the baseline {escape(baseline)} (model "
+            f"{escape(base_results.get('model', '?'))}).</p>"
+        )
+    parts.append(_eval_table(results, base_results))
+    for title, chart in eval_charts(results, base_results):
+        parts.append(img_tag(chart, title))
+    samples = _samples(run_path)
+    if samples:
+        parts += ["<h2 id='samples'>Recorded answers</h2>", samples]
+    return parts
+
+
+def _checkpoint_section(graph: Graph) -> list[str]:
+    """The benchmark curves over the checkpoints of the last enabled pre-training stage, when
+    `lowlm eval --checkpoints` scored them."""
+    from lowlm.evaluation.checkpoints import PRETRAIN, curves_chart
+
+    stage = next((n for n in PRETRAIN if STAGES[n].enabled(graph.config)), None)
+    if stage is None:
+        return []
+    state = graph.state(stage)
+    curves = curves_chart(graph.run_dir.path, state.plan.key if state.plan else None)
+    if not curves:
+        return []
+    return [
+        "<h2 id='benchmark-curves'>Benchmarks over training</h2>",
+        "<p>Each eval task on the checkpoints of the last pre-training stage and its final "
+        "model (<code>lowlm eval --checkpoints</code>), against training tokens.</p>",
+        img_tag(curves, "benchmark scores against training tokens"),
+    ]
 
 
 def _prepare(run_path: Path) -> str:
@@ -331,16 +381,6 @@ def _prepare(run_path: Path) -> str:
     from lowlm.report.prepare import prepare_section
 
     return prepare_section(run_path)
-
-
-def _checkpoint_curves(graph: Graph) -> str | None:
-    from lowlm.evaluation.checkpoints import PRETRAIN, curves_chart
-
-    stage = next((n for n in PRETRAIN if STAGES[n].enabled(graph.config)), None)
-    if stage is None:
-        return None
-    state = graph.state(stage)
-    return curves_chart(graph.run_dir.path, state.plan.key if state.plan else None)
 
 
 def write_report(config: LowlmConfig, baseline: Path | None = None) -> Path:

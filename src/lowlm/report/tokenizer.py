@@ -41,31 +41,21 @@ def _texts(tokenizer: dict) -> dict[str, dict]:
 
 
 def _chart(tokenizer: dict) -> str | None:
-    from lowlm.report.charts import png_uri, pyplot
+    from lowlm.report.charts import before_after_bars, png_uri, pyplot
 
     texts = _texts(tokenizer)
     if not texts:
         return None
-    plt = pyplot()
-    labels = list(texts)
-    positions = list(range(len(labels)))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(labels)), 3.4))
-    ours = [texts[k]["after"].get("chars_per_token", 0.0) for k in labels]
-    theirs = [(texts[k].get("before") or {}).get("chars_per_token") for k in labels]
-    width = 0.4 if any(t is not None for t in theirs) else 0.6
-    if width == 0.4:
-        bars = ax.bar(
-            [p - 0.2 for p in positions], [t or 0 for t in theirs], width, label="reference"
-        )
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
-    shift = 0.2 if width == 0.4 else 0.0
-    bars = ax.bar([p + shift for p in positions], ours, width, label="this run", color="#2da44e")
-    ax.bar_label(bars, fmt="%.3g", fontsize=8)
-    ax.set_xticks(positions, labels)
-    ax.set_ylabel("characters per token")
-    ax.set_title("characters per token by text (higher is better)")
-    ax.margins(y=0.25)
-    ax.legend(fontsize=8)
+    fig, ax = pyplot().subplots(figsize=(max(4.0, 1.8 * len(texts)), 3.4))
+    before_after_bars(
+        ax,
+        list(texts),
+        [(entry.get("before") or {}).get("chars_per_token") for entry in texts.values()],
+        [entry["after"].get("chars_per_token", 0.0) for entry in texts.values()],
+        ("reference", "this run"),
+        "characters per token",
+        "characters per token by text (higher is better)",
+    )
     fig.tight_layout()
     return png_uri(fig)
 

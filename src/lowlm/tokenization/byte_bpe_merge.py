@@ -105,9 +105,18 @@ def extend_byte_level_bpe(
             "the base tokenizer.json is not a byte-level BPE; lowlm merges into byte-level BPE "
             "bases (GPT-2, SmolLM2, Qwen, Llama-3) and SentencePiece BPE bases (tokenizer.model)."
         )
-    pattern = script_pattern(scripts)
+    pattern = script_pattern(scripts)  # an empty list refused before any training
+    learnt = _learn_merges(tokenizer_json, texts, n_merges, min_frequency)
+    return _append_wanted(tokenizer_json, learnt, pattern)
+
+
+def _learn_merges(
+    tokenizer_json: dict, texts: Iterable[str], n_merges: int, min_frequency: int
+) -> list[tuple[str, str]]:
+    """Up to `n_merges` merges a BPE learns over the base's segmentation of `texts`, best
+    first, each as the pair of base-vocabulary strings it joins."""
     base = Tokenizer.from_str(json.dumps(tokenizer_json))
-    vocab: dict[str, int] = dict(tokenizer_json["model"]["vocab"])
+    vocab: dict[str, int] = tokenizer_json["model"]["vocab"]
     id_to_token = {i: t for t, i in vocab.items()}
 
     def mapped_words(batch: list[str]) -> Iterable[str]:
@@ -146,6 +155,18 @@ def extend_byte_level_bpe(
     def as_base_string(mapped: str) -> str:
         return "".join(id_to_token[ord(ch) - PRIVATE_BASE] for ch in mapped)
 
+    return [
+        (as_base_string(left), as_base_string(right))
+        for left, right in (_split_merge(merge) for merge in learnt)
+    ]
+
+
+def _append_wanted(
+    tokenizer_json: dict, learnt: list[tuple[str, str]], pattern
+) -> ByteBpeMergeResult:
+    """The base with each wanted learnt merge appended after its own merges, its token given
+    the next free id; the others counted by why they were skipped."""
+    vocab: dict[str, int] = dict(tokenizer_json["model"]["vocab"])
     next_id = 1 + max([*vocab.values(), *(t["id"] for t in tokenizer_json.get("added_tokens", []))])
     base_merge_format_is_str = bool(tokenizer_json["model"].get("merges")) and isinstance(
         tokenizer_json["model"]["merges"][0], str
@@ -153,8 +174,7 @@ def extend_byte_level_bpe(
     new_merges: list = []
     new_tokens: list[str] = []
     skipped = {"part_unreachable": 0, "already_in_base": 0, "no_target_script_or_digit": 0}
-    for merge in learnt:
-        left, right = (as_base_string(part) for part in _split_merge(merge))
+    for left, right in learnt:
         token = left + right
         if left not in vocab or right not in vocab:
             skipped["part_unreachable"] += 1
