@@ -36,9 +36,16 @@ def tokenizer_chart(report: dict) -> str | None:
     if not labels:
         return None
     plt = pyplot()
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [max(2, len(labels)), 2]}
+    curve = [
+        row for row in report.get("compression_curve") or [] if finite(row.get("tokens_per_char"))
+    ]
+    ratios = [max(2, len(labels)), 2] + ([2] if curve else [])
+    fig, axes = plt.subplots(
+        1, len(ratios), figsize=(10 + 4 * bool(curve), 3.4), gridspec_kw={"width_ratios": ratios}
     )
+    left, right = axes[0], axes[1]
+    if curve:
+        compression_curve(axes[2], curve)
     ticks = []
     for label in labels:  # the change in token count under each text's name
         change = texts[label].get("token_change")
@@ -67,6 +74,18 @@ def tokenizer_chart(report: dict) -> str | None:
     right.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     return png_uri(fig)
+
+
+def compression_curve(ax, curve: list[dict]) -> None:
+    """Held-out tokens per character with only the first k new pieces, against k: where the
+    curve flattens, more pieces buy little."""
+    counts = [row["new_pieces"] for row in curve]
+    ax.plot(counts, [row["tokens_per_char"] for row in curve], marker="o", color="#2da44e")
+    ax.set_xscale("symlog", linthresh=max(1, min((c for c in counts if c), default=1)))
+    ax.set_xlabel("new pieces kept (in training order)")
+    ax.set_ylabel("held-out tokens per character")
+    ax.set_title("compression against new pieces")
+    ax.grid(alpha=0.3)
 
 
 def before_after_bars(
