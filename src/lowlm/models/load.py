@@ -37,6 +37,12 @@ def pad_id(tokenizer) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def start_id(tokenizer) -> int | None:
+    """The id a text starts from when scored alone: the tokenizer's BOS, else its EOS (as a
+    document separator), so that every token of the text is predicted."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
