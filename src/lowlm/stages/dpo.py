@@ -8,11 +8,10 @@ Each pair is built with the SFT template: the prompt's ids, then the answer's (s
 `generate` sends is a prefix of what was tuned). The loss is DPO's,
 -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))),
 summed log-probabilities over the answer tokens. The reference is the same model with the
-new adapter disabled (peft's `disable_adapter`), so no second copy is held in memory. It is
-written here rather than taken from TRL to keep one training loop (checkpoints, resume,
-numeric guard, several processes) for every stage and not to add TRL's dependency tree;
-the loss is a few lines. Held-out pairs report the loss, the reward margin and the reward
-accuracy (the share where the chosen answer's reward beats the rejected one's).
+new adapter disabled (peft's `disable_adapter`), so no second copy is held in memory; the
+loss is lowlm's own (training/preference.py says why not TRL's). Held-out pairs report the
+loss, the reward margin and the reward accuracy (the share where the chosen answer's reward
+beats the rejected one's).
 """
 
 from __future__ import annotations
