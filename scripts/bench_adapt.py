@@ -297,8 +297,9 @@ def base_and_resized(merge_s2, plain, figures: dict) -> tuple[dict, dict]:
     the same texts) and the untrained resized model's held-out figure (resize's record)."""
     from lowlm.data.corpus import resolve_sources
     from lowlm.models.load import load_pretrained, load_tokenizer
+    from lowlm.models.metrics import score_texts
     from lowlm.rundir import RunDir
-    from lowlm.stages.pretrain import score_texts, scored_texts
+    from lowlm.training.pretrain_corpus import scored_texts
 
     resize = RunDir(merge_s2).read_manifest()["stages"]["resize"]["metrics"]
     if "plain" in figures:

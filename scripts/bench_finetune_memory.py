@@ -55,7 +55,7 @@ def measure(folder: Path, batch: int, lengths: list[int], checkpointing: bool) -
     from transformers import AutoModelForSequenceClassification
 
     from lowlm.config import LoraSection
-    from lowlm.training.session import apply_lora
+    from lowlm.models.setup import apply_lora
 
     torch.manual_seed(0)
     start = rss_gb()

@@ -117,7 +117,8 @@ def main() -> None:
     from lowlm.config import load_config
     from lowlm.data.blocks import BlockDataset, build_cache
     from lowlm.data.corpus import resolve_sources
-    from lowlm.stages import pretrain, tokenize
+    from lowlm.stages import tokenize
+    from lowlm.training.pretrain_corpus import Blocks
 
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     config_path = work / "config.yaml"
@@ -140,7 +141,7 @@ def main() -> None:
         args.block,
         config.run.seed,
     )
-    data = pretrain.Blocks(BlockDataset(cache, "train"))
+    data = Blocks(BlockDataset(cache, "train"))
     vocab_size = 4000
     params = sum(p.numel() for p in make_model(args, vocab_size).parameters())
     print(

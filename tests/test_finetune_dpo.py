@@ -10,7 +10,7 @@ import pytest
 from lowlm.config import load_config
 from lowlm.errors import LowlmError
 from lowlm.stages import dpo, finetune, init, tokenize
-from lowlm.stages.finetune import scores
+from lowlm.training.classification import scores
 
 from .conftest import DEMO, pipeline_config
 

@@ -23,7 +23,7 @@ import torch
 
 from lowlm.errors import LowlmError
 from lowlm.hub import unreachable_note
-from lowlm.rundir import atomic_write_json
+from lowlm.rundir import atomic_dir, atomic_write_json
 from lowlm.tokenization.base import tokenizer_hash
 
 MODEL_CARD = "lowlm_model.json"
@@ -35,6 +35,12 @@ def pad_id(tokenizer) -> int | None:
     tokenizers have no pad token; padded positions are masked, so the choice does not matter
     as long as it is a real id)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def start_id(tokenizer) -> int | None:
+    """The id a text starts from when scored alone: the tokenizer's BOS, else its EOS (as a
+    document separator), so that every token of the text is predicted."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
@@ -307,6 +313,14 @@ def save_model_folder(
     if sp_model and Path(sp_model).is_file() and not (Path(folder) / "tokenizer.model").exists():
         shutil.copyfile(sp_model, Path(folder) / "tokenizer.model")
     return write_card(folder, kind, parent, **extra)
+
+
+def save_whole_model(folder: Path, model, tokenizer, stage_key: str, **extra: Any) -> dict:
+    """Write a whole model with no parent (init, resize, export) and its card atomically into
+    `folder`; returns the manifest's record of it."""
+    with atomic_dir(folder) as out:
+        card = save_model_folder(model, tokenizer, out, "model", None, stage_key=stage_key, **extra)
+    return model_record(card)
 
 
 def model_identity(source: str | Path) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lowlm.data.heldout import read_heldout
+from lowlm.models.load import start_id
 
 
 def heldout_lines(tokenizer_folder: Path | None, limit: int) -> list[str]:
@@ -24,7 +25,7 @@ def text_nll(model, tokenizer, lines: list[str], max_tokens: int = 512) -> tuple
     """
     model.eval()
     device = next(model.parameters()).device
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_id(tokenizer)
     total_nll, total_chars, total_tokens = 0.0, 0, 0
     for line in lines:
         encoded = tokenizer(
@@ -51,3 +52,32 @@ def loss_per_char(model, tokenizer, lines: list[str], max_tokens: int = 512) -> 
     """Summed next-token NLL (nats) of every text token, divided by the characters scored."""
     nll, chars, _ = text_nll(model, tokenizer, lines, max_tokens)
     return nll / chars if chars else float("nan")
+
+
+def score_texts(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, float]:
+    """Loss per character of each labelled list of lines."""
+    return {label: loss_per_char(model, tokenizer, lines) for label, lines in texts.items()}
+
+
+def score_before_and_after(model, tokenizer, texts: dict[str, list[str]], accelerator):
+    """Scores `texts` now (loss per character) and returns the function that gives the stage's
+    figures once trained: before and after on each text, comparable with resize's figures and
+    with the stage's own "before": did it help the target language, what did the base lose?"""
+    with accelerator.autocast():
+        before = score_texts(model, tokenizer, texts)
+    model.train()
+
+    def figures(model) -> dict:
+        after = score_texts(model, tokenizer, texts)
+        result = {"loss_per_char_before": before, "loss_per_char_after": after}
+        if "heldout" in after:
+            result["heldout_loss_per_char"] = after["heldout"]
+            # How much text a training token carries, estimated on the held-out lines: what
+            # the report turns tokens seen into characters seen with.
+            ids = tokenizer(texts["heldout"], add_special_tokens=False)["input_ids"]
+            result["heldout_chars_per_token"] = sum(map(len, texts["heldout"])) / max(
+                1, sum(map(len, ids))
+            )
+        return result
+
+    return figures

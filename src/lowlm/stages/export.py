@@ -19,14 +19,12 @@ from lowlm.models.load import (
     check_vocab,
     load_model,
     load_tokenizer,
-    model_record,
     read_card,
     resolve_load_dtype,
-    save_model_folder,
+    save_whole_model,
     tokenizer_hash,
 )
 from lowlm.models.metrics import heldout_lines
-from lowlm.rundir import atomic_dir
 
 STAGE = "export"
 CHECK_TOKENS = 128
@@ -83,18 +81,15 @@ def _work(run: StageRun) -> dict:
                 f"{config.export.tolerance}); the merge is not faithful, nothing was written."
             )
     model = model.to(resolve_load_dtype(config.model.dtype))
-    with atomic_dir(run.folder) as out:
-        saved = save_model_folder(
-            model,
-            tokenizer,
-            out,
-            "model",
-            None,
-            stage_key=run.key,
-            exported_from=str(folder_in),
-            max_logit_diff=max_diff,
-            new_token_ids=card.get("new_token_ids"),
-        )
+    record = save_whole_model(
+        run.folder,
+        model,
+        tokenizer,
+        run.key,
+        exported_from=str(folder_in),
+        max_logit_diff=max_diff,
+        new_token_ids=card.get("new_token_ids"),
+    )
     metrics = {
         "source": str(folder_in),
         "max_logit_diff": max_diff,
@@ -105,4 +100,4 @@ def _work(run: StageRun) -> dict:
         f"export: {folder_in.name} -> {run.folder} (merged vs adapter max |logit diff| "
         f"{max_diff:.2e} on {len(sequences)} held-out sequences)"
     )
-    return {"metrics": metrics, "record": model_record(saved)}
+    return {"metrics": metrics, "record": record}

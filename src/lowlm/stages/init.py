@@ -12,9 +12,8 @@ from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError
 from lowlm.execute import StageRun, execute
 from lowlm.graph import folder
-from lowlm.models.load import load_tokenizer, model_record, save_model_folder
+from lowlm.models.load import load_tokenizer, save_whole_model
 from lowlm.models.presets import llama_config
-from lowlm.rundir import atomic_dir
 
 STAGE = "init"
 
@@ -37,17 +36,14 @@ def _work(run: StageRun) -> dict:
     torch.manual_seed(config.run.seed)
     model = LlamaForCausalLM(llama)
     parameters = sum(p.numel() for p in model.parameters())
-    with atomic_dir(run.folder) as out:
-        card = save_model_folder(
-            model,
-            tokenizer,
-            out,
-            "model",
-            None,
-            stage_key=run.key,
-            size=config.init.size,
-            new_token_ids=[0, len(tokenizer)],
-        )
+    record = save_whole_model(
+        run.folder,
+        model,
+        tokenizer,
+        run.key,
+        size=config.init.size,
+        new_token_ids=[0, len(tokenizer)],
+    )
     metrics = {
         "size": config.init.size,
         "parameters": parameters,
@@ -59,4 +55,4 @@ def _work(run: StageRun) -> dict:
         f"init: {config.init.size} Llama, {parameters / 1e6:.2f}M parameters, vocabulary "
         f"{llama.vocab_size}; wrote {run.folder}"
     )
-    return {"metrics": metrics, "record": model_record(card)}
+    return {"metrics": metrics, "record": record}

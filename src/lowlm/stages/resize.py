@@ -14,13 +14,11 @@ from lowlm.graph import folder
 from lowlm.models.load import (
     load_pretrained,
     load_tokenizer,
-    model_record,
     resolve_load_dtype,
-    save_model_folder,
+    save_whole_model,
 )
 from lowlm.models.metrics import heldout_lines, loss_per_char
 from lowlm.models.resize import resize_embeddings
-from lowlm.rundir import atomic_dir
 from lowlm.tokenization.base import resolve_base_tokenizer
 
 STAGE = "resize"
@@ -64,26 +62,23 @@ def _work(run: StageRun) -> dict:
         "heldout_loss_per_char_resized": after,
         "heldout_lines": len(lines),
     }
-    with atomic_dir(run.folder) as out:
-        card = save_model_folder(
-            model,
-            tokenizer,
-            out,
-            "model",
-            None,
-            stage_key=run.key,
-            base=config.model.base,
-            new_token_ids=[result.new_token_ids[0], result.new_token_ids[-1] + 1]
-            if result.new_token_ids
-            else [len(tokenizer), len(tokenizer)],
-            init=result.init,
-        )
+    record = save_whole_model(
+        run.folder,
+        model,
+        tokenizer,
+        run.key,
+        base=config.model.base,
+        new_token_ids=[result.new_token_ids[0], result.new_token_ids[-1] + 1]
+        if result.new_token_ids
+        else [len(tokenizer), len(tokenizer)],
+        init=result.init,
+    )
     print(
         f"resize: {result.old_rows} -> {result.new_rows} rows ({len(result.new_token_ids)} new "
         f"tokens, init {result.init}, tied {result.tied}); held-out loss per character "
         f"{_fmt(before)} (base) -> {_fmt(after)} (resized); wrote {run.folder}"
     )
-    return {"metrics": metrics, "record": model_record(card)}
+    return {"metrics": metrics, "record": record}
 
 
 def _fmt(value: float | None) -> str:

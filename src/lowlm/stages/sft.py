@@ -9,6 +9,8 @@ shared ones of `lowlm pretrain`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from lowlm.config import LowlmConfig
 from lowlm.data.heldout import hash_split, heldout_set, with_heldout_text
 from lowlm.data.instructions import describe, read_conversations
@@ -18,16 +20,11 @@ from lowlm.errors import LowlmError
 from lowlm.evaluation.runners import periodic_eval
 from lowlm.execute import StageRun
 from lowlm.graph import folder, tokenizer_folder
-from lowlm.models.load import (
-    check_vocab,
-    load_base_for_lora,
-    model_identity,
-    model_record,
-    tokenizer_for,
-)
+from lowlm.models.load import tokenizer_for
+from lowlm.models.setup import apply_lora, load_for_training
 from lowlm.training.loop import seed_everything
 from lowlm.training.metrics import loss_text
-from lowlm.training.session import apply_lora, plan_from, run_training_stage, train_and_save
+from lowlm.training.session import plan_from, run_training_stage, starting_model, train_and_save
 
 STAGE = "sft"
 
@@ -65,12 +62,11 @@ def run(config: LowlmConfig, force: bool = False, resume: bool = True) -> dict:
 
 def _work(run: StageRun, accelerator) -> dict:
     config, cfg = run.config, run.config.sft
-    source = run.plan.model
-    if not source:
-        raise LowlmError(
-            "there is no model to tune; set sft.model or model.base, or configure a stage "
-            "that writes one."
-        )
+    source = starting_model(
+        run,
+        "there is no model to tune; set sft.model or model.base, or configure a stage that "
+        "writes one.",
+    )
     conversations, read_report = read_conversations(cfg.data, cfg.fields, cfg.hf_split)
     conversations, excluded = _without_heldout(conversations, heldout_set(tokenizer_folder(config)))
     tokenizer = tokenizer_for(source, config.model)
@@ -92,47 +88,36 @@ def _work(run: StageRun, accelerator) -> dict:
     )
     seed_everything(config.run.seed)
     # tune on top of a merged adapter, or on a quantized base (QLoRA)
-    model = load_base_for_lora(source, config.model, cfg.quantize_base)
-    check_vocab(model, tokenizer, source)
+    model = load_for_training(source, config.model, tokenizer, cfg.quantize_base)
     extra = {"modules_to_save": list(cfg.modules_to_save)} if cfg.modules_to_save else {}
     model = apply_lora(model, cfg.lora, **extra)
     plan = plan_from(cfg, cfg.steps, cfg.lr, config.run.seed, frozen_base=True)
-    metrics, energy, card = train_and_save(
+    result = train_and_save(
+        run,
         accelerator,
         model,
         tokenizer,
         train_examples,
         eval_examples or None,
         plan,
-        cfg,
-        run.folder,
         kind="adapter",
         parent=source,
-        resume=run.resume,
-        template=cfg.template,
-        system=cfg.system,
-        append_input=cfg.append_input,
-        stage_key=run.key,
-        report_to=config.run.report_to,
-        attn_implementation=config.model.attn_implementation,
         periodic=periodic_eval(
             with_heldout_text(cfg.eval_tasks, folder(config, "tokenize")), tokenizer
         ),
-        parent_key=model_identity(source),
+        template=cfg.template,
+        system=cfg.system,
+        append_input=cfg.append_input,
     )
+    metrics = result["metrics"]
     metrics.update(
         records=read_report.records,
         invalid_records=read_report.invalid,
         invalid_examples=read_report.problems,
         heldout_text_excluded=excluded,
-        examples=encode_report.examples,
-        truncated=encode_report.truncated,
-        dropped=encode_report.dropped,
-        trained_tokens=encode_report.trained_tokens,
-        packed_blocks=encode_report.packed_blocks,
+        **dataclasses.asdict(encode_report),  # examples, truncated, dropped, tokens, blocks
         validation_examples=len(eval_examples),
     )
     if accelerator.is_main_process:
         accelerator.print(f"sft: {cfg.steps} steps, loss {loss_text(metrics)}; wrote {run.folder}")
-    record = model_record(card) if card else {}
-    return {"metrics": metrics, "record": {**record, "energy": energy}}
+    return result

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lowlm.errors import LowlmError
+from lowlm.training.batches import padding_mask, right_pad
 from lowlm.training.checkpoint import Checkpointer, latest_checkpoint, model_is_sharded
 from lowlm.training.guard import StepOutcomes, fused_adamw_available, guarded_update
 from lowlm.training.metrics import MetricLogger, Throughput, finite_or_none
@@ -144,25 +145,20 @@ def _collate(examples: Sequence[dict], device) -> dict[str, torch.Tensor]:
         batch = {key: to_device(np.stack([e[key] for e in examples]), device) for key in keys}
         batch["num_tokens"] = len(examples) * length
         return batch
-    input_ids = np.zeros((len(examples), length), dtype=np.int64)
-    labels = np.full((len(examples), length), -100, dtype=np.int64)
-    positions = np.tile(np.arange(length, dtype=np.int64), (len(examples), 1))
-    attention = np.zeros((len(examples), length), dtype=np.int64)
-    for row, example in enumerate(examples):
-        size = len(example["input_ids"])
-        input_ids[row, :size] = example["input_ids"]
-        labels[row, :size] = example["labels"]
-        attention[row, :size] = 1
-        if packed:
-            positions[row, :size] = example["position_ids"]
-            positions[row, size:] = np.arange(length - size)
+    rows = [e["input_ids"] for e in examples]
+    input_ids, attention = right_pad(rows, 0), padding_mask(rows)
+    labels = right_pad([e["labels"] for e in examples], -100)
     batch = {
         "input_ids": to_device(input_ids, device),
         "labels": to_device(labels, device),
         "num_tokens": int(attention.sum()),
     }
-    if packed:
-        batch["position_ids"] = to_device(positions, device)
+    if packed:  # the padding's positions start at 0: one more document of its own
+        positions = [
+            np.concatenate([e["position_ids"], np.arange(length - len(e["position_ids"]))])
+            for e in examples
+        ]
+        batch["position_ids"] = to_device(np.stack(positions).astype(np.int64), device)
     else:
         batch["attention_mask"] = to_device(attention, device)
     return batch
@@ -298,6 +294,76 @@ def train(
     collate = collate or _collate
     if len(train_data) == 0:
         raise LowlmError("there is no training example; add text or lower the block size.")
+    training = _set_up(accelerator, model, train_data, plan, folder, resume)
+    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
+    outcomes, logger = training.outcomes, training.logger
+    world = accelerator.num_processes
+    window_start, last = time.perf_counter(), {}
+    for step in range(training.start_step, plan.steps):
+        batches = _micro_batches(accelerator, train_data, training.order, step, plan, collate)
+        loss_sum, tokens, attended, bad_losses, bad_norms, grad_norm = _forward_backward(
+            accelerator, model, batches, plan, loss_fn, after_backward, training.trainable
+        )
+        done = step + 1
+        logger.bar.update(1)
+        outcome = guarded_update(
+            optimizer, scheduler, training.scaler, training.on_device, bad_losses, bad_norms
+        )
+        optimizer.zero_grad(set_to_none=True)
+        outcomes.record(done, outcome.to(loss_sum.device), loss_sum / world, tokens, attended)
+        log_now = done % plan.log_every == 0 or done == plan.steps
+        if not training.on_device or log_now or done % plan.save_every == 0:
+            outcomes.read()  # the host sync
+        entry = None
+        if log_now:
+            seconds = time.perf_counter() - window_start
+            entry = _log_entry(accelerator, done, scheduler, grad_norm, training, seconds)
+            window_start = time.perf_counter()  # evaluation counts in the next window
+        if done % plan.eval_every == 0 or done == plan.steps:
+            eval_loss = evaluate(accelerator, model, eval_data, plan)
+            scores = _run_periodic(accelerator, model, periodic)
+            entry = _with_evaluation(entry, done, eval_loss, scores)
+        if log_now:
+            last = entry
+            logger.record(last, done)
+            logger.show(last)
+        elif entry is not None and len(entry) > 1:
+            logger.record(entry, done)
+        if done % plan.save_every == 0 and done < plan.steps:
+            state = {"loss": last.get("loss"), "tokens": outcomes.tokens_seen}
+            training.checkpointer.save(done, {**state, "skipped": outcomes.skipped})
+    logger.close()
+    training.checkpointer.close()
+    if training.use_cache is not None:
+        accelerator.unwrap_model(model).config.use_cache = training.use_cache
+    if training.start_step >= plan.steps and accelerator.is_main_process:
+        accelerator.print(f"{folder.name}: already at step {plan.steps}.")
+    return _final_metrics(accelerator, plan, last, outcomes, training.scaler is not None), model
+
+
+@dataclass
+class _Training:
+    """What the loop steps with once set up: the prepared model, optimizer and scheduler, the
+    checkpointer, where it starts, and the step's bookkeeping."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    trainable: list  # the prepared model's trainable parameters (clipped each step)
+    checkpointer: Checkpointer
+    use_cache: bool | None  # the model's setting, restored after training
+    start_step: int
+    order: DataOrder
+    throughput: Throughput
+    logger: MetricLogger
+    outcomes: StepOutcomes
+    scaler: object  # fp16's GradScaler, else None
+    on_device: bool  # the numeric guard decides on the device, read at logging steps
+
+
+def _set_up(accelerator, model, train_data, plan: TrainPlan, folder: Path, resume: bool):
+    """The model and AdamW prepared, the newest checkpoint restored when `resume`, and the
+    data order, throughput, log and numeric guard carried on from where it stopped."""
     folder.mkdir(parents=True, exist_ok=True)
     fused = fused_adamw_available(accelerator)
     model, optimizer, scheduler, precise = _prepare(accelerator, model, plan, fused)
@@ -309,7 +375,6 @@ def train(
     if restored:
         _match_fused(optimizer, fused)
     start_step = restored.get("step", 0)
-    world = accelerator.num_processes
     order = DataOrder(len(train_data), plan.seed)
     unwrapped = accelerator.unwrap_model(model)
     throughput = Throughput(unwrapped, plan.frozen_base, accelerator, plan.peak_tflops)
@@ -324,56 +389,39 @@ def train(
     # The guard decides on the device (no host read until the next logging step) where the
     # fused AdamW takes its flag; under fp16's GradScaler the host reads every step.
     on_device = fused and scaler is None
-    window_start, last = time.perf_counter(), {}
-    for step in range(start_step, plan.steps):
-        batches = _micro_batches(accelerator, train_data, order, step, plan, collate)
-        loss_sum, tokens, attended, bad_losses, bad_norms, grad_norm = _forward_backward(
-            accelerator, model, batches, plan, loss_fn, after_backward, trainable
-        )
-        done = step + 1
-        logger.bar.update(1)
-        outcome = guarded_update(optimizer, scheduler, scaler, on_device, bad_losses, bad_norms)
-        optimizer.zero_grad(set_to_none=True)
-        outcomes.record(done, outcome.to(loss_sum.device), loss_sum / world, tokens, attended)
-        log_now = done % plan.log_every == 0 or done == plan.steps
-        if not on_device or log_now or done % plan.save_every == 0:
-            outcomes.read()  # the host sync
-        entry = None
-        if log_now:
-            seconds = time.perf_counter() - window_start
-            window_loss, window_tokens, window_attended = outcomes.take_window()
-            entry = {
-                "step": done,
-                "loss": window_loss,  # None when the guard skipped every step of the window
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": finite_or_none(grad_norm),
-                "skipped_steps": outcomes.skipped,
-                **throughput.figures(window_tokens, window_attended, seconds),
-            }
-            if accelerator.device.type == "cuda":
-                memory = torch.cuda.max_memory_allocated(accelerator.device)
-                entry["peak_gpu_memory_gb"] = memory / 1e9
-            window_start = time.perf_counter()  # evaluation counts in the next window
-        if done % plan.eval_every == 0 or done == plan.steps:
-            eval_loss = evaluate(accelerator, model, eval_data, plan)
-            scores = _run_periodic(accelerator, model, periodic)
-            entry = _with_evaluation(entry, done, eval_loss, scores)
-        if log_now:
-            last = entry
-            logger.record(last, done)
-            logger.show(last)
-        elif entry is not None and len(entry) > 1:
-            logger.record(entry, done)
-        if done % plan.save_every == 0 and done < plan.steps:
-            state = {"loss": last.get("loss"), "tokens": outcomes.tokens_seen}
-            checkpointer.save(done, {**state, "skipped": outcomes.skipped})
-    logger.close()
-    checkpointer.close()
-    if use_cache is not None:
-        accelerator.unwrap_model(model).config.use_cache = use_cache
-    if start_step >= plan.steps and accelerator.is_main_process:
-        accelerator.print(f"{folder.name}: already at step {plan.steps}.")
-    return _final_metrics(accelerator, plan, last, outcomes, scaler is not None), model
+    return _Training(
+        model,
+        optimizer,
+        scheduler,
+        trainable,
+        checkpointer,
+        use_cache,
+        start_step,
+        order,
+        throughput,
+        logger,
+        outcomes,
+        scaler,
+        on_device,
+    )
+
+
+def _log_entry(accelerator, done: int, scheduler, grad_norm, training: _Training, seconds):
+    """A logging step's line: the window's loss, the lr, the gradient norm, the skipped steps,
+    the throughput over `seconds` and (on a GPU) the peak memory."""
+    window_loss, window_tokens, window_attended = training.outcomes.take_window()
+    entry = {
+        "step": done,
+        "loss": window_loss,  # None when the guard skipped every step of the window
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": finite_or_none(grad_norm),
+        "skipped_steps": training.outcomes.skipped,
+        **training.throughput.figures(window_tokens, window_attended, seconds),
+    }
+    if accelerator.device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(accelerator.device)
+        entry["peak_gpu_memory_gb"] = memory / 1e9
+    return entry
 
 
 def _prepare(accelerator, model, plan: TrainPlan, fused: bool):

@@ -1,5 +1,5 @@
-"""What every training stage does around the loop: the accelerator, LoRA, the plan, energy,
-live trackers, and saving the result into its run folder (with log.jsonl and checkpoints)
+"""What every training stage does around the loop: the accelerator, the plan, energy, live
+trackers, and saving the result into its run folder (with log.jsonl and checkpoints)
 atomically."""
 
 from __future__ import annotations
@@ -10,16 +10,19 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import yaml
 
-from lowlm.config import LoraSection, TrainingSection
+from lowlm.config import TrainingSection
 from lowlm.errors import LowlmError, StageInterrupted
-from lowlm.models.load import save_model_folder, set_attention
+from lowlm.models.load import model_identity, model_record, save_model_folder, set_attention
 from lowlm.rundir import atomic_dir
 from lowlm.training.energy import track_energy
 from lowlm.training.loop import TrainPlan, latest_checkpoint, train
+
+if TYPE_CHECKING:
+    from lowlm.execute import StageRun
 
 TRACKING_FOLDER = "tracking"  # <run>/tracking/<stage>/ for trackers that write files
 
@@ -88,16 +91,6 @@ def check_trackers(report_to: list[str]) -> None:
         )
 
 
-def run_report_to(run_dir: Path) -> list[str]:
-    """run.report_to of the run in `run_dir`, from the resolved config.yaml the manifest's
-    start record wrote just before this stage's work began."""
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    return list(((config.get("run") or {}).get("report_to")) or [])
-
-
 def start_tracking(
     accelerator, report_to: list[str], run_dir: Path, stage: str, plan: TrainPlan, fresh: bool
 ) -> None:
@@ -140,23 +133,22 @@ def stop_tracking(accelerator) -> None:
     accelerator.trackers.clear()
 
 
-def apply_lora(model, lora: LoraSection, task_type: str = "CAUSAL_LM", **extra):
-    """Wrap the model with a fresh LoRA adapter (extra: modules_to_save, trainable tokens).
-    task_type SEQ_CLS (classifiers) also trains the new classification head in full."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type=task_type,
-        **extra,
-    )
-    try:
-        return get_peft_model(model, config)
-    except (ValueError, AttributeError) as exc:  # peft raises both for models it cannot wrap
-        raise LowlmError(f"cannot apply LoRA to this model: {exc}") from None
+# The loop settings a stage's config section holds under the plan's own names.
+_PLAN_FROM_SECTION = (
+    "batch_size",
+    "grad_accum",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "max_eval_blocks",
+    "peak_tflops",
+    "max_skipped_steps",
+)
 
 
 def plan_from(
@@ -166,72 +158,60 @@ def plan_from(
     seed: int,
     frozen_base: bool,
     embedding_lr: float | None = None,
-):
+) -> TrainPlan:
+    """The loop's plan: `steps` at peak `lr`, the rest from the stage's config section."""
+    from_section = {name: getattr(section, name) for name in _PLAN_FROM_SECTION}
     return TrainPlan(
         steps=steps,
         lr=lr,
-        batch_size=section.batch_size,
-        grad_accum=section.grad_accum,
-        warmup_steps=section.warmup_steps,
-        min_lr_ratio=section.min_lr_ratio,
-        weight_decay=section.weight_decay,
-        max_grad_norm=section.max_grad_norm,
-        log_every=section.log_every,
-        eval_every=section.eval_every,
-        save_every=section.save_every,
-        keep_checkpoints=section.keep_checkpoints,
-        max_eval_blocks=section.max_eval_blocks,
         seed=seed,
-        peak_tflops=section.peak_tflops,
         frozen_base=frozen_base,
-        max_skipped_steps=section.max_skipped_steps,
         embedding_lr=embedding_lr,
+        **from_section,
     )
 
 
 def train_and_save(
+    run: StageRun,
     accelerator,
     model,
     tokenizer,
     train_data,
     eval_data,
     plan: TrainPlan,
-    section: TrainingSection,
-    folder: Path,
     *,
     kind: str,
     parent: str | None,
-    resume: bool,
     after_backward: Callable[[], None] | None = None,
     final_metrics: Callable[[object], dict] | None = None,
-    report_to: list[str] | None = None,
     collate: Callable | None = None,
     loss_fn: Callable | None = None,
     files: Callable[[], dict[str, str]] | None = None,
     periodic: Callable[[object], dict] | None = None,
-    attn_implementation: str | None = None,
     **card: object,
-) -> tuple[dict, dict, dict | None]:
-    """Train, then (main process) write `folder`: the weights of `kind`, the tokenizer, the card,
-    the stage's own `files`, log.jsonl and checkpoints. Returns (metrics, energy record, card;
-    None off the main rank).
+) -> dict:
+    """Train, then (main process) write the stage's folder: the weights of `kind`, the
+    tokenizer, the card, the stage's own `files`, log.jsonl and checkpoints. Returns the
+    stage's result: {"metrics", "record": the model's record (main rank) and energy}.
 
-    The loop's scalars also go to the trackers of `report_to` (default: the run's
-    run.report_to; `folder` is <run>/<stage>)."""
-    speed_switches(model, section, attn_implementation)
+    The run gives the rest: its folder, whether to resume, its config section (speed switches,
+    energy), run.report_to (the trackers the loop's scalars also go to),
+    model.attn_implementation, and the keys the card records (the stage's and its model's)."""
+    config, folder, section_name = run.config, run.folder, _config_section(run.plan.name)
+    section = getattr(config, section_name)
+    card.update(stage_key=run.key, parent_key=model_identity(run.plan.model))
+    speed_switches(model, section, config.model.attn_implementation)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     work = folder.with_name(f".{folder.name}.train")  # checkpoints and log while training
-    if report_to is None:
-        report_to = run_report_to(folder.parent)
-    fresh = not (resume and latest_checkpoint(work) is not None)  # as train() decides
-    start_tracking(accelerator, report_to, folder.parent, folder.name, plan, fresh)
+    fresh = not (run.resume and latest_checkpoint(work) is not None)  # as train() decides
+    start_tracking(accelerator, config.run.report_to, folder.parent, folder.name, plan, fresh)
     try:
         with (
             _interrupted_at(work, plan),
             track_energy(
                 section.energy.enabled and accelerator.is_main_process,
                 section.energy.country_iso_code,
-                _config_section(folder.name),
+                section_name,
             ) as energy,
         ):
             metrics, prepared = train(
@@ -241,7 +221,7 @@ def train_and_save(
                 eval_data,
                 plan,
                 work,
-                resume=resume,
+                resume=run.resume,
                 after_backward=after_backward,
                 collate=collate,
                 loss_fn=loss_fn,
@@ -261,18 +241,25 @@ def train_and_save(
     state = accelerator.get_state_dict(prepared)
     saved = None
     if accelerator.is_main_process:
-        with atomic_dir(folder) as out:
-            saved = save_model_folder(
-                unwrapped, tokenizer, out, kind, parent, state_dict=state, **card
-            )
-            for name, text in (files() if files is not None else {}).items():
-                (out / name).write_text(text, encoding="utf-8")  # e.g. a stage's results
-            for item in ("log.jsonl", "checkpoints"):
-                if (work / item).exists():
-                    (work / item).rename(out / item)
-        shutil.rmtree(work, ignore_errors=True)
+        written = files() if files is not None else {}
+        saved = _save(unwrapped, tokenizer, folder, work, state, written, kind, parent, card)
     accelerator.wait_for_everyone()
-    return metrics, energy, saved
+    record = model_record(saved) if saved is not None else {}
+    return {"metrics": metrics, "record": {**record, "energy": energy}}
+
+
+def _save(model, tokenizer, folder: Path, work: Path, state, files, kind, parent, card) -> dict:
+    """Write the stage's folder atomically: the model as `kind` with its card, the stage's own
+    files (e.g. its results), and the log and checkpoints from the training folder."""
+    with atomic_dir(folder) as out:
+        saved = save_model_folder(model, tokenizer, out, kind, parent, state_dict=state, **card)
+        for name, text in files.items():
+            (out / name).write_text(text, encoding="utf-8")
+        for item in ("log.jsonl", "checkpoints"):
+            if (work / item).exists():
+                (work / item).rename(out / item)
+    shutil.rmtree(work, ignore_errors=True)
+    return saved
 
 
 @contextlib.contextmanager
@@ -352,3 +339,10 @@ def run_training_stage(config, name: str, work, force: bool = False, resume: boo
         say=accelerator.print,
         accelerator=accelerator,
     )
+
+
+def starting_model(run: StageRun, missing: str) -> str:
+    """The model the stage starts from (its plan's); without one, stops saying `missing`."""
+    if not run.plan.model:
+        raise LowlmError(missing)
+    return run.plan.model
