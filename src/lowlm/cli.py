@@ -12,9 +12,10 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
 from typer.core import TyperGroup
 
-from lowlm.cli_output import main_process, print_status, summarised, tokenizer_spinner
+from lowlm.cli_output import print_status, summarised, tokenizer_spinner
 from lowlm.config import LowlmConfig, config_to_yaml, load_config
 from lowlm.errors import LowlmError
+from lowlm.processes import is_main_process
 
 
 class _OneLineUsageErrors(TyperGroup):
@@ -421,13 +422,13 @@ def run_all(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
             with summarised(resolved), spinner:
                 _runner(name)(resolved, force=force)
     except LowlmError as exc:
-        if main_process():
+        if is_main_process():
             with contextlib.suppress(Exception):  # the report shows the failed stage too
                 write_report(resolved)
         _fail(exc)
     except KeyboardInterrupt as exc:
         _interrupted(exc)
-    if main_process():
+    if is_main_process():
         try:
             typer.echo(f"report: {write_report(resolved)}")
         except LowlmError as exc:

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 
 import typer
 
 from lowlm.config import LowlmConfig
 from lowlm.graph import ORDER, Graph
-
-
-def main_process() -> bool:
-    """Rank 0 (or a single process): the one that prints summaries and writes the report."""
-    return os.environ.get("RANK", "0") == "0"
+from lowlm.processes import is_main_process
 
 
 def _finished(resolved: LowlmConfig) -> dict[str, str | None]:
@@ -31,7 +26,7 @@ def summarised(resolved: LowlmConfig):
     """After the body: the short summary table of every stage it finished (main process)."""
     before = _finished(resolved)
     yield
-    if not main_process():
+    if not is_main_process():
         return
     from lowlm.report import stage_summary
 
@@ -45,7 +40,7 @@ def summarised(resolved: LowlmConfig):
 def tokenizer_spinner(resolved: LowlmConfig, force: bool):
     """Tokenizer training is one SentencePiece call with no progress to report: say so, with a
     spinner and the time elapsed on a terminal, unless the stage will be skipped."""
-    if not main_process() or (not force and Graph(resolved).state("tokenize").status == "done"):
+    if not is_main_process() or (not force and Graph(resolved).state("tokenize").status == "done"):
         yield
         return
     message = "tokenize: reading the corpus, training and merging the tokenizer"

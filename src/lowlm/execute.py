@@ -16,6 +16,7 @@ from pathlib import Path
 from lowlm.config import LowlmConfig
 from lowlm.errors import LowlmError, StageInterrupted
 from lowlm.graph import STAGES, Graph, Plan, folder
+from lowlm.processes import launched_state
 from lowlm.rundir import RunDir, recover_dir, signature
 
 
@@ -124,10 +125,7 @@ def _processes(accelerator) -> tuple[bool, Callable[[], None]]:
     when launched with several processes, else a single process."""
     if accelerator is not None:
         return accelerator.is_main_process, accelerator.wait_for_everyone
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
+    state = launched_state()
+    if state is not None:
         return state.is_main_process, state.wait_for_everyone
     return True, lambda: None

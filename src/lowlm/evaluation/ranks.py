@@ -5,8 +5,9 @@ predictions are those of one process."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from lowlm.processes import launched_state
 
 
 @dataclass
@@ -39,9 +40,4 @@ class Ranks:
 
 def eval_ranks() -> Ranks:
     """The processes this eval runs on: one, or accelerate's state of a launch."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Ranks()
-    import torch
-    from accelerate import PartialState
-
-    return Ranks(PartialState(cpu=not torch.cuda.is_available()))
+    return Ranks(launched_state())

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lowlm.models.load import start_id
+
 
 @dataclass
 class Request:
@@ -43,17 +45,13 @@ def _split_spaces(context: str, continuation: str) -> tuple[str, str]:
     return context, continuation
 
 
-def _start_id(tokenizer) -> int:
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
 def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tuple[list, list]:
     context, continuation = _split_spaces(context, continuation)
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     continuation_ids = whole[len(context_ids) :]
     if add_bos or not context_ids:
-        context_ids = [_start_id(tokenizer), *context_ids]
+        context_ids = [start_id(tokenizer), *context_ids]
     return context_ids, continuation_ids
 
 
@@ -71,7 +69,7 @@ def encode_requests(tokenizer, requests: list[Request], add_bos: bool) -> list[l
     context_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"]
     whole_ids = tokenizer(wholes, add_special_tokens=False)["input_ids"]
     encoded: list[list[tuple]] = [[] for _ in requests]
-    start = _start_id(tokenizer)
+    start = start_id(tokenizer)
     for (i, _), ctx, whole in zip(index, context_ids, whole_ids, strict=True):
         continuation = whole[len(ctx) :]
         if add_bos or not ctx:

@@ -36,14 +36,8 @@ def _work(run: StageRun) -> dict:
     torch.manual_seed(config.run.seed)
     model = LlamaForCausalLM(llama)
     parameters = sum(p.numel() for p in model.parameters())
-    record = save_whole_model(
-        run.folder,
-        model,
-        tokenizer,
-        run.key,
-        size=config.init.size,
-        new_token_ids=[0, len(tokenizer)],
-    )
+    whole = {"size": config.init.size, "new_token_ids": [0, len(tokenizer)]}
+    record = save_whole_model(run.folder, model, tokenizer, run.key, **whole)
     metrics = {
         "size": config.init.size,
         "parameters": parameters,

@@ -62,17 +62,10 @@ def _work(run: StageRun) -> dict:
         "heldout_loss_per_char_resized": after,
         "heldout_lines": len(lines),
     }
-    record = save_whole_model(
-        run.folder,
-        model,
-        tokenizer,
-        run.key,
-        base=config.model.base,
-        new_token_ids=[result.new_token_ids[0], result.new_token_ids[-1] + 1]
-        if result.new_token_ids
-        else [len(tokenizer), len(tokenizer)],
-        init=result.init,
-    )
+    new_ids = result.new_token_ids
+    span = [new_ids[0], new_ids[-1] + 1] if new_ids else [len(tokenizer), len(tokenizer)]
+    whole = {"base": config.model.base, "new_token_ids": span, "init": result.init}
+    record = save_whole_model(run.folder, model, tokenizer, run.key, **whole)
     print(
         f"resize: {result.old_rows} -> {result.new_rows} rows ({len(result.new_token_ids)} new "
         f"tokens, init {result.init}, tied {result.tied}); held-out loss per character "
