@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -313,3 +314,34 @@ def _paired_bars(ax, labels, ours, theirs, horizontal: bool = False) -> None:
         ax.margins(y=0.15)
     if theirs:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def checkpoint_curves_chart(run_path: Path, current_key: str | None) -> str | None:
+    """One panel per task: its score against training tokens, over the checkpoints (None when
+    nothing was recorded, or the record is of other weights than the stage's current ones)."""
+    from lowlm.evaluation.checkpoints import FOLDER, headline
+
+    path = run_path / FOLDER / "results.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("stage_key") != current_key:
+        return None
+    points = [p for p in record.get("points", []) if isinstance(p, dict)]
+    names = list(dict.fromkeys(n for p in points for n in p.get("tasks", {})))
+    if not names:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 0.8, 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        drawn = [(p["tokens"], headline(p["tasks"][name])) for p in points if name in p["tasks"]]
+        drawn = [(t, m, v) for t, (m, v) in drawn if isinstance(t, int) and v is not None]
+        ax.plot([t for t, _, _ in drawn], [v for _, _, v in drawn], marker="o", color="#0969da")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(drawn[0][1] if drawn else "")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{record['stage']}: benchmarks over training", fontsize=10)
+    fig.tight_layout()
+    return png_uri(fig)

@@ -14,6 +14,7 @@ from lowlm.errors import LowlmError
 from lowlm.graph import STAGES, Graph
 from lowlm.report.adapt import adaptation_sections, baseline_run
 from lowlm.report.charts import (
+    checkpoint_curves_chart,
     eval_charts,
     finite,
     headline_score,
@@ -359,13 +360,13 @@ def _eval_sections(
 def _checkpoint_section(graph: Graph) -> list[str]:
     """The benchmark curves over the checkpoints of the last enabled pre-training stage, when
     `lowlm eval --checkpoints` scored them."""
-    from lowlm.evaluation.checkpoints import PRETRAIN, curves_chart
+    from lowlm.evaluation.checkpoints import PRETRAIN
 
     stage = next((n for n in PRETRAIN if STAGES[n].enabled(graph.config)), None)
     if stage is None:
         return []
     state = graph.state(stage)
-    curves = curves_chart(graph.run_dir.path, state.plan.key if state.plan else None)
+    curves = checkpoint_curves_chart(graph.run_dir.path, state.plan.key if state.plan else None)
     if not curves:
         return []
     return [
