@@ -83,21 +83,26 @@ def byte_base(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def write_config(tmp_path):
-    """Write a config whose run directory lives under tmp_path; returns its path."""
+def config_writer(folder: Path):
+    """A function writing a config whose run directory lives under folder; returns its path."""
 
     def write(**sections) -> Path:
         sections.setdefault("run", {})
-        sections["run"].setdefault("root", str(tmp_path / "runs"))
+        sections["run"].setdefault("root", str(folder / "runs"))
         sections["run"].setdefault("name", "t")
         tokenize = sections.setdefault("tokenize", {})
         tokenize.setdefault("num_threads", 1)
-        path = tmp_path / "config.yaml"
+        path = folder / "config.yaml"
         path.write_text(yaml.safe_dump(sections, allow_unicode=True), encoding="utf-8")
         return path
 
     return write
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a config whose run directory lives under tmp_path; returns its path."""
+    return config_writer(tmp_path)
 
 
 def _save_tiny_llama(folder: Path, sp_model: Path, tied: bool) -> Path:
