@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -181,12 +182,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def tokenized_runs(tmp_path_factory) -> Path:
+    """Where the tokenize outputs built in this session are kept for later runs to copy."""
+    return tmp_path_factory.mktemp("tokenized-runs")
+
+
+def tokenize_once(config, raw: dict, store: Path) -> None:
+    """The tokenize stage of `config`, copied from an earlier run of the session whose model,
+    tokenize and data sections are these (its manifest and tokenizer folder, file times
+    kept) instead of retrained. The stage still decides: it skips only when its key and the
+    stamp of the copied folder match, and reruns otherwise."""
+    from lowlm.stages import tokenize
+
+    sections = [raw.get(s) for s in ("model", "tokenize", "data")] + [
+        raw.get("run", {}).get("seed")
+    ]
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+    saved = store / digest[:16]
+    if saved.is_dir():
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(saved / "manifest.json", config.run_dir / "manifest.json")
+        shutil.copytree(saved / "tokenizer", config.run_dir / "tokenizer")
+    tokenize.run(config)
+    if not saved.is_dir():
+        partial = store / f".{saved.name}"
+        partial.mkdir()
+        shutil.copy2(config.run_dir / "manifest.json", partial / "manifest.json")
+        shutil.copytree(config.run_dir / "tokenizer", partial / "tokenizer")
+        partial.rename(saved)
+
+
 @pytest.fixture
-def make_run(tmp_path):
+def make_run(tmp_path, tokenized_runs):
     """Tokenize and init a tiny from-scratch run named NAME under tmp_path/runs, with these
     pretrain settings; returns its config path."""
     from lowlm.config import load_config
-    from lowlm.stages import init, tokenize
+    from lowlm.stages import init
 
     def make(name: str, **pretrain_section) -> Path:
         raw = pipeline_config(None, init={"size": "tiny"}, pretrain=pretrain_section)
@@ -195,7 +227,7 @@ def make_run(tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw, allow_unicode=True))
         config = load_config(path)
-        tokenize.run(config)
+        tokenize_once(config, raw, tokenized_runs)
         init.run(config)
         return path
 
@@ -203,15 +235,16 @@ def make_run(tmp_path):
 
 
 @pytest.fixture
-def prepare_run(write_config):
+def prepare_run(write_config, tokenized_runs):
     """The config of a run whose tokenizer is merged and whose model is resized onto `base`
     (or, base None, initialised)."""
     from lowlm.config import load_config
-    from lowlm.stages import init, resize, tokenize
+    from lowlm.stages import init, resize
 
     def prepare(base: Path | None, **sections):
-        config = load_config(write_config(**pipeline_config(base, **sections)))
-        tokenize.run(config)
+        raw = pipeline_config(base, **sections)
+        config = load_config(write_config(**raw))
+        tokenize_once(config, raw, tokenized_runs)
         if base is None:
             init.run(config)
         else:
