@@ -213,23 +213,29 @@ def tokenize_once(config, raw: dict, store: Path) -> None:
         partial.rename(saved)
 
 
-@pytest.fixture
-def make_run(tmp_path, tokenized_runs):
-    """Tokenize and init a tiny from-scratch run named NAME under tmp_path/runs, with these
-    pretrain settings; returns its config path."""
+def make_tiny_run(folder: Path, store: Path, name: str, **pretrain_section) -> Path:
+    """Tokenize and init a tiny from-scratch run named NAME under folder/runs, with these
+    pretrain settings; returns its config path, folder/NAME.yaml."""
     from lowlm.config import load_config
     from lowlm.stages import init
 
+    raw = pipeline_config(None, init={"size": "tiny"}, pretrain=pretrain_section)
+    raw["run"] = {"name": name, "root": str(folder / "runs")}
+    raw["tokenize"]["num_threads"] = 1
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    config = load_config(path)
+    tokenize_once(config, raw, store)
+    init.run(config)
+    return path
+
+
+@pytest.fixture
+def make_run(tmp_path, tokenized_runs):
+    """make_tiny_run under tmp_path: make(NAME, **pretrain_section) -> config path."""
+
     def make(name: str, **pretrain_section) -> Path:
-        raw = pipeline_config(None, init={"size": "tiny"}, pretrain=pretrain_section)
-        raw["run"] = {"name": name, "root": str(tmp_path / "runs")}
-        raw["tokenize"]["num_threads"] = 1
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(raw, allow_unicode=True))
-        config = load_config(path)
-        tokenize_once(config, raw, tokenized_runs)
-        init.run(config)
-        return path
+        return make_tiny_run(tmp_path, tokenized_runs, name, **pretrain_section)
 
     return make
 
