@@ -361,6 +361,21 @@ def run_tokenize(write_config, **tokenize):
     return config, report, config.run_dir / "tokenizer"
 
 
+# Built once per session: the tests using them only read the merged tokenizer and its report.
+@pytest.fixture(scope="session")
+def sp_merged(tmp_path_factory, sp_base):
+    """run_tokenize's (config, report, tokenizer folder) of the zh-TW merge onto sp_base."""
+    write_config = config_writer(tmp_path_factory.mktemp("sp-merged"))
+    return run_tokenize(write_config, model={"tokenizer": str(sp_base)})
+
+
+@pytest.fixture(scope="session")
+def byte_merged(tmp_path_factory, byte_base):
+    """run_tokenize's (config, report, tokenizer folder) of the zh-TW merge onto byte_base."""
+    write_config = config_writer(tmp_path_factory.mktemp("byte-merged"))
+    return run_tokenize(write_config, model={"tokenizer": str(byte_base)}, vocab_size=800)
+
+
 ZH_LINES = (DEMO / "zh-tw.txt").read_text(encoding="utf-8").splitlines()
 
 

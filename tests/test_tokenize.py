@@ -13,23 +13,10 @@ from lowlm.errors import LowlmError
 from lowlm.stages import tokenize as stage
 from lowlm.tokenization.sentencepiece_merge import load_proto, score_floor
 
-from .conftest import ASSETS, CHAT_TEMPLATE, DEMO, config_writer, run_tokenize
+from .conftest import ASSETS, CHAT_TEMPLATE, DEMO, run_tokenize
 
 ZH = str(DEMO / "zh-tw.txt")
 EN = str(DEMO / "en.txt")
-
-
-# Built once per module: the tests using them only read the merged tokenizer and its report.
-@pytest.fixture(scope="module")
-def sp_merged(tmp_path_factory, sp_base):
-    write_config = config_writer(tmp_path_factory.mktemp("sp-merged"))
-    return run_tokenize(write_config, model={"tokenizer": str(sp_base)})
-
-
-@pytest.fixture(scope="module")
-def byte_merged(tmp_path_factory, byte_base):
-    write_config = config_writer(tmp_path_factory.mktemp("byte-merged"))
-    return run_tokenize(write_config, model={"tokenizer": str(byte_base)}, vocab_size=800)
 
 
 def test_sentencepiece_merge_keeps_english_tokenization_identical(sp_merged, sp_base, en_lines):
