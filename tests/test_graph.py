@@ -140,6 +140,7 @@ def test_a_config_change_makes_exactly_its_stage_and_those_below_stale(pipeline,
     assert stale_after(path, [override]) == expected
 
 
+@pytest.mark.slow  # reads the whole-pipeline run
 @pytest.mark.parametrize(
     ("name", "first"),
     [
@@ -165,6 +166,7 @@ def test_a_changed_file_makes_exactly_its_readers_and_those_below_stale(pipeline
     assert stale_after(path) == []  # the same bytes again: done again, whatever the mtime
 
 
+@pytest.mark.slow  # reads the whole-pipeline run
 def test_an_artifact_touched_after_its_stage_is_stale_and_refused_downstream(pipeline):
     path, _ = pipeline
     config = load_config(path)
