@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -32,6 +33,22 @@ def _private_hash_cache(tmp_path_factory):
     import os
 
     os.environ["LOWLM_HASH_CACHE"] = str(tmp_path_factory.mktemp("hashes") / "file-hashes.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _loguru_lib_dirs_once():
+    """loguru scans every sysconfig scheme on each logger.add (~10 ms), and datatrove adds
+    loggers for every task it runs: a fifth of the prepare tests' time. The scan's answer is
+    fixed for a process, so it is computed once."""
+    try:
+        from loguru._better_exceptions import ExceptionFormatter
+    except ImportError:  # prepare's extra is not installed
+        yield
+        return
+    scan = ExceptionFormatter.__dict__["_get_lib_dirs"]
+    ExceptionFormatter._get_lib_dirs = staticmethod(functools.cache(scan.__func__))
+    yield
+    ExceptionFormatter._get_lib_dirs = scan
 
 
 @pytest.fixture(scope="session")
