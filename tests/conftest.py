@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import io
 import json
 import os
@@ -31,6 +33,22 @@ def _private_hash_cache(tmp_path_factory):
     import os
 
     os.environ["LOWLM_HASH_CACHE"] = str(tmp_path_factory.mktemp("hashes") / "file-hashes.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _loguru_lib_dirs_once():
+    """loguru scans every sysconfig scheme on each logger.add (~10 ms), and datatrove adds
+    loggers for every task it runs: a fifth of the prepare tests' time. The scan's answer is
+    fixed for a process, so it is computed once."""
+    try:
+        from loguru._better_exceptions import ExceptionFormatter
+    except ImportError:  # prepare's extra is not installed
+        yield
+        return
+    scan = ExceptionFormatter.__dict__["_get_lib_dirs"]
+    ExceptionFormatter._get_lib_dirs = staticmethod(functools.cache(scan.__func__))
+    yield
+    ExceptionFormatter._get_lib_dirs = scan
 
 
 @pytest.fixture(scope="session")
@@ -83,21 +101,26 @@ def byte_base(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def write_config(tmp_path):
-    """Write a config whose run directory lives under tmp_path; returns its path."""
+def config_writer(folder: Path):
+    """A function writing a config whose run directory lives under folder; returns its path."""
 
     def write(**sections) -> Path:
         sections.setdefault("run", {})
-        sections["run"].setdefault("root", str(tmp_path / "runs"))
+        sections["run"].setdefault("root", str(folder / "runs"))
         sections["run"].setdefault("name", "t")
         tokenize = sections.setdefault("tokenize", {})
         tokenize.setdefault("num_threads", 1)
-        path = tmp_path / "config.yaml"
+        path = folder / "config.yaml"
         path.write_text(yaml.safe_dump(sections, allow_unicode=True), encoding="utf-8")
         return path
 
     return write
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a config whose run directory lives under tmp_path; returns its path."""
+    return config_writer(tmp_path)
 
 
 def _save_tiny_llama(folder: Path, sp_model: Path, tied: bool) -> Path:
@@ -176,37 +199,75 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def make_run(tmp_path):
-    """Tokenize and init a tiny from-scratch run named NAME under tmp_path/runs, with these
-    pretrain settings; returns its config path."""
+@pytest.fixture(scope="session")
+def tokenized_runs(tmp_path_factory) -> Path:
+    """Where the tokenize outputs built in this session are kept for later runs to copy."""
+    return tmp_path_factory.mktemp("tokenized-runs")
+
+
+def tokenize_once(config, raw: dict, store: Path) -> None:
+    """The tokenize stage of `config`, copied from an earlier run of the session whose model,
+    tokenize and data sections are these (its manifest and tokenizer folder, file times
+    kept) instead of retrained. The stage still decides: it skips only when its key and the
+    stamp of the copied folder match, and reruns otherwise."""
+    from lowlm.stages import tokenize
+
+    sections = [raw.get(s) for s in ("model", "tokenize", "data")] + [
+        raw.get("run", {}).get("seed")
+    ]
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+    saved = store / digest[:16]
+    if saved.is_dir():
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(saved / "manifest.json", config.run_dir / "manifest.json")
+        shutil.copytree(saved / "tokenizer", config.run_dir / "tokenizer")
+    tokenize.run(config)
+    if not saved.is_dir():
+        partial = store / f".{saved.name}"
+        partial.mkdir()
+        shutil.copy2(config.run_dir / "manifest.json", partial / "manifest.json")
+        shutil.copytree(config.run_dir / "tokenizer", partial / "tokenizer")
+        partial.rename(saved)
+
+
+def make_tiny_run(folder: Path, store: Path, name: str, **pretrain_section) -> Path:
+    """Tokenize and init a tiny from-scratch run named NAME under folder/runs, with these
+    pretrain settings; returns its config path, folder/NAME.yaml."""
     from lowlm.config import load_config
-    from lowlm.stages import init, tokenize
+    from lowlm.stages import init
+
+    raw = pipeline_config(None, init={"size": "tiny"}, pretrain=pretrain_section)
+    raw["run"] = {"name": name, "root": str(folder / "runs")}
+    raw["tokenize"]["num_threads"] = 1
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    config = load_config(path)
+    tokenize_once(config, raw, store)
+    init.run(config)
+    return path
+
+
+@pytest.fixture
+def make_run(tmp_path, tokenized_runs):
+    """make_tiny_run under tmp_path: make(NAME, **pretrain_section) -> config path."""
 
     def make(name: str, **pretrain_section) -> Path:
-        raw = pipeline_config(None, init={"size": "tiny"}, pretrain=pretrain_section)
-        raw["run"] = {"name": name, "root": str(tmp_path / "runs")}
-        raw["tokenize"]["num_threads"] = 1
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(raw, allow_unicode=True))
-        config = load_config(path)
-        tokenize.run(config)
-        init.run(config)
-        return path
+        return make_tiny_run(tmp_path, tokenized_runs, name, **pretrain_section)
 
     return make
 
 
 @pytest.fixture
-def prepare_run(write_config):
+def prepare_run(write_config, tokenized_runs):
     """The config of a run whose tokenizer is merged and whose model is resized onto `base`
     (or, base None, initialised)."""
     from lowlm.config import load_config
-    from lowlm.stages import init, resize, tokenize
+    from lowlm.stages import init, resize
 
     def prepare(base: Path | None, **sections):
-        config = load_config(write_config(**pipeline_config(base, **sections)))
-        tokenize.run(config)
+        raw = pipeline_config(base, **sections)
+        config = load_config(write_config(**raw))
+        tokenize_once(config, raw, tokenized_runs)
         if base is None:
             init.run(config)
         else:
@@ -315,6 +376,21 @@ def run_tokenize(write_config, **tokenize):
     config = load_config(write_config(model=model, tokenize=tokenize))
     report = stage.run(config)
     return config, report, config.run_dir / "tokenizer"
+
+
+# Built once per session: the tests using them only read the merged tokenizer and its report.
+@pytest.fixture(scope="session")
+def sp_merged(tmp_path_factory, sp_base):
+    """run_tokenize's (config, report, tokenizer folder) of the zh-TW merge onto sp_base."""
+    write_config = config_writer(tmp_path_factory.mktemp("sp-merged"))
+    return run_tokenize(write_config, model={"tokenizer": str(sp_base)})
+
+
+@pytest.fixture(scope="session")
+def byte_merged(tmp_path_factory, byte_base):
+    """run_tokenize's (config, report, tokenizer folder) of the zh-TW merge onto byte_base."""
+    write_config = config_writer(tmp_path_factory.mktemp("byte-merged"))
+    return run_tokenize(write_config, model={"tokenizer": str(byte_base)}, vocab_size=800)
 
 
 ZH_LINES = (DEMO / "zh-tw.txt").read_text(encoding="utf-8").splitlines()

@@ -9,10 +9,10 @@ import pytest
 
 from lowlm.config import load_config
 from lowlm.errors import LowlmError
-from lowlm.stages import dpo, finetune, init, tokenize
+from lowlm.stages import dpo, finetune, init
 from lowlm.training.classification import scores
 
-from .conftest import DEMO, pipeline_config
+from .conftest import DEMO, pipeline_config, tokenize_once
 
 LINES = [line for line in (DEMO / "zh-tw.txt").read_text(encoding="utf-8").split("\n") if line]
 
@@ -27,19 +27,25 @@ def labelled(path, count: int, seed: int) -> None:
             handle.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
 
 
-def from_scratch(write_config, **sections):
-    config = load_config(write_config(**pipeline_config(None, init={"size": "tiny"}, **sections)))
-    tokenize.run(config)
-    init.run(config)
-    return config
+@pytest.fixture
+def from_scratch(write_config, tokenized_runs):
+    """from_scratch(**sections): the config of a tokenized and initialised tiny run."""
+
+    def make(**sections):
+        raw = pipeline_config(None, init={"size": "tiny"}, **sections)
+        config = load_config(write_config(**raw))
+        tokenize_once(config, raw, tokenized_runs)
+        init.run(config)
+        return config
+
+    return make
 
 
 @pytest.mark.slow
-def test_finetune_beats_the_majority_class_and_writes_its_results(write_config, tmp_path):
+def test_finetune_beats_the_majority_class_and_writes_its_results(from_scratch, tmp_path):
     labelled(tmp_path / "train.jsonl", 96, 0)
     labelled(tmp_path / "test.jsonl", 60, 1)
     config = from_scratch(
-        write_config,
         finetune={
             "train": str(tmp_path / "train.jsonl"),
             "test": str(tmp_path / "test.jsonl"),
@@ -65,11 +71,10 @@ def test_finetune_beats_the_majority_class_and_writes_its_results(write_config, 
     assert model.config.id2label[0] == "正面"
 
 
-def test_finetune_bad_labels_are_one_line(write_config, tmp_path):
+def test_finetune_bad_labels_are_one_line(from_scratch, write_config, tmp_path):
     labelled(tmp_path / "train.jsonl", 20, 0)
     (tmp_path / "test.jsonl").write_text('{"text": "中立的句子", "label": "中立"}\n')
     config = from_scratch(
-        write_config,
         finetune={"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")},
     )
     with pytest.raises(LowlmError, match=r"test.jsonl:1: test label '中立' never occurs"):
@@ -124,10 +129,9 @@ def preference_pairs(path, count: int, seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_dpo_raises_the_held_out_reward_accuracy(write_config, tmp_path):
+def test_dpo_raises_the_held_out_reward_accuracy(from_scratch, tmp_path):
     preference_pairs(tmp_path / "pairs.jsonl", 48, 0)
     config = from_scratch(
-        write_config,
         dpo={
             "data": [str(tmp_path / "pairs.jsonl")],
             "template": "問：{user}\n答：{assistant}",
@@ -150,10 +154,8 @@ def test_dpo_raises_the_held_out_reward_accuracy(write_config, tmp_path):
     load_model(config.run_dir / "dpo")  # generate / eval load it like any adapter
 
 
-def test_dpo_bad_pairs_are_one_line(write_config, tmp_path):
+def test_dpo_bad_pairs_are_one_line(from_scratch, tmp_path):
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "你好", "chosen": "好", "rejected": "好"}\n')
-    config = from_scratch(
-        write_config, dpo={"data": [str(tmp_path / "pairs.jsonl")], "template": "alpaca"}
-    )
+    config = from_scratch(dpo={"data": [str(tmp_path / "pairs.jsonl")], "template": "alpaca"})
     with pytest.raises(LowlmError, match=r"pairs.jsonl:1: chosen and rejected are the same"):
         dpo.run(config)

@@ -20,7 +20,7 @@ from lowlm.rundir import atomic_dir, atomic_write_text, recover_dir
 from lowlm.stages import eval as eval_stage
 from lowlm.stages import init, sft, tokenize
 
-from .conftest import DEMO, pipeline_config
+from .conftest import DEMO, pipeline_config, tokenize_once
 
 runner = CliRunner()
 PIPELINE = ["tokenize", "resize", "pretrain-stage1", "pretrain-stage2", "export", "sft", "eval"]
@@ -140,6 +140,7 @@ def test_a_config_change_makes_exactly_its_stage_and_those_below_stale(pipeline,
     assert stale_after(path, [override]) == expected
 
 
+@pytest.mark.slow  # reads the whole-pipeline run
 @pytest.mark.parametrize(
     ("name", "first"),
     [
@@ -165,6 +166,7 @@ def test_a_changed_file_makes_exactly_its_readers_and_those_below_stale(pipeline
     assert stale_after(path) == []  # the same bytes again: done again, whatever the mtime
 
 
+@pytest.mark.slow  # reads the whole-pipeline run
 def test_an_artifact_touched_after_its_stage_is_stale_and_refused_downstream(pipeline):
     path, _ = pipeline
     config = load_config(path)
@@ -300,13 +302,14 @@ def test_a_kill_between_the_two_moves_keeps_the_previous_artifact(tmp_path, monk
     assert not any(p.name.endswith(".old") for p in tmp_path.iterdir())
 
 
-def test_a_tokenizer_left_by_an_earlier_config_is_not_read(write_config, tiny_base):
+def test_a_tokenizer_left_by_an_earlier_config_is_not_read(write_config, tiny_base, tokenized_runs):
     """The run folder still holds a merged tokenizer from before; this config builds none, so
     stage 2 trains on the base with the base's own tokenizer, not the leftover."""
     from lowlm.stages import pretrain
 
-    first = load_config(write_config(**pipeline_config(tiny_base)))
-    tokenize.run(first)
+    raw = pipeline_config(tiny_base)
+    first = load_config(write_config(**raw))
+    tokenize_once(first, raw, tokenized_runs)
     assert (first.run_dir / "tokenizer" / "tokenizer.json").exists()
     sections = pipeline_config(
         tiny_base,

@@ -17,7 +17,7 @@ from lowlm.models.load import load_model, load_pretrained, load_tokenizer
 from lowlm.models.presets import llama_config
 from lowlm.stages import export, pretrain, resize, tokenize
 
-from .conftest import DEMO, pipeline_config
+from .conftest import DEMO, pipeline_config, tokenize_once
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -355,11 +355,10 @@ def test_resize_before_tokenize_is_a_clear_error(write_config, tiny_base):
         resize.run(config)
 
 
-def test_pretrain_before_resize_is_a_clear_error(write_config, tiny_base):
-    config = load_config(
-        write_config(**pipeline_config(tiny_base, pretrain={"stage1": {"steps": 1}}))
-    )
-    tokenize.run(config)
+def test_pretrain_before_resize_is_a_clear_error(write_config, tiny_base, tokenized_runs):
+    raw = pipeline_config(tiny_base, pretrain={"stage1": {"steps": 1}})
+    config = load_config(write_config(**raw))
+    tokenize_once(config, raw, tokenized_runs)
     with pytest.raises(LowlmError, match="reads resize, which has not run; run `lowlm resize"):
         pretrain.run(config)
 

@@ -8,8 +8,6 @@ import pytest
 
 from lowlm.tokenization.pieces_curve import piece_counts
 
-from .conftest import run_tokenize
-
 
 def test_piece_counts_run_from_none_to_all():
     assert piece_counts(0) == [0]
@@ -19,12 +17,8 @@ def test_piece_counts_run_from_none_to_all():
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte_bpe"])
-def test_curve_runs_from_the_base_tokenizer_to_the_merged_one(
-    write_config, sp_base, byte_base, kind
-):
-    base = sp_base if kind == "sentencepiece" else byte_base
-    extra = {"vocab_size": 800} if kind == "byte_bpe" else {}
-    _, _, folder = run_tokenize(write_config, model={"tokenizer": str(base)}, **extra)
+def test_curve_runs_from_the_base_tokenizer_to_the_merged_one(sp_merged, byte_merged, kind):
+    _, _, folder = sp_merged if kind == "sentencepiece" else byte_merged
     report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     curve, heldout = report["compression_curve"], report["texts"]["heldout"]
     assert curve[0]["new_pieces"] == 0 and curve[-1]["new_pieces"] == report["new_tokens"]

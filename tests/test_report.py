@@ -18,6 +18,8 @@ from lowlm.graph import Graph
 
 from .conftest import CHROMIUM_FLAGS, DEMO, pipeline_config, rendered_dom, report_images
 
+# Every test reads one run through every model stage (tokenize to eval): whole-pipeline tests.
+pytestmark = pytest.mark.slow
 runner = CliRunner()
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 QUESTIONS = [
@@ -97,7 +99,6 @@ def _statuses(page: str) -> dict[str, str]:
     return dict(re.findall(r'data-stage="([^"]+)" data-status="([^"]+)"', page))
 
 
-@pytest.mark.slow
 def test_report_shows_every_stage_with_its_status_and_the_charts(run):
     page = _report(run)
     stages = Graph(load_config(run)).enabled()
@@ -124,7 +125,6 @@ def test_report_shows_every_stage_with_its_status_and_the_charts(run):
     assert ">Recorded answers</h2>" in page  # eval's samples, read, not generated
 
 
-@pytest.mark.slow
 def test_a_changed_input_shows_the_stage_as_stale_with_its_reason(run):
     page = _report(run, "--set", "sft.lr=0.5")
     statuses = _statuses(page)
@@ -168,7 +168,6 @@ def test_the_page_is_self_contained(run):
     assert "<script" not in page and "<link" not in page and "url(" not in page
 
 
-@pytest.mark.slow
 def test_the_page_renders_in_headless_chromium_with_every_chart(run, chromium, tmp_path):
     from PIL import Image
 

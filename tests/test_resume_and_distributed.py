@@ -21,7 +21,7 @@ from lowlm.errors import LowlmError
 from lowlm.models.load import load_model
 from lowlm.stages import init, pretrain, tokenize
 
-from .conftest import ENV, free_port, pipeline_config
+from .conftest import ENV, free_port, make_tiny_run, pipeline_config
 
 
 def final_log(run_dir: Path) -> dict:
@@ -259,6 +259,16 @@ def test_lora_stage2_and_sft_resumed_from_a_checkpoint_match_the_whole_run(tmp_p
             export.run(config)  # sft tunes the merged model
 
 
+@pytest.fixture(scope="module")
+def trained_other(tmp_path_factory, tokenized_runs) -> Path:
+    """A folder holding other.yaml and its run, trained 4 steps with checkpoints at steps 2
+    and 4, for each test to copy."""
+    folder = tmp_path_factory.mktemp("trained-other")
+    path = make_tiny_run(folder, tokenized_runs, "other", full={"steps": 4}, save_every=2)
+    pretrain.run(load_config(path), resume=False)
+    return folder
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -268,11 +278,14 @@ def test_lora_stage2_and_sft_resumed_from_a_checkpoint_match_the_whole_run(tmp_p
     ],
 )
 def test_a_checkpoint_from_another_setup_is_refused_before_training(
-    tmp_path, edit, message, make_run
+    tmp_path, edit, message, trained_other
 ):
-    path = make_run("other", full={"steps": 4}, save_every=2)
+    shutil.copytree(trained_other, tmp_path, dirs_exist_ok=True)  # file times kept: still done
+    path = tmp_path / "other.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw["run"]["root"] = str(tmp_path / "runs")
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     config = load_config(path)
-    pretrain.run(config, resume=False)
     work = tmp_path / "runs" / "other"
     target = work / ".pretrain-full.train" / "checkpoints"
     shutil.copytree(work / "pretrain-full" / "checkpoints", target)

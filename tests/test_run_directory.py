@@ -38,6 +38,7 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
     return config, root / "runs" / "r"
 
 
+@pytest.mark.slow  # reads the module's `lowlm run` through every stage
 def test_status_and_report_read_the_run_directory_alone(finished, tmp_path):
     config, run_dir = finished
     moved = tmp_path / "elsewhere" / "copy"
@@ -55,6 +56,7 @@ def test_status_and_report_read_the_run_directory_alone(finished, tmp_path):
         ).read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # reads the module's `lowlm run` through every stage
 def test_a_differing_config_says_so_and_never_replaces_a_good_report(finished, tmp_path):
     config, run_dir = finished
     assert runner.invoke(app, ["report", str(run_dir)]).exit_code == 0
@@ -88,6 +90,7 @@ def test_a_folder_without_a_recorded_config_is_refused_in_one_line(tmp_path):
         assert result.output.count("\n") == 1 and "without config.yaml" in result.output
 
 
+@pytest.mark.slow  # reads the module's `lowlm run` through every stage
 def test_generate_and_chat_take_the_run_directory(finished):
     _, run_dir = finished
     generated = runner.invoke(
@@ -164,6 +167,7 @@ def test_ctrl_c_in_training_is_recorded_as_interrupted_and_resumes(write_config,
     assert f"at step {step}." in resumed.output  # "resuming from <checkpoint> at step N."
 
 
+@pytest.mark.slow  # reads the module's `lowlm run` through every stage
 def test_ppl_scores_the_runs_own_heldout_text(finished, tmp_path):
     config, run_dir = finished
     results = json.loads((run_dir / "eval" / "results.json").read_text(encoding="utf-8"))
@@ -242,6 +246,7 @@ def test_model_weights_are_readable_by_the_group_under_umask_022(write_config):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755
 
 
+@pytest.mark.slow  # reads the module's `lowlm run` through every stage
 def test_a_tokenizer_trained_alone_is_reported_by_what_matters(write_config, sp_base, finished):
     from lowlm.config import load_config
     from lowlm.report import render

@@ -17,7 +17,7 @@ from lowlm.data.templates import Template
 from lowlm.errors import LowlmError
 from lowlm.stages import init, sft, tokenize
 
-from .conftest import DEMO, pipeline_config
+from .conftest import DEMO, pipeline_config, tokenize_once
 
 CONVERSATION = [
     {"role": "system", "content": "你是助理。"},
@@ -319,27 +319,25 @@ def test_tiny_model_overfits_eight_examples_and_generates_a_trained_answer(write
     assert ANSWERS[1][1] in chat.stdout and ANSWERS[5][1] in chat.stdout
 
 
-def test_sft_reports_truncated_and_invalid_records(write_config, tmp_path):
+def test_sft_reports_truncated_and_invalid_records(write_config, tmp_path, tokenized_runs):
     data = tmp_path / "mixed.jsonl"
     data.write_text(
         (DEMO / "instructions.jsonl").read_text(encoding="utf-8") + "not json\n", encoding="utf-8"
     )
-    path = write_config(
-        **pipeline_config(
-            None,
-            init={"size": "tiny"},
-            sft={
-                "data": [str(data)],
-                "steps": 2,
-                "max_length": 40,
-                "packing": True,
-                "lora": {"r": 2, "alpha": 4},
-                "energy": {"enabled": False},
-            },
-        )
+    raw = pipeline_config(
+        None,
+        init={"size": "tiny"},
+        sft={
+            "data": [str(data)],
+            "steps": 2,
+            "max_length": 40,
+            "packing": True,
+            "lora": {"r": 2, "alpha": 4},
+            "energy": {"enabled": False},
+        },
     )
-    config = load_config(path)
-    tokenize.run(config)
+    config = load_config(write_config(**raw))
+    tokenize_once(config, raw, tokenized_runs)
     init.run(config)
     metrics = sft.run(config)
     assert metrics["records"] == 22 and metrics["invalid_records"] == 1

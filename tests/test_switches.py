@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from lowlm.cli import app
 from lowlm.config import load_config
 from lowlm.errors import LowlmError
-from lowlm.stages import init, sft, tokenize
+from lowlm.stages import init, sft
 from lowlm.training.session import make_accelerator
 
-from .conftest import DEMO, pipeline_config
+from .conftest import DEMO, pipeline_config, tokenize_once
 
 runner = CliRunner()
 
@@ -36,11 +37,11 @@ def _sft_config(write_config, **sft_fields):
 
 
 @pytest.fixture
-def prepared(write_config):
+def prepared(write_config, tokenized_runs):
     def make(**sft_fields):
         path = _sft_config(write_config, **sft_fields)
         config = load_config(path)
-        tokenize.run(config)
+        tokenize_once(config, yaml.safe_load(path.read_text(encoding="utf-8")), tokenized_runs)
         init.run(config)
         return path
 

@@ -19,16 +19,6 @@ ZH = str(DEMO / "zh-tw.txt")
 EN = str(DEMO / "en.txt")
 
 
-@pytest.fixture
-def sp_merged(write_config, sp_base):
-    return run_tokenize(write_config, model={"tokenizer": str(sp_base)})
-
-
-@pytest.fixture
-def byte_merged(write_config, byte_base):
-    return run_tokenize(write_config, model={"tokenizer": str(byte_base)}, vocab_size=800)
-
-
 def test_sentencepiece_merge_keeps_english_tokenization_identical(sp_merged, sp_base, en_lines):
     _, report, out = sp_merged
     base = LlamaTokenizer.from_pretrained(str(sp_base), add_bos_token=True)
