@@ -45,7 +45,10 @@ def _loguru_lib_dirs_once():
     except ImportError:  # prepare's extra is not installed
         yield
         return
-    scan = ExceptionFormatter.__dict__["_get_lib_dirs"]
+    scan = ExceptionFormatter.__dict__.get("_get_lib_dirs")
+    if not isinstance(scan, staticmethod):  # a loguru without this private scan: leave it
+        yield
+        return
     ExceptionFormatter._get_lib_dirs = staticmethod(functools.cache(scan.__func__))
     yield
     ExceptionFormatter._get_lib_dirs = scan
