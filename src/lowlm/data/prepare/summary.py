@@ -24,6 +24,7 @@ STEP_NAMES = {
     "🥇 Gopher Quality": "gopher",
     "💥 exact-deduplication stage 3": "exact",
     "🎯 MinHash stage 4": "minhash",
+    "💥 sentence-deduplication stage 3": "sentences",
 }
 _FUNNEL_PHASES = ("filter", "write")
 
@@ -175,8 +176,25 @@ def build_stats(config: LowlmConfig, resolved, phases, out: Path, bad_files: lis
             "bad_files": bad_files,
         },
         "funnel": funnel(phases),
+        "sentence_dedup": sentence_dedup(phases, config.prepare.dedup),
         "kept": _kept(out),
         "phases": {p.name: {"seconds": round(p.seconds, 2), "tasks": p.tasks} for p in phases},
+    }
+
+
+def sentence_dedup(phases, dedup) -> dict:
+    """What sentence dedup cut (the documents it removed are in the funnel)."""
+    if not dedup.sentences:
+        return {"enabled": False}
+    write = next(p for p in phases if p.name == "write")
+    stats = _steps(write).get("sentences", {})
+    return {
+        "enabled": True,
+        "sentence_span": dedup.sentence_span,
+        "min_words": dedup.sentence_min_words,
+        "sentences_removed": _count(stats, "removed_sentences"),
+        "documents_cut": _count(stats, "documents_cut"),
+        "characters_cut_from_kept_documents": _count(stats, "characters_removed"),
     }
 
 
