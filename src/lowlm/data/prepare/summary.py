@@ -129,12 +129,12 @@ def _kept(out: Path) -> dict:
 
     documents = characters = utf8_bytes = heldout = 0
     shards = sorted(out.glob("*.parquet"))
-    for shard in shards:
-        table = pq.read_table(shard, columns=["text", "heldout"])
-        documents += table.num_rows
-        characters += int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0)
-        utf8_bytes += int(pc.sum(pc.binary_length(table["text"])).as_py() or 0)
-        heldout += int(pc.sum(table["heldout"].cast("int64")).as_py() or 0)
+    for shard in shards:  # by batches: a whole shard's text would grow memory with the corpus
+        for table in pq.ParquetFile(shard).iter_batches(columns=["text", "heldout"]):
+            documents += table.num_rows
+            characters += int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0)
+            utf8_bytes += int(pc.sum(pc.binary_length(table["text"])).as_py() or 0)
+            heldout += int(pc.sum(table["heldout"].cast("int64")).as_py() or 0)
     return {
         "documents": documents,
         "characters": characters,
