@@ -95,6 +95,8 @@ def test_repeated_boilerplate_sentences_are_cut_and_unique_ones_stay(
         "documents": 30,
         "reasons": {"too_short_after_cutting": 1},
     }
+    assert stats["kept"]["characters"] == sum(len(t) for t in texts)  # counted as written
+    assert stats["kept"]["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
     cut = stats["sentence_dedup"]
     assert cut["sentences_removed"] >= 3 * 10  # 9 copies cut, 1 in the removed document
     assert cut["documents_cut"] >= 9

@@ -8,7 +8,7 @@
 3b. sentence dedup (optional): signatures of the documents the two filters keep -> find
    repeated spans (1 task).
 4. write: the shards again -> exact filter -> MinHash filter -> sentence filter -> FTFY ->
-   PII -> held-out mark -> rehydration (optional) -> parquet.
+   PII -> held-out mark -> rehydration (optional) -> counts -> parquet.
 Each run has its own logging folder (completion markers, stats) inside a work folder named by
 the stage's key, so a rerun after a kill skips finished tasks and a changed input never reuses
 them. The same steps run under the local, Slurm or Ray executor.
@@ -124,6 +124,23 @@ class Rehydrate(PipelineStep):
             self.stat_update("copies", value=copies)
             for _ in range(copies):
                 yield doc
+
+
+class CountWritten(PipelineStep):
+    """Counts what the writer after it writes (documents, characters, UTF-8 bytes, held-out
+    ones) for stats.json, which so needs no second read of the shards (that read's memory grew
+    with the shards' size)."""
+
+    name = "🧮 written"
+    type = "🏷 - LABEL"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            self.stat_update("written_documents")
+            self.stat_update("written_characters", value=len(doc.text))
+            self.stat_update("written_bytes", value=len(doc.text.encode("utf-8")))
+            self.stat_update("written_heldout", value=int(bool(doc.metadata.get("heldout"))))
+            yield doc
 
 
 def parquet_row(self, document: Document) -> dict:

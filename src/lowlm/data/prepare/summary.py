@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lowlm.config import LowlmConfig
 from lowlm.data.prepare.lid import SCORE_BINS
+from lowlm.data.prepare.pipeline import CountWritten
 from lowlm.errors import LowlmError
 from lowlm.rundir import atomic_write_text
 
@@ -123,24 +124,17 @@ def check_bad_files(bad: list[dict], mode: str) -> None:
         )
 
 
-def _kept(out: Path) -> dict:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    documents = characters = utf8_bytes = heldout = 0
-    shards = sorted(out.glob("*.parquet"))
-    for shard in shards:  # by batches: a whole shard's text would grow memory with the corpus
-        for table in pq.ParquetFile(shard).iter_batches(columns=["text", "heldout"]):
-            documents += table.num_rows
-            characters += int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0)
-            utf8_bytes += int(pc.sum(pc.binary_length(table["text"])).as_py() or 0)
-            heldout += int(pc.sum(table["heldout"].cast("int64")).as_py() or 0)
+def _kept(phases, out: Path) -> dict:
+    """What the write phase wrote (its CountWritten step's counts)."""
+    write = next(p for p in phases if p.name == "write")
+    name = CountWritten.name
+    stats = next((s["stats"] for s in write.stats if s["name"].endswith(f": {name}")), {})
     return {
-        "documents": documents,
-        "characters": characters,
-        "bytes": utf8_bytes,
-        "heldout_documents": heldout,
-        "shards": len(shards),
+        "documents": _count(stats, "written_documents"),
+        "characters": _count(stats, "written_characters"),
+        "bytes": _count(stats, "written_bytes"),
+        "heldout_documents": _count(stats, "written_heldout"),
+        "shards": len(list(out.glob("*.parquet"))),
     }
 
 
@@ -177,7 +171,7 @@ def build_stats(config: LowlmConfig, resolved, phases, out: Path, bad_files: lis
         },
         "funnel": funnel(phases),
         "sentence_dedup": sentence_dedup(phases, config.prepare.dedup),
-        "kept": _kept(out),
+        "kept": _kept(phases, out),
         "phases": {p.name: {"seconds": round(p.seconds, 2), "tasks": p.tasks} for p in phases},
     }
 
