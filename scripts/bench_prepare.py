@@ -15,7 +15,8 @@ local model through lowlm's 10-line FastTextLID subclass (offline, its download 
 Each run is a fresh process (its own peak memory, read with getrusage); lowlm and hand runs
 alternate so load on a busy machine falls on both.
 
-    .venv/bin/python scripts/bench_prepare.py --mb 8 32          # modest, a shared machine
+    .venv/bin/python scripts/bench_prepare.py --mb 2                # a check, 20 s
+    .venv/bin/python scripts/bench_prepare.py --mb 64 256           # the goal sizes, ~20 CPU-min
     .venv/bin/python scripts/bench_prepare.py --mb 64 256 --workers 4
 """
 
