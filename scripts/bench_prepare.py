@@ -15,7 +15,8 @@ local model through lowlm's 10-line FastTextLID subclass (offline, its download 
 Each run is a fresh process (its own peak memory, read with getrusage); lowlm and hand runs
 alternate so load on a busy machine falls on both.
 
-    .venv/bin/python scripts/bench_prepare.py --mb 8 32          # modest, a shared machine
+    .venv/bin/python scripts/bench_prepare.py --mb 2                # a check, 20 s
+    .venv/bin/python scripts/bench_prepare.py --mb 64 256           # the goal sizes, ~20 CPU-min
     .venv/bin/python scripts/bench_prepare.py --mb 64 256 --workers 4
 """
 
@@ -45,12 +46,17 @@ def source_lines() -> tuple[list[str], str]:
 
 
 def build_corpus(folder: Path, megabytes: int) -> str:
-    """4 JSONL files, about `megabytes` MB in all; returns the language."""
+    """4 JSONL files of at least `megabytes` MB in all; returns the language. The assets' lines
+    are drawn with replacement, so any size is reached (5.5 MB of pt-BR lines recur in new
+    combinations). Written into a temporary folder renamed when complete, so an interrupted
+    build is never reused as a smaller corpus."""
     lines, language = source_lines()
     english = (REPO / "data" / "demo" / "en.txt").read_text("utf-8").splitlines()
     rng = random.Random(megabytes)
-    folder.mkdir(parents=True, exist_ok=True)
-    handles = [open(folder / f"part-{i}.jsonl", "w", encoding="utf-8") for i in range(4)]
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    handles = [open(partial / f"part-{i}.jsonl", "w", encoding="utf-8") for i in range(4)]
     written, recent, index = 0, [], 0
     while written < megabytes * 1e6:
         kind = rng.random()
@@ -73,6 +79,7 @@ def build_corpus(folder: Path, megabytes: int) -> str:
         index += 1
     for handle in handles:
         handle.close()
+    partial.rename(folder)
     return language
 
 
@@ -239,16 +246,20 @@ def main() -> None:
         child(args)
         return
     scratch = Path(args.scratch)
-    print(
-        f"{'MB':>5} {'pipeline':<9} {'seconds':>8} {'MB/s/proc':>10} {'MB/CPU-s':>9} {'peak MB':>8}"
-    )
+    header = f"{'MB':>6} {'pipeline':<9} {'seconds':>8} {'MB/s/proc':>10} {'MB/CPU-s':>9}"
+    print(f"{header} {'peak MB':>8} {'kept':>8}")
     for megabytes in args.mb:
         corpus = scratch / f"corpus-{megabytes}"
         if not corpus.is_dir():
             language = build_corpus(corpus, megabytes)
         else:
             language = source_lines()[1]
-        size = sum(f.stat().st_size for f in corpus.glob("*.jsonl")) / 1e6
+        files = sorted(corpus.glob("*.jsonl"))
+        size = sum(f.stat().st_size for f in files) / 1e6
+        documents = sum(sum(1 for _ in f.open("rb")) for f in files)
+        print(f"corpus {corpus}: {size:.1f} MB (10^6 bytes), {documents} documents", flush=True)
+        if size < megabytes:
+            sys.exit(f"error: {corpus} holds {size:.1f} MB, less than {megabytes}; delete it")
         rates = {}
         for _ in range(args.repeats):
             for kind in ("lowlm", "hand"):
@@ -257,13 +268,16 @@ def main() -> None:
                 per_cpu = size / result["cpu_seconds"]
                 rates.setdefault(kind, []).append((rate, per_cpu))
                 print(
-                    f"{size:5.0f} {kind:<9} {result['seconds']:8.1f} {rate:10.2f} {per_cpu:9.2f} "
+                    f"{size:6.1f} {kind:<9} {result['seconds']:8.1f} {rate:10.3f} {per_cpu:9.3f} "
                     f"{result['peak_mb']:8.0f} {result['kept']:8d}",
                     flush=True,
                 )
         best = {kind: [max(v) for v in zip(*values, strict=True)] for kind, values in rates.items()}
         wall, cpu = (best["lowlm"][i] / best["hand"][i] for i in (0, 1))
-        print(f"{size:5.0f} lowlm / hand-written: {wall:.2f}x MB/s, {cpu:.2f}x MB per CPU-second")
+        print(
+            f"{size:6.1f} lowlm / hand-written: {wall:.3f}x MB/s, {cpu:.3f}x MB per CPU-second",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ def run_pipeline(
     final.append(pipeline.MarkHeldOut(config.run.seed, data.heldout_fraction, data.nfkc))
     if cfg.dedup.rehydrate:
         final.append(pipeline.Rehydrate(cfg.dedup.max_copies))
+    final.append(pipeline.CountWritten())
     final.append(pipeline.output_writer(work / "output"))  # moved into `out` once complete
     phase = runner.run("write", final, shards)
     say(summary.progress_line(phase, "deduplicated and written"))

@@ -117,15 +117,27 @@ class CharacterTokenizer(WordTokenizer):
     _TOKEN = regex.compile(
         r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Yi}]|[\p{L}\p{M}\p{N}_]+|[^\s\p{L}\p{M}\p{N}_]"
     )
+    # a sentence ends after 。！？ (with any closing quotes or brackets), or at a line end
+    _SENTENCE_END = regex.compile(r"[。！？!?]+[」』”’）)]*|\n")
 
     def word_tokenize(self, text: str) -> list[str]:
         return self._TOKEN.findall(text)
 
     def sent_tokenize(self, text: str) -> list[str]:
-        return [s for s in regex.split(r"(?<=[。！？!?\n])", text) if s.strip()]
+        return [text[start:end] for start, end in self.span_tokenize(text)]
 
     def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-        return [m.span() for m in self._TOKEN.finditer(text)]
+        """Sentence spans (datatrove's meaning: what sentence dedup cuts), without the
+        whitespace around them."""
+        spans, start = [], 0
+        ends = [m.end() for m in self._SENTENCE_END.finditer(text)] + [len(text)]
+        for end in ends:
+            piece = text[start:end]
+            if piece.strip():
+                left = start + len(piece) - len(piece.lstrip())
+                spans.append((left, start + len(piece.rstrip())))
+            start = end
+        return spans
 
 
 class RegexWordTokenizer(CharacterTokenizer):
@@ -133,6 +145,9 @@ class RegexWordTokenizer(CharacterTokenizer):
     written with spaces. Ours because datatrove's tokenizers for them need spaCy or Stanza."""
 
     _TOKEN = regex.compile(r"[\p{L}\p{M}\p{N}_]+(?:['’][\p{L}]+)*|[^\s\p{L}\p{M}\p{N}_]")
+    # . ! ? … (with closing quotes or brackets) before a space, or a line end; like spaCy's
+    # sentencizer but without its abbreviation exceptions ("Sr. Silva" is split)
+    _SENTENCE_END = regex.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s)|\n")
 
 
 def word_tokenizer(row: LanguageRow):

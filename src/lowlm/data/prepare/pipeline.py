@@ -5,8 +5,10 @@
 2. exact dedup: signatures (one task per shard) -> find duplicates (1 task).
 3. MinHash: signatures (same reader and task count as the filter below) -> buckets (one task
    per bucket) -> clusters (1 task, cluster sizes kept).
-4. write: the shards again -> exact filter -> MinHash filter -> FTFY -> PII -> held-out mark ->
-   rehydration (optional) -> parquet.
+3b. sentence dedup (optional): signatures of the documents the two filters keep -> find
+   repeated spans (1 task).
+4. write: the shards again -> exact filter -> MinHash filter -> sentence filter -> FTFY ->
+   PII -> held-out mark -> rehydration (optional) -> counts -> parquet.
 Each run has its own logging folder (completion markers, stats) inside a work folder named by
 the stage's key, so a rerun after a kill skips finished tasks and a changed input never reuses
 them. The same steps run under the local, Slurm or Ray executor.
@@ -45,6 +47,7 @@ from datatrove.utils.logging import setup_default_logger
 
 from lowlm.data.corpus import TEXT_COLUMN_KEY
 from lowlm.data.heldout import is_held_out
+from lowlm.data.prepare import sentences
 from lowlm.data.prepare.settings import ExecutorConfig
 from lowlm.errors import LowlmError
 
@@ -121,6 +124,23 @@ class Rehydrate(PipelineStep):
             self.stat_update("copies", value=copies)
             for _ in range(copies):
                 yield doc
+
+
+class CountWritten(PipelineStep):
+    """Counts what the writer after it writes (documents, characters, UTF-8 bytes, held-out
+    ones) for stats.json, which so needs no second read of the shards (that read's memory grew
+    with the shards' size)."""
+
+    name = "🧮 written"
+    type = "🏷 - LABEL"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            self.stat_update("written_documents")
+            self.stat_update("written_characters", value=len(doc.text))
+            self.stat_update("written_bytes", value=len(doc.text.encode("utf-8")))
+            self.stat_update("written_heldout", value=int(bool(doc.metadata.get("heldout"))))
+            yield doc
 
 
 def parquet_row(self, document: Document) -> dict:
@@ -353,6 +373,9 @@ def dedup_phases(runner: Runner, filtered: Path, work: Path, tokenizer, dedup) -
                 str(work / "mh-remove"), writer("minhash"), load_cluster_sizes=True
             )
         )
+    if dedup.sentences:  # on the documents the filters above keep, in the same order
+        before = [shard_reader(filtered), *(f(lambda _: None) for f in filters)]
+        filters.append(sentences.sentence_phases(runner, before, shards, work, tokenizer, dedup))
     return filters
 
 

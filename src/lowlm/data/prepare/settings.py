@@ -45,6 +45,19 @@ class DedupConfig(Section):
         "(FineWeb-2's up-sampling), at most max_copies times.",
     )
     max_copies: int = Field(5, ge=1, description="Rehydration: most copies of one document.")
+    sentences: bool = Field(
+        False,
+        description="Also cut repeated sentence spans (datatrove's sentence dedup, C4's rule): "
+        "every copy of a span of sentence_span sentences after the first, in the documents "
+        "exact and MinHash dedup keep.",
+    )
+    sentence_span: int = Field(3, ge=1, description="Sentence dedup: sentences per span.")
+    sentence_min_words: int = Field(
+        50,
+        ge=0,
+        description="Sentence dedup: a document left with fewer words (or fewer than 3 "
+        "sentences) after cutting is removed.",
+    )
 
 
 class DecontaminateConfig(Section):

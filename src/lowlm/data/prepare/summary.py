@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lowlm.config import LowlmConfig
 from lowlm.data.prepare.lid import SCORE_BINS
+from lowlm.data.prepare.pipeline import CountWritten
 from lowlm.errors import LowlmError
 from lowlm.rundir import atomic_write_text
 
@@ -24,6 +25,7 @@ STEP_NAMES = {
     "🥇 Gopher Quality": "gopher",
     "💥 exact-deduplication stage 3": "exact",
     "🎯 MinHash stage 4": "minhash",
+    "💥 sentence-deduplication stage 3": "sentences",
 }
 _FUNNEL_PHASES = ("filter", "write")
 
@@ -122,24 +124,17 @@ def check_bad_files(bad: list[dict], mode: str) -> None:
         )
 
 
-def _kept(out: Path) -> dict:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    documents = characters = utf8_bytes = heldout = 0
-    shards = sorted(out.glob("*.parquet"))
-    for shard in shards:
-        table = pq.read_table(shard, columns=["text", "heldout"])
-        documents += table.num_rows
-        characters += int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0)
-        utf8_bytes += int(pc.sum(pc.binary_length(table["text"])).as_py() or 0)
-        heldout += int(pc.sum(table["heldout"].cast("int64")).as_py() or 0)
+def _kept(phases, out: Path) -> dict:
+    """What the write phase wrote (its CountWritten step's counts)."""
+    write = next(p for p in phases if p.name == "write")
+    name = CountWritten.name
+    stats = next((s["stats"] for s in write.stats if s["name"].endswith(f": {name}")), {})
     return {
-        "documents": documents,
-        "characters": characters,
-        "bytes": utf8_bytes,
-        "heldout_documents": heldout,
-        "shards": len(shards),
+        "documents": _count(stats, "written_documents"),
+        "characters": _count(stats, "written_characters"),
+        "bytes": _count(stats, "written_bytes"),
+        "heldout_documents": _count(stats, "written_heldout"),
+        "shards": len(list(out.glob("*.parquet"))),
     }
 
 
@@ -175,8 +170,25 @@ def build_stats(config: LowlmConfig, resolved, phases, out: Path, bad_files: lis
             "bad_files": bad_files,
         },
         "funnel": funnel(phases),
-        "kept": _kept(out),
+        "sentence_dedup": sentence_dedup(phases, config.prepare.dedup),
+        "kept": _kept(phases, out),
         "phases": {p.name: {"seconds": round(p.seconds, 2), "tasks": p.tasks} for p in phases},
+    }
+
+
+def sentence_dedup(phases, dedup) -> dict:
+    """What sentence dedup cut (the documents it removed are in the funnel)."""
+    if not dedup.sentences:
+        return {"enabled": False}
+    write = next(p for p in phases if p.name == "write")
+    stats = _steps(write).get("sentences", {})
+    return {
+        "enabled": True,
+        "sentence_span": dedup.sentence_span,
+        "min_words": dedup.sentence_min_words,
+        "sentences_removed": _count(stats, "removed_sentences"),
+        "documents_cut": _count(stats, "documents_cut"),
+        "characters_cut_from_kept_documents": _count(stats, "characters_removed"),
     }
 
 
