@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-
-class Section(BaseModel):
-    # lowlm.config's Section, repeated: that module imports this one.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from lowlm.config_types import Section
 
 
 class LidConfig(Section):
