@@ -68,7 +68,15 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--eval-lines", type=int, help="held-out and English lines scored")
     parser.add_argument("--vocab-size", type=int, help="tokenize.vocab_size of the merge arms")
-    parser.add_argument("--lr", type=float, help="stage-2 learning rate (every arm)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="stage-2 peak learning rate (every arm's LoRA)"
+    )
+    parser.add_argument(
+        "--embedding-lr",
+        type=float,
+        default=3e-4,
+        help="the merge arms' stage-2 embedding_lr (their new rows'); measured in docs/adapt.md",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument(
         "--arm-set",
@@ -201,6 +209,8 @@ def arm_config(args, common: dict, arm: str, name: str, steps1: int, steps2: int
     raw["pretrain"]["stage2"]["steps"] = steps2
     # The plain arm has no new rows; the merge arms train theirs beside LoRA.
     raw["pretrain"]["stage2"]["train_embeddings"] = "new" if merge else "none"
+    if merge:
+        raw["pretrain"]["stage2"]["embedding_lr"] = args.embedding_lr
     overrides = [
         setting
         for spec in args.arm_set
@@ -490,7 +500,6 @@ def main(argv=None) -> dict:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.vocab_size = args.vocab_size or assets["vocab_size"]
-    args.lr = args.lr or 3e-4
     heldout_file = args.out / "heldout.txt"
     # The base language: the first eval_lines paragraphs (scored at every eval point).
     english = args.out / "en.txt"
@@ -528,6 +537,7 @@ def main(argv=None) -> dict:
         "setup": (
             f"{'tiny' if args.tiny else 'SmolLM2-135M, pt-BR'}; plain {args.steps} steps of "
             f"{args.batch_size} x {args.block_size} tokens; match {args.match}; lr {args.lr}"
+            f" (new rows {args.embedding_lr})"
         ),
         "command": "python scripts/bench_adapt.py "
         + " ".join(sys.argv[1:] if argv is None else argv),

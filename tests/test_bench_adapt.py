@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from lowlm.models.load import read_card, tokenizer_hash
 
@@ -52,6 +53,13 @@ def test_bench_adapt_tiny_gives_every_arm_the_same_budget_and_a_complete_output(
     assert (
         card["tokenizer_hash"] != read_card(runs / "merge-s2" / "pretrain-stage2")["tokenizer_hash"]
     )
+    # The learning rates measured best: LoRA at --lr everywhere, the new rows at their own.
+    configs = {
+        name: yaml.safe_load((out / "configs" / f"{name}.yaml").read_text()) for name in arms
+    }
+    assert {c["pretrain"]["stage2"]["lr"] for c in configs.values()} == {1e-3}
+    assert "embedding_lr" not in configs["plain"]["pretrain"]["stage2"]
+    assert configs["merge-s2"]["pretrain"]["stage2"]["embedding_lr"] == 3e-4
     assert plain["tokens_per_char"] == results["base_tokens_per_char"]
     assert arms["merge-s2"]["tokens_per_char"] < plain["tokens_per_char"]
 
