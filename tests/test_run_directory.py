@@ -138,19 +138,26 @@ def test_ctrl_c_in_training_is_recorded_as_interrupted_and_resumes(write_config,
     init.run(config)
     checkpoints = config.run_dir / ".pretrain-full.train" / "checkpoints"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "lowlm.cli", "pretrain", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    deadline = time.time() + 120
-    while not any(checkpoints.glob("step-*/state.json")) and time.time() < deadline:
-        time.sleep(0.2)
-    child.send_signal(signal.SIGINT)
-    _, stderr = child.communicate(timeout=60)
-    assert child.returncode == 130, stderr
+    # The child's output goes to a file: a pipe nobody reads while we wait fills up with
+    # progress lines and stalls the child before its first checkpoint.
+    log = tmp_path / "child-stderr.txt"
+    with log.open("w") as sink:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "lowlm.cli", "pretrain", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            text=True,
+            env=env,
+        )
+        deadline = time.time() + 120
+        while not any(checkpoints.glob("step-*/state.json")) and time.time() < deadline:
+            if child.poll() is not None:
+                break
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=60)
+    stderr = log.read_text()
+    assert child.returncode == 130, stderr[-2000:]
     said = [x for x in stderr.splitlines() if x.startswith("pretrain-full: interrupted")]
     assert len(said) == 1 and "Traceback" not in stderr, repr(stderr[-600:])
     line = said[0]
