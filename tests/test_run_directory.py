@@ -130,7 +130,7 @@ def test_ctrl_c_in_training_is_recorded_as_interrupted_and_resumes(write_config,
 
     path = write_config(
         **pipeline_config(
-            None, init={"size": "tiny"}, pretrain={"full": {"steps": 1000}, "save_every": 50}
+            None, init={"size": "tiny"}, pretrain={"full": {"steps": 200}, "save_every": 5}
         )
     )
     config = load_config(path)
@@ -138,9 +138,8 @@ def test_ctrl_c_in_training_is_recorded_as_interrupted_and_resumes(write_config,
     init.run(config)
     checkpoints = config.run_dir / ".pretrain-full.train" / "checkpoints"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    # 1,000 steps: a tiny model trains 200 in about 1.5 s on a quiet CPU, over before the signal
-    # came. The child's output goes to a file: a pipe nobody reads while we wait fills up with
-    # progress lines and stalls the child before its first checkpoint.
+    # The child's output goes to a file: a pipe nobody reads while we wait could fill up with
+    # progress lines and stall the child.
     log = tmp_path / "child-stderr.txt"
     with log.open("w") as sink:
         child = subprocess.Popen(
@@ -149,6 +148,9 @@ def test_ctrl_c_in_training_is_recorded_as_interrupted_and_resumes(write_config,
             stderr=sink,
             text=True,
             env=env,
+            # A shell without job control starts background commands with SIGINT ignored, and
+            # a child inherits that: give it the default, as a terminal would.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.time() + 120
         while not any(checkpoints.glob("step-*/state.json")) and time.time() < deadline:
