@@ -162,6 +162,24 @@ class LoraSection(Section):
     )
 
 
+class AttentionMlpLoraSection(LoraSection):
+    """LoRA on attention and MLP by default: CLA2's pre-training and instruction tuning; in
+    pre-training it beat attention-only LoRA at equal FLOPs (docs/adapt.md)."""
+
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="Module names that get LoRA.",
+    )
+
+
 class Stage1Config(Section):
     steps: int = Field(0, ge=0, description="Optimizer steps; 0 skips stage 1.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -170,16 +188,18 @@ class Stage1Config(Section):
 
 class Stage2Config(Section):
     steps: int = Field(0, ge=0, description="Optimizer steps; 0 skips stage 2.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lora: LoraSection = Field(default_factory=LoraSection)
+    # The defaults are the levers that won at equal training FLOPs on SmolLM2-135M, pt-BR
+    # (docs/adapt.md); a 7B base usually wants a lower lr (CLA2: 2e-4, configs/recipes).
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (the LoRA weights').")
+    lora: AttentionMlpLoraSection = Field(default_factory=AttentionMlpLoraSection)
     train_embeddings: Literal["all", "new", "none"] = Field(
         "all", description="Embedding and LM-head rows trained beside LoRA."
     )
     embedding_lr: float | None = Field(
-        None,
+        3e-4,
         gt=0,
         description="Peak learning rate of the trained embedding and LM-head rows; "
-        "default: lr (the LoRA weights').",
+        "null: lr (the LoRA weights').",
     )
     quantize_base: QuantizeBase = "none"
 
@@ -264,23 +284,6 @@ class InstructionFields(Section):
     content: str = Field("content", description="Conversations: a message's text field.")
 
 
-class SftLoraSection(LoraSection):
-    """LoRA for instruction tuning: attention and MLP by default (Chinese-Alpaca, CLA2)."""
-
-    target_modules: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        description="Module names that get LoRA.",
-    )
-
-
 class SftConfig(TrainingSection):
     quantize_base: QuantizeBase = "none"
     eval_tasks: list[EvalTask] = Field(
@@ -318,7 +321,7 @@ class SftConfig(TrainingSection):
     )
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    lora: SftLoraSection = Field(default_factory=SftLoraSection)
+    lora: AttentionMlpLoraSection = Field(default_factory=AttentionMlpLoraSection)
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full beside LoRA (e.g. norm, lm_head).",
@@ -391,7 +394,7 @@ class DpoConfig(TrainingSection):
     max_length: int = Field(512, ge=8, description="Longest prompt + answer in tokens.")
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     lr: float = Field(5e-6, gt=0, description="Peak learning rate.")
-    lora: SftLoraSection = Field(default_factory=SftLoraSection)
+    lora: AttentionMlpLoraSection = Field(default_factory=AttentionMlpLoraSection)
 
 
 class ExportConfig(Section):
