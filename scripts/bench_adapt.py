@@ -95,9 +95,10 @@ def parse_args(argv=None):
 def tiny_assets(work: Path) -> dict:
     """An English SentencePiece base and a tiny tied Llama over it, as tests/conftest.py builds
     them; zh-TW from data/demo is the target language, data/demo/en.txt the base language."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers import LlamaForCausalLM, LlamaTokenizer
 
-    from lowlm.config import TokenizeConfig
+    from lowlm.config import InitConfig, TokenizeConfig
+    from lowlm.models.presets import llama_config
     from lowlm.tokenization.sentencepiece_merge import train_sentencepiece
 
     folder = work / "tiny-base"
@@ -106,18 +107,16 @@ def tiny_assets(work: Path) -> dict:
             DEMO / "en.txt", work / "sp-base" / "tokenizer", TokenizeConfig(vocab_size=800)
         )
         tokenizer = LlamaTokenizer.from_pretrained(str(sp_model), add_bos_token=True)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
+        init = InitConfig(
+            size="custom",
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            num_key_value_heads=4,
             max_position_embeddings=256,
             tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
         )
+        config = llama_config(init, tokenizer)
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
