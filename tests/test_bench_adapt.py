@@ -60,9 +60,9 @@ def test_bench_adapt_tiny_gives_every_arm_the_same_budget_and_a_complete_output(
     assert {c["pretrain"]["stage2"]["lr"] for c in configs.values()} == {1e-3}
     assert "embedding_lr" not in configs["plain"]["pretrain"]["stage2"]
     assert configs["merge-s2"]["pretrain"]["stage2"]["embedding_lr"] == 3e-4
-    # LoRA alone on the plain arm; every embedding row beside it on the merge arms (it won).
+    # LoRA alone on the plain arm; the new rows beside it on the merge arms (lowlm's default).
     assert configs["plain"]["pretrain"]["stage2"]["train_embeddings"] == "none"
-    assert configs["merge-s2"]["pretrain"]["stage2"]["train_embeddings"] == "all"
+    assert configs["merge-s2"]["pretrain"]["stage2"]["train_embeddings"] == "new"
     assert plain["tokens_per_char"] == results["base_tokens_per_char"]
     assert arms["merge-s2"]["tokens_per_char"] < plain["tokens_per_char"]
 

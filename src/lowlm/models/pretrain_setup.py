@@ -85,7 +85,8 @@ def _prepare_stage2(model, config: LowlmConfig, new_ids: list[int], sharded: boo
     if cfg.train_embeddings == "new":
         if not new_ids:
             raise LowlmError(
-                "pretrain.stage2.train_embeddings is 'new' but the model has no new rows."
+                "pretrain.stage2.train_embeddings is 'new' (the default) but the model has no new "
+                "rows (no merge before it); set it to none for LoRA alone, or all."
             )
         extra["trainable_token_indices"] = (
             {input_name: new_ids} if _tied(model) else {input_name: new_ids, output_name: new_ids}
