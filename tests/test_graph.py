@@ -115,7 +115,7 @@ def test_every_stage_is_done_after_run(pipeline):
         ("model.dtype=fp32", "resize"),
         ("pretrain.block_size=24", "pretrain-stage1"),
         ("pretrain.stage1.lr=0.001", "pretrain-stage1"),
-        ("pretrain.stage2.lr=0.001", "pretrain-stage2"),
+        ("pretrain.stage2.lr=0.002", "pretrain-stage2"),
         ("pretrain.stage2.lora.r=4", "pretrain-stage2"),
         ("export.tolerance=0.01", "export"),
         ("sft.lr=0.001", "sft"),
