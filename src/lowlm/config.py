@@ -189,7 +189,7 @@ class Stage1Config(Section):
 class Stage2Config(Section):
     steps: int = Field(0, ge=0, description="Optimizer steps; 0 skips stage 2.")
     # The defaults are the levers that won at equal training FLOPs on SmolLM2-135M, pt-BR
-    # (docs/adapt.md); a 7B base usually wants a lower lr (CLA2: 2e-4, configs/recipes).
+    # (docs/adapt.md); a much larger base likely wants a lower lr (CLA2, 7B: 2e-4).
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (the LoRA weights').")
     lora: AttentionMlpLoraSection = Field(default_factory=AttentionMlpLoraSection)
     # new, not all: all gained 4.7% on the target language but cost the base language 6.7%
