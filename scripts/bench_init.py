@@ -76,16 +76,6 @@ def parse(argv):
     return args
 
 
-def piece_ids(base_tokenizer, tokenizer, new_ids: list[int]) -> list[list[int]]:
-    """Each new token's pieces under the base tokenizer (what the sub-word mean averages)."""
-    pieces = []
-    for token_id in new_ids:
-        text = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
-        ids = base_tokenizer.encode(text, add_special_tokens=False)
-        pieces.append([i for i in ids if i < len(base_tokenizer)])
-    return pieces
-
-
 def input_rows(kind: str, old: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
     rows = []
     for ids in pieces:
@@ -110,7 +100,7 @@ def main(argv=None) -> dict:
 
     from lowlm.models.load import load_tokenizer
     from lowlm.models.metrics import loss_per_char
-    from lowlm.models.resize import resize_embeddings
+    from lowlm.models.resize import resize_embeddings, subword_pieces
 
     torch.set_num_threads(args.threads)
     lines = args.heldout.read_text(encoding="utf-8").splitlines()[: args.lines]
@@ -137,7 +127,7 @@ def main(argv=None) -> dict:
         first_new, end = resized.new_token_ids[0], resized.new_token_ids[-1] + 1
         embedding = model.get_input_embeddings().weight
         old = embedding[: len(base_tokenizer)].clone()
-        pieces = piece_ids(base_tokenizer, tokenizer, resized.new_token_ids)
+        pieces = [subword_pieces(base_tokenizer, tokenizer, t) for t in resized.new_token_ids]
         counts = torch.tensor([len(p) for p in pieces], dtype=torch.float32)
         subword_mean = embedding[first_new:end].clone()
         for spec in args.inits:
@@ -154,10 +144,13 @@ def main(argv=None) -> dict:
                 head[first_new:end] = rows - margin * u[None, :]
             else:
                 scored = model
-                rows = subword_mean if kind == "subword_mean" else input_rows(kind, old, pieces)
                 if kind.startswith("hewitt"):
                     scale = counts - 1 if kind == "hewitt-k" else torch.ones_like(counts)
                     rows = subword_mean - (margin * scale)[:, None] * u[None, :]
+                elif kind == "subword_mean":
+                    rows = subword_mean
+                else:
+                    rows = input_rows(kind, old, pieces)
                 embedding[first_new:end] = rows
             results[spec] = loss_per_char(scored, tokenizer, lines)
             ratio = results[spec] / results["base"]

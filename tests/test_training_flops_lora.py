@@ -67,3 +67,21 @@ def test_embedding_lr_moves_the_new_rows_at_their_own_rate():
     optimizer.step()
     moved = (delta.detach() - before).abs()
     assert 5e-3 < moved[moved > 0].mean() <= 1.01e-2
+
+
+def test_stage2_on_a_model_without_new_rows_says_to_set_train_embeddings():
+    """train_embeddings defaults to new: a run without a merge must say none (or all)."""
+    from lowlm.config import LowlmConfig
+    from lowlm.errors import LowlmError
+    from lowlm.models.pretrain_setup import _prepare_stage2
+
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(LowlmError, match="no new rows.*set it to none for LoRA alone"):
+        _prepare_stage2(LlamaForCausalLM(config), LowlmConfig(), new_ids=[])

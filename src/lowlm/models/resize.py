@@ -25,6 +25,13 @@ def _tied(model) -> bool:
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
+def subword_pieces(base_tokenizer, tokenizer, token_id: int) -> list[int]:
+    """The base ids that a new token's text splits into under the base tokenizer."""
+    text = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
+    ids = base_tokenizer.encode(text, add_special_tokens=False)
+    return [i for i in ids if i < len(base_tokenizer)]
+
+
 def resize_embeddings(
     model, base_tokenizer, tokenizer, init: str, pad_to_multiple_of: int | None, seed: int
 ) -> ResizeResult:
@@ -68,14 +75,7 @@ def resize_embeddings(
             elif init == "subword_mean":
                 counts = []
                 for row, token_id in enumerate(new_token_ids):
-                    text = tokenizer.convert_tokens_to_string(
-                        [tokenizer.convert_ids_to_tokens(token_id)]
-                    )
-                    pieces = [
-                        i
-                        for i in base_tokenizer.encode(text, add_special_tokens=False)
-                        if i < base_vocab
-                    ]
+                    pieces = subword_pieces(base_tokenizer, tokenizer, token_id)
                     counts.append(len(pieces))
                     if pieces:
                         fill[row] = base_rows[pieces].mean(dim=0)
